@@ -1,0 +1,15 @@
+"""The project's exceptions: one family, defined beside the transforms that raise them first.
+
+See :mod:`transforms.errors`; this module is the public name for them.
+"""
+
+from transforms.errors import (  # noqa: F401
+    EXIT_CODE,
+    ConfigurationError,
+    DicomHeatmapError,
+    InputError,
+    ModelError,
+    OutputError,
+)
+
+__all__ = ["DicomHeatmapError", "InputError", "ModelError", "ConfigurationError", "OutputError", "EXIT_CODE"]

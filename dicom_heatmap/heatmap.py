@@ -1,0 +1,87 @@
+"""The heatmap (S8): tile scores arranged by tile number, with the grid's geometry."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from transforms.grid import TileGrid
+
+__all__ = ["Heatmap"]
+
+
+@dataclass
+class Heatmap:
+    """Scores on the tile grid.
+
+    Attributes:
+        grid: the tile layout and tissue flags.
+        scores: (slices, rows, cols) float32 fused score; NaN where not analysed.
+        layer_probabilities: (slices, rows, cols, 13) float32; NaN where not analysed.
+        tile_affine: 4x4 map from tile index (slice, row, col, 1) to the position of the
+            tile centre in ``frame`` (mm, or pixels when ``frame`` is ``"IMAGE"``).
+        frame: ``"PATIENT"``, ``"SLIDE"`` or ``"IMAGE"``, as the loaders name it.
+    """
+
+    grid: TileGrid
+    scores: np.ndarray
+    layer_probabilities: np.ndarray
+    tile_affine: np.ndarray
+    frame: str
+
+    @classmethod
+    def assemble(cls, grid: TileGrid, numbers: np.ndarray, scores: np.ndarray, layer_probabilities: np.ndarray,
+                 pixel_affine: np.ndarray, frame: str, image_shape: tuple[int, int]) -> "Heatmap":
+        """Place per-tile values by tile number; tiles not listed stay NaN (not analysed).
+
+        Args:
+            grid: the tile layout.
+            numbers: (N,) 1-based tile numbers of the scored tiles.
+            scores: (N,) their fused scores.
+            layer_probabilities: (N, 13) their per-layer probabilities.
+            pixel_affine: 4x4 map of pixel index (slice, row, col, 1) to position.
+            frame: coordinate frame of ``pixel_affine``.
+            image_shape: (rows, cols) of the image in pixels.
+        """
+        shape = grid.shape
+        heat = np.full(shape, np.nan, dtype=np.float32)
+        layers = np.full(shape + (layer_probabilities.shape[1],), np.nan, dtype=np.float32)
+        s, r, c = grid.position(np.asarray(numbers, dtype=np.int64))
+        heat[s, r, c] = scores
+        layers[s, r, c] = layer_probabilities
+        tile_rows, tile_cols = image_shape[0] / shape[1], image_shape[1] / shape[2]
+        # mean tile size: tile r's centre sits at pixel (r + 0.5) * tile_rows - 0.5
+        to_pixels = np.array([
+            [1, 0, 0, 0],
+            [0, tile_rows, 0, 0.5 * tile_rows - 0.5],
+            [0, 0, tile_cols, 0.5 * tile_cols - 0.5],
+            [0, 0, 0, 1],
+        ])
+        return cls(grid, heat, layers, pixel_affine @ to_pixels, frame)
+
+    @property
+    def analysed(self) -> np.ndarray:
+        """(slices, rows, cols) bool: tiles that were scored."""
+        return np.isfinite(self.scores)
+
+    @property
+    def tile_spacing(self) -> np.ndarray:
+        """Length of one tile step along (slice, row, col), in frame units."""
+        return np.linalg.norm(self.tile_affine[:3, :3], axis=0)
+
+    def centre(self, index: tuple[int, int, int] | np.ndarray) -> np.ndarray:
+        """Position of the centre of tile (slice, row, col) in the frame."""
+        return (self.tile_affine @ np.append(np.asarray(index, dtype=float), 1.0))[:3]
+
+    def statistics(self, threshold: float) -> dict[str, float | int | None]:
+        """Max and mean score over analysed tiles and the count above ``threshold``."""
+        values = self.scores[self.analysed]
+        if values.size == 0:
+            return {"analysed_tiles": 0, "max_score": None, "mean_score": None, "tiles_above_threshold": 0}
+        return {
+            "analysed_tiles": int(values.size),
+            "max_score": float(values.max()),
+            "mean_score": float(values.mean()),
+            "tiles_above_threshold": int((values >= threshold).sum()),
+        }

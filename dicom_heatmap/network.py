@@ -1,0 +1,204 @@
+"""The tile network of the method: VGG16 with a binary head on each of its 13 conv layers.
+
+``HeadedVGG16`` is one ``torch.nn.Module`` holding
+
+* ``features`` - the 13 conv layers of VGG16 (3x3, stride 1, same padding), each
+  followed by batch normalisation and a ReLU, with the 5 max-pool layers (2x2, stride 2);
+* ``classifier`` - the 3 fully connected layers, used to train the extractor (stage 1);
+* ``heads`` - 13 binary classifiers, head ``i`` on the global-average-pooled output of
+  conv ReLU ``i``: ``Linear(C_i, 512) -> ReLU -> Linear(512, 2)``;
+* ``fusion`` - the same shape of classifier on the 13 head tumour probabilities.
+
+The tile score is the fusion's softmax probability of the tumour class (index 1).
+Input size and intensity normalisation are buffers, so a state dict describes itself.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+from torch import nn
+
+__all__ = ["VGG16_CONV_WIDTHS", "HeadedVGG16", "TileOutput", "BinaryHead"]
+
+#: Output channels of the 13 conv layers; "M" marks a 2x2 max pool.
+VGG16_LAYOUT = (64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M")
+VGG16_CONV_WIDTHS = tuple(c for c in VGG16_LAYOUT if c != "M")
+HIDDEN_UNITS = 512
+TUMOUR = 1
+
+
+class TileOutput(NamedTuple):
+    """What one forward pass gives for a batch of tiles.
+
+    Attributes:
+        score: (N,) fusion probability of tumour, the tile's value in [0, 1].
+        layer_probabilities: (N, 13) tumour probability of each conv layer's head.
+        classifier_logits: (N, 2) logits of the stage-1 fully connected classifier.
+    """
+
+    score: torch.Tensor
+    layer_probabilities: torch.Tensor
+    classifier_logits: torch.Tensor
+
+
+class BinaryHead(nn.Sequential):
+    """``Linear(in, 512) -> ReLU -> Linear(512, 2)``: the method's small binary classifier."""
+
+    def __init__(self, in_features: int, hidden: int = HIDDEN_UNITS) -> None:
+        super().__init__(nn.Linear(in_features, hidden), nn.ReLU(inplace=True), nn.Linear(hidden, 2))
+
+
+class HeadedVGG16(nn.Module):
+    """VGG16 whose 13 conv layers each feed a binary head, fused into one tile score.
+
+    Args:
+        input_size: side in pixels of the square tile the network expects; tiles of
+            other sizes are resized by :class:`dicom_heatmap.TileScorer`.
+        width_multiplier: scales every conv width (1.0 is VGG16; smaller values are for
+            experiments only).
+        batch_norm: put batch normalisation after each conv (folded for inference).
+        dropout: dropout between the fully connected layers of the stage-1 classifier.
+        mean: per-channel mean of the input after scaling 0..255 to 0..1.
+        std: per-channel standard deviation, as ``mean``.
+    """
+
+    def __init__(
+        self,
+        input_size: int = 48,
+        width_multiplier: float = 1.0,
+        batch_norm: bool = True,
+        dropout: float = 0.5,
+        mean: tuple[float, float, float] = (0.5, 0.5, 0.5),
+        std: tuple[float, float, float] = (0.25, 0.25, 0.25),
+    ) -> None:
+        super().__init__()
+        if input_size < 32:
+            raise ValueError(f"input_size must be at least 32 (five 2x2 pools), got {input_size}")
+        if not 0 < width_multiplier <= 1:
+            raise ValueError(f"width_multiplier must lie in (0, 1], got {width_multiplier}")
+        widths = [max(8, int(round(c * width_multiplier))) for c in VGG16_CONV_WIDTHS]
+        self.conv_widths = tuple(widths)
+
+        # Buffers, so that a saved state dict carries how to feed the network.
+        self.register_buffer("input_size", torch.tensor(input_size, dtype=torch.int64))
+        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1))
+        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1))
+
+        layers: list[nn.Module] = []
+        self.tap_indices: list[int] = []  # index in ``features`` of each conv's ReLU
+        in_channels = 3
+        conv = iter(widths)
+        for item in VGG16_LAYOUT:
+            if item == "M":
+                layers.append(nn.MaxPool2d(2, 2))
+                continue
+            out_channels = next(conv)
+            layers.append(nn.Conv2d(in_channels, out_channels, 3, padding=1, bias=not batch_norm))
+            if batch_norm:
+                layers.append(nn.BatchNorm2d(out_channels))
+            layers.append(nn.ReLU(inplace=True))
+            self.tap_indices.append(len(layers) - 1)
+            in_channels = out_channels
+        self.features = nn.Sequential(*layers)
+
+        self.classifier = nn.Sequential(
+            nn.AdaptiveAvgPool2d(1),
+            nn.Flatten(),
+            nn.Linear(in_channels, HIDDEN_UNITS),
+            nn.ReLU(inplace=True),
+            nn.Dropout(dropout),
+            nn.Linear(HIDDEN_UNITS, HIDDEN_UNITS),
+            nn.ReLU(inplace=True),
+            nn.Dropout(dropout),
+            nn.Linear(HIDDEN_UNITS, 2),
+        )
+        self.heads = nn.ModuleList(BinaryHead(c) for c in widths)
+        self.fusion = BinaryHead(len(widths))
+        self._init_weights()
+
+    def _init_weights(self) -> None:
+        for module in self.modules():
+            if isinstance(module, nn.Conv2d):
+                nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+            elif isinstance(module, nn.Linear):
+                nn.init.normal_(module.weight, 0, 0.01)
+                nn.init.zeros_(module.bias)
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.conv_widths)
+
+    def normalize(self, tiles: torch.Tensor) -> torch.Tensor:
+        """Scale (N, 3, H, W) values in 0..255 (any dtype) to the network's input."""
+        return (tiles.float() / 255.0 - self.mean) / self.std
+
+    def extract(self, x: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """Run the conv layers on normalised input.
+
+        Returns:
+            the 13 pooled taps, each (N, C_i) in float32, and the last feature map.
+        """
+        pooled: list[torch.Tensor] = []
+        taps = set(self.tap_indices)
+        for index, layer in enumerate(self.features):
+            x = layer(x)
+            if index in taps:
+                pooled.append(x.float().mean(dim=(2, 3)))
+        return pooled, x
+
+    def head_probabilities(self, pooled: list[torch.Tensor]) -> torch.Tensor:
+        """(N, 13) tumour probability of each head from the pooled taps."""
+        probs = [torch.softmax(head(tap.float()), dim=1)[:, TUMOUR] for head, tap in zip(self.heads, pooled)]
+        return torch.stack(probs, dim=1)
+
+    def forward(self, x: torch.Tensor) -> TileOutput:
+        """Score normalised tiles (N, 3, S, S); see :class:`TileOutput`."""
+        pooled, last = self.extract(x)
+        logits = self.classifier(last).float()
+        layer_probabilities = self.head_probabilities(pooled)
+        score = torch.softmax(self.fusion(layer_probabilities), dim=1)[:, TUMOUR]
+        return TileOutput(score, layer_probabilities, logits)
+
+    @classmethod
+    def from_state_dict(cls, state: dict[str, torch.Tensor]) -> "HeadedVGG16":
+        """Build a network of the shape a state dict describes and load it."""
+        try:
+            input_size = int(state["input_size"])
+            first_width = state["features.0.weight"].shape[0]
+            batch_norm = "features.1.running_mean" in state
+        except KeyError as missing:
+            raise ValueError(f"not a HeadedVGG16 state dict: key {missing} is missing") from None
+        net = cls(input_size=input_size, width_multiplier=first_width / VGG16_CONV_WIDTHS[0], batch_norm=batch_norm)
+        net.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in state.items()})
+        return net
+
+    def fold_batch_norm(self) -> "HeadedVGG16":
+        """Fold each batch norm into the conv before it (inference only; in place)."""
+        layers = list(self.features)
+        folded: list[nn.Module] = []
+        taps: list[int] = []
+        index = 0
+        while index < len(layers):
+            layer = layers[index]
+            if isinstance(layer, nn.Conv2d) and index + 1 < len(layers) and isinstance(layers[index + 1], nn.BatchNorm2d):
+                bn = layers[index + 1]
+                scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
+                conv = nn.Conv2d(layer.in_channels, layer.out_channels, 3, padding=1, bias=True)
+                with torch.no_grad():
+                    conv.weight.copy_(layer.weight * scale.view(-1, 1, 1, 1))
+                    bias = layer.bias if layer.bias is not None else torch.zeros_like(bn.running_mean)
+                    conv.bias.copy_((bias - bn.running_mean) * scale + bn.bias)
+                folded.append(conv)
+                index += 2
+                continue
+            folded.append(layer)
+            if isinstance(layer, nn.ReLU):
+                taps.append(len(folded) - 1)
+            index += 1
+        self.features = nn.Sequential(*folded)
+        self.tap_indices = taps
+        return self

@@ -1,0 +1,115 @@
+"""Pictures for people: the heatmap blended over the image, grid, colour bar and arrow."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageFont
+
+from dicom_heatmap.heatmap import Heatmap
+from dicom_heatmap.spread import SpreadSummary
+
+__all__ = ["colorize", "render_slice", "MAX_SIDE"]
+
+#: Longest side of a rendered picture; larger images are shown downscaled.
+MAX_SIDE = 2048
+#: Colour ramp from 0 (dark blue) over cyan, yellow to 1 (red).
+_RAMP = np.array([[0, 0, 140], [0, 120, 255], [0, 230, 230], [255, 230, 0], [255, 60, 0], [180, 0, 0]], dtype=np.float64)
+_ALPHA = 0.45
+
+
+def colorize(values: np.ndarray) -> np.ndarray:
+    """uint8 RGB of values in [0, 1] on the ramp (NaN gives black)."""
+    values = np.clip(np.nan_to_num(np.asarray(values, dtype=np.float64)), 0, 1) * (len(_RAMP) - 1)
+    low = np.floor(values).astype(int).clip(0, len(_RAMP) - 2)
+    fraction = (values - low)[..., None]
+    return ((1 - fraction) * _RAMP[low] + fraction * _RAMP[low + 1]).round().astype(np.uint8)
+
+
+def _font(size: int) -> ImageFont.ImageFont:
+    try:
+        return ImageFont.load_default(size=size)
+    except TypeError:  # Pillow without scalable default font
+        return ImageFont.load_default()
+
+
+def render_slice(image: np.ndarray, heatmap: Heatmap, summary: SpreadSummary, slice_index: int, caption: str) -> tuple[np.ndarray, float]:
+    """The Secondary Capture picture of one slice.
+
+    Args:
+        image: (rows, cols, 3) uint8 slice the grid was laid on.
+        heatmap: the scores.
+        summary: the spread summary (its arrow is drawn on the focus slice; other slices
+            name the direction in the caption only).
+        slice_index: which slice of the heatmap.
+        caption: one line of text under the picture.
+
+    Returns:
+        the picture (rows', cols' + colour bar, 3) uint8 and the scale applied to the image.
+    """
+    height, width = image.shape[:2]
+    scale = min(1.0, MAX_SIDE / max(height, width))
+    picture = Image.fromarray(image)
+    if scale < 1.0:
+        picture = picture.resize((max(1, round(width * scale)), max(1, round(height * scale))), Image.BILINEAR)
+    # tiles are upsampled by nearest neighbour onto the picture: one colour per tile
+    scores = heatmap.scores[slice_index]
+    analysed = np.isfinite(scores)
+    grid = heatmap.grid
+    rows = np.searchsorted(grid.row_edges[1:], (np.arange(picture.height) + 0.5) / scale, side="right").clip(0, scores.shape[0] - 1)
+    cols = np.searchsorted(grid.col_edges[1:], (np.arange(picture.width) + 0.5) / scale, side="right").clip(0, scores.shape[1] - 1)
+    colours = colorize(scores)[rows][:, cols].astype(np.float64)
+    mask = analysed[rows][:, cols][..., None]
+    base = np.asarray(picture, dtype=np.float64)
+    blended = np.where(mask, (1 - _ALPHA) * base + _ALPHA * colours, base).round().astype(np.uint8)
+
+    unit = max(12, round(min(picture.width, picture.height) / 40))
+    bar_width = 5 * unit
+    caption_height = 2 * unit
+    canvas = Image.new("RGB", (picture.width + bar_width, picture.height + caption_height), (0, 0, 0))
+    canvas.paste(Image.fromarray(blended), (0, 0))
+    draw = ImageDraw.Draw(canvas)
+    font = _font(unit)
+    for edge in grid.row_edges[1:-1]:
+        draw.line([(0, edge * scale), (picture.width - 1, edge * scale)], fill=(255, 255, 255), width=1)
+    for edge in grid.col_edges[1:-1]:
+        draw.line([(edge * scale, 0), (edge * scale, picture.height - 1)], fill=(255, 255, 255), width=1)
+
+    # colour bar: 1 at the top, 0 at the bottom
+    top, bottom = unit, picture.height - unit
+    ramp = colorize(np.linspace(1, 0, max(2, bottom - top)))
+    bar = np.repeat(ramp[:, None, :], unit, axis=1)
+    canvas.paste(Image.fromarray(bar), (picture.width + unit, top))
+    for value in (1.0, 0.5, 0.0):
+        y = top + (1 - value) * (bottom - top - 1)
+        draw.text((picture.width + 2.2 * unit, y - unit / 2), f"{value:.1f}", fill=(255, 255, 255), font=font)
+
+    if summary.directed and summary.focus_index is not None and summary.focus_index[0] == slice_index:
+        _draw_arrow(draw, heatmap, summary, scale, unit)
+    draw.text((unit // 2, picture.height + unit // 3), caption, fill=(255, 255, 255), font=font)
+    return np.asarray(canvas), scale
+
+
+def _draw_arrow(draw: ImageDraw.ImageDraw, heatmap: Heatmap, summary: SpreadSummary, scale: float, unit: int) -> None:
+    """Arrow from the focus tile along the in-plane direction, as long as the extent reaches."""
+    _, row, col = summary.focus_index
+    grid = heatmap.grid
+    start = np.array([(grid.col_edges[col] + grid.col_edges[col + 1]) / 2, (grid.row_edges[row] + grid.row_edges[row + 1]) / 2]) * scale
+    direction = np.array([summary.direction_image[2], summary.direction_image[1]])  # (x, y) on screen
+    if np.linalg.norm(direction) < 1e-6:
+        return  # purely through-plane: the caption says it
+    direction /= np.linalg.norm(direction)
+    tile = np.array([np.diff(grid.col_edges).mean(), np.diff(grid.row_edges).mean()]) * scale
+    extent = np.argwhere(np.nan_to_num(heatmap.scores[summary.focus_index[0]], nan=-1) >= summary.threshold)
+    reach_tiles = max([float(np.dot([c - col, r - row], direction)) for r, c in extent] + [1.5])
+    end = start + direction * tile * reach_tiles
+    width = max(2, unit // 4)
+    draw.line([tuple(start), tuple(end)], fill=(255, 255, 255), width=width + 2)
+    draw.line([tuple(start), tuple(end)], fill=(0, 0, 0), width=width)
+    head = 1.2 * unit
+    angle = math.atan2(direction[1], direction[0])
+    points = [tuple(end)] + [
+        (end[0] - head * math.cos(angle + s * 0.45), end[1] - head * math.sin(angle + s * 0.45)) for s in (-1, 1)
+    ]
+    draw.polygon(points, fill=(0, 0, 0), outline=(255, 255, 255))

@@ -1,0 +1,124 @@
+"""Batched tile scoring with a trained :class:`HeadedVGG16`."""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from dicom_heatmap.errors import ModelError
+from dicom_heatmap.network import HeadedVGG16
+
+__all__ = ["TileScorer", "TileScores", "DEFAULT_MODEL_PATH"]
+
+#: The shipped model: a state dict of :class:`HeadedVGG16`.
+DEFAULT_MODEL_PATH = Path(__file__).resolve().parent.parent / "models" / "model.pt"
+
+
+@dataclass
+class TileScores:
+    """Scores of a batch of tiles.
+
+    Attributes:
+        scores: (N,) float32 fused tumour score in [0, 1].
+        layer_probabilities: (N, 13) float32 tumour probability of each conv layer's head.
+    """
+
+    scores: np.ndarray
+    layer_probabilities: np.ndarray
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+class TileScorer:
+    """Scores uint8 RGB tiles of any size; resizing and normalisation are its own.
+
+    Build one with :meth:`load`. ``network`` is the eval-mode network with batch norm
+    folded; ``checksum`` is the sha256 of the model file (it enters output UIDs).
+
+    Args:
+        network: a :class:`HeadedVGG16`.
+        checksum: identifies the weights in outputs and provenance.
+        batch_size: tiles per forward pass.
+    """
+
+    def __init__(self, network: HeadedVGG16, checksum: str, batch_size: int = 32) -> None:
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be positive, got {batch_size}")
+        self.network = network.eval()
+        self.checksum = checksum
+        self.batch_size = batch_size
+        self.input_size = int(network.input_size)
+
+    @classmethod
+    def load(cls, path: str | Path | None = None, batch_size: int = 32) -> "TileScorer":
+        """Load a model file (a state dict of :class:`HeadedVGG16`).
+
+        Args:
+            path: the model file; the shipped ``models/model.pt`` when ``None``.
+            batch_size: tiles per forward pass.
+        """
+        path = Path(path) if path is not None else DEFAULT_MODEL_PATH
+        if not path.is_file():
+            raise ModelError(path, "the model file does not exist; pass --model PATH or train one with `dicom-heatmap train`")
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as error:  # torch raises several kinds on a damaged file
+            raise ModelError(path, f"cannot read the model file ({type(error).__name__}); is it a torch state dict?") from None
+        if isinstance(state, dict) and "network" in state and "optimizer" in state:
+            state = state["network"]  # a training checkpoint
+        if not isinstance(state, dict):
+            raise ModelError(path, "the file does not hold a state dict")
+        try:
+            network = HeadedVGG16.from_state_dict(state)
+        except (ValueError, RuntimeError) as error:
+            raise ModelError(path, f"the weights do not fit the 13-head VGG16 ({str(error).splitlines()[0]})") from None
+        network.eval().fold_batch_norm()
+        return cls(network.to(memory_format=torch.channels_last), _sha256(path), batch_size)
+
+    def _prepare(self, tiles: np.ndarray | Sequence[np.ndarray]) -> torch.Tensor:
+        """uint8 tiles -> normalised (N, 3, S, S) float tensor at the network's size."""
+        size = self.input_size
+        resized = []
+        for tile in tiles:
+            tile = np.asarray(tile)
+            if tile.ndim != 3 or tile.shape[2] != 3:
+                raise ValueError(f"tiles must be (H, W, 3) RGB, got shape {tile.shape}")
+            x = torch.from_numpy(np.ascontiguousarray(tile)).permute(2, 0, 1)[None].float()
+            if x.shape[-2:] != (size, size):
+                x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
+            resized.append(x)
+        batch = torch.cat(resized)
+        return self.network.normalize(batch).contiguous(memory_format=torch.channels_last)
+
+    @torch.inference_mode()
+    def score_details(self, tiles: np.ndarray | Sequence[np.ndarray]) -> TileScores:
+        """Fused scores and the 13 per-layer probabilities of ``tiles``.
+
+        Args:
+            tiles: (N, H, W, 3) uint8 array, or a sequence of (H, W, 3) uint8 arrays of
+                any sizes.
+        """
+        count = len(tiles)
+        scores = np.empty(count, dtype=np.float32)
+        layers = np.empty((count, self.network.num_layers), dtype=np.float32)
+        for start in range(0, count, self.batch_size):
+            output = self.network(self._prepare(tiles[start : start + self.batch_size]))
+            scores[start : start + len(output.score)] = output.score.numpy()
+            layers[start : start + len(output.score)] = output.layer_probabilities.numpy()
+        return TileScores(scores, layers)
+
+    def score(self, tiles: np.ndarray | Sequence[np.ndarray]) -> np.ndarray:
+        """(N,) float32 tumour scores in [0, 1] of uint8 RGB tiles (see :meth:`score_details`)."""
+        return self.score_details(tiles).scores

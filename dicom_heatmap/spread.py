@@ -1,0 +1,264 @@
+"""Spread analysis (S9): which way the high scores extend.
+
+The patent's rule, kept exactly as the evidence: every pair of neighbouring analysed
+tiles (8-neighbourhood in 2D, 26 in 3D) whose values differ gives a flow from the
+larger value to the smaller. :func:`flow_field` returns the per-tile flow and the
+summary carries its histogram over the 8 in-plane compass directions.
+
+Why the summary does not simply add the flows up: over any lesion that lies inside
+the image the flows of its boundary cancel (the sum of a gradient over a closed
+region is zero), and a uniformly scored lesion of any shape has flows only on its
+boundary. What a reader means by "it spreads to the right" is an asymmetry of the
+lesion about its focus. So:
+
+* focus - the analysed tile whose neighbourhood (3x3, or 3x3x3) mean score is
+  highest: the core of the lesion, not an isolated spike;
+* lesion - the tiles at or above the threshold connected to the focus;
+* dominant direction - from the focus centre toward the score-weighted centroid of
+  the lesion, in physical units where the source has them;
+* directedness - the length of that offset divided by the lesion's mean distance
+  from the focus: 0 for a lesion symmetric about its focus, 1 when all of it lies
+  on one ray. Below :data:`MIN_DIRECTEDNESS` there is no dominant direction;
+* extent - all analysed tiles at or above the threshold (count and area or volume);
+  reach - the farthest lesion tile centre from the focus along the direction.
+
+Directions are reported in image axes (angle counter-clockwise from "right" as seen on
+screen) and in the frame of the source: DICOM patient coordinates (LPS) with
+anatomical words, or slide coordinates.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+from dicom_heatmap.heatmap import Heatmap
+
+__all__ = ["SpreadSummary", "analyze_spread", "COMPASS", "direction_words"]
+
+#: The 8 bins of the in-plane flow histogram, counter-clockwise from "right" on screen.
+COMPASS = ("right", "up-right", "up", "up-left", "left", "down-left", "down", "down-right")
+#: Below this directedness the field has no dominant direction.
+MIN_DIRECTEDNESS = 0.2
+#: Value differences below this are not flows (score noise).
+MIN_DIFFERENCE = 1e-3
+
+_PATIENT_WORDS = (("right", "left"), ("anterior", "posterior"), ("inferior", "superior"))  # -/+ along L, P, S
+_SLIDE_WORDS = (("left", "right"), ("up", "down"), ("", ""))  # slide x right, y down
+
+
+@dataclass
+class SpreadSummary:
+    """What the spread analysis found.
+
+    Attributes:
+        directed: whether there is a dominant direction at all.
+        directedness: 0 (lesion symmetric about its focus) to 1 (all on one side).
+        direction_image: unit vector (slice, row, col) in tile-index axes; zeros if none.
+        angle_deg: in-plane angle of the direction, counter-clockwise from right on
+            screen, in [0, 360); None if none or purely through-plane.
+        direction_frame: unit vector in the source frame (x, y, z); zeros if none.
+        words: the direction in words ("left-anterior", "right-down"), main component
+            first; "none" without a dominant direction.
+        frame: "PATIENT", "SLIDE" or "IMAGE".
+        histogram: weighted in-plane flow per compass bin (see :data:`COMPASS`).
+        flow_count: number of neighbour pairs with a flow.
+        focus_tile: 1-based number of the highest-scoring tile (None if none analysed).
+        focus_index: its (slice, row, col).
+        focus_position: its centre in the frame.
+        threshold: score at or above which a tile counts toward the extent.
+        extent_tiles: analysed tiles at or above ``threshold``.
+        extent_area: their area (2D) or volume (3D) in frame units squared/cubed.
+        reach: farthest distance from the focus centre along the direction (or in any
+            direction, when undirected) among the lesion's tiles, in frame units.
+        unit: "mm" or "px".
+    """
+
+    directed: bool
+    directedness: float
+    direction_image: list[float]
+    angle_deg: float | None
+    direction_frame: list[float]
+    words: str
+    frame: str
+    histogram: dict[str, float]
+    flow_count: int
+    focus_tile: int | None
+    focus_index: list[int] | None
+    focus_position: list[float] | None
+    threshold: float
+    extent_tiles: int
+    extent_area: float
+    reach: float
+    unit: str
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def direction_words(vector: np.ndarray, frame: str, share: float = 0.3) -> str:
+    """Words for a unit vector: components of at least ``share`` of the largest, largest first.
+
+    In the patient frame (LPS): +x left, +y posterior, +z superior; in slide and image
+    frames: +x right, +y down.
+    """
+    vector = np.asarray(vector, dtype=float)
+    if not np.any(vector):
+        return "none"
+    names = _PATIENT_WORDS if frame == "PATIENT" else _SLIDE_WORDS
+    largest = np.abs(vector).max()
+    order = np.argsort(-np.abs(vector), kind="stable")
+    words = [names[i][int(vector[i] > 0)] for i in order if abs(vector[i]) >= share * largest and names[i][0]]
+    return "-".join(words) or "none"
+
+
+def flow_field(scores: np.ndarray) -> tuple[np.ndarray, list[tuple[np.ndarray, np.ndarray, np.ndarray]]]:
+    """The patent's neighbour comparison.
+
+    Returns:
+        per-tile outgoing flow (slices, rows, cols, 3) in index axes, each flow a unit
+        offset weighted by the larger value; and per neighbour offset the arrays
+        (offset, sign, weight) where ``sign`` is +1 where the flow runs along the offset,
+        -1 against it, 0 for no flow.
+    """
+    slices = scores.shape[0]
+    steps = [o for o in itertools.product((-1, 0, 1), repeat=3) if o > (0, 0, 0)]
+    if slices == 1:
+        steps = [o for o in steps if o[0] == 0]
+    # padded by one tile so that a neighbour's share can be added at index + offset
+    padded_field = np.zeros(tuple(n + 2 for n in scores.shape) + (3,))
+    padded = np.pad(scores, 1, constant_values=np.nan)
+    s, r, c = scores.shape
+    own = padded_field[1 : 1 + s, 1 : 1 + r, 1 : 1 + c]
+    pairs = []
+    for offset in steps:
+        ds, dr, dc = offset
+        neighbour = padded[1 + ds : 1 + ds + s, 1 + dr : 1 + dr + r, 1 + dc : 1 + dc + c]
+        difference = scores - neighbour
+        valid = np.isfinite(difference) & (np.abs(difference) > MIN_DIFFERENCE)
+        sign = np.where(valid, np.sign(np.nan_to_num(difference)), 0.0)
+        weight = np.where(valid, np.fmax(scores, neighbour), 0.0)
+        unit = np.asarray(offset, dtype=float) / np.linalg.norm(offset)
+        # the larger tile sends the flow: this tile when sign > 0, the neighbour when sign < 0
+        own += np.where(sign > 0, weight, 0.0)[..., None] * unit
+        padded_field[1 + ds : 1 + ds + s, 1 + dr : 1 + dr + r, 1 + dc : 1 + dc + c] -= np.where(sign < 0, weight, 0.0)[..., None] * unit
+        pairs.append((np.asarray(offset), sign, weight))
+    field = padded_field[1 : 1 + s, 1 : 1 + r, 1 : 1 + c].copy()
+    return field, pairs
+
+
+def _neighbourhood_mean(scores: np.ndarray) -> np.ndarray:
+    """Mean of the analysed tiles in each tile's 3x3 (2D) or 3x3x3 (3D) neighbourhood; -inf where not analysed."""
+    finite = np.isfinite(scores)
+    values = np.where(finite, scores, 0.0)
+    pad = [(1, 1) if n > 1 else (0, 0) for n in scores.shape]
+    padded_values, padded_count = np.pad(values, pad), np.pad(finite.astype(float), pad)
+    total, count = np.zeros_like(values), np.zeros_like(values)
+    ranges = [range(3) if n > 1 else range(1) for n in scores.shape]
+    for ds, dr, dc in itertools.product(*ranges):
+        window = (slice(ds, ds + scores.shape[0]), slice(dr, dr + scores.shape[1]), slice(dc, dc + scores.shape[2]))
+        total += padded_values[window]
+        count += padded_count[window]
+    return np.where(finite, total / np.maximum(count, 1), -np.inf)
+
+
+def _focus(scores: np.ndarray, passes: int = 3) -> tuple[int, int, int]:
+    """The lesion's core: the maximum of the scores smoothed ``passes`` times by the
+    neighbourhood mean (so the thick part of a lesion wins over a thin tail or a spike);
+    among equal maxima, the one nearest their centroid."""
+    smoothed = scores
+    for _ in range(passes):
+        smoothed = _neighbourhood_mean(np.where(np.isfinite(smoothed), smoothed, np.nan))
+    smoothed = np.where(np.isfinite(scores), smoothed, -np.inf)
+    ties = np.argwhere(smoothed >= smoothed.max() - 1e-9)
+    nearest = np.argmin(np.linalg.norm(ties - ties.mean(axis=0), axis=1))
+    return tuple(int(v) for v in ties[nearest])
+
+
+def _component(mask: np.ndarray, seed: tuple[int, int, int]) -> np.ndarray:
+    """Tiles of ``mask`` connected to ``seed`` (26-connectivity; 8 within a slice)."""
+    component = np.zeros_like(mask)
+    if not mask[seed]:
+        return component
+    steps = [o for o in itertools.product((-1, 0, 1), repeat=3) if any(o)]
+    stack = [seed]
+    component[seed] = True
+    while stack:
+        s, r, c = stack.pop()
+        for ds, dr, dc in steps:
+            n = (s + ds, r + dr, c + dc)
+            if all(0 <= v < size for v, size in zip(n, mask.shape)) and mask[n] and not component[n]:
+                component[n] = True
+                stack.append(n)
+    return component
+
+
+def analyze_spread(heatmap: Heatmap, threshold: float = 0.5) -> SpreadSummary:
+    """Run the spread analysis of a heatmap (see the module docstring).
+
+    Args:
+        heatmap: scores with NaN for tiles not analysed.
+        threshold: score at or above which a tile belongs to the extent.
+    """
+    scores = heatmap.scores.astype(np.float64)
+    _, pairs = flow_field(scores)
+    histogram = np.zeros(len(COMPASS))
+    flow_count = 0
+    for offset, sign, weight in pairs:
+        flow_count += int((sign != 0).sum())
+        if offset[1] or offset[2]:
+            along = int(round(math.atan2(-offset[1], offset[2]) / (math.pi / 4))) % 8  # on screen, up is -row
+            histogram[along] += float(weight[sign > 0].sum())
+            histogram[(along + 4) % 8] += float(weight[sign < 0].sum())
+
+    analysed = heatmap.analysed
+    unit = "px" if heatmap.frame == "IMAGE" else "mm"
+    steps_frame = heatmap.tile_affine[:3, :3]  # columns: one tile step along slice, row, col
+    in_plane_area = float(np.linalg.norm(np.cross(steps_frame[:, 1], steps_frame[:, 2])))
+    tile_measure = in_plane_area * (heatmap.tile_spacing[0] if scores.shape[0] > 1 else 1.0)
+    extent = analysed & (np.nan_to_num(scores, nan=-1.0) >= threshold)
+    summary = dict(
+        directed=False, directedness=0.0, direction_image=[0.0] * 3, angle_deg=None, direction_frame=[0.0] * 3,
+        words="none", frame=heatmap.frame, histogram={n: round(float(v), 4) for n, v in zip(COMPASS, histogram)},
+        flow_count=flow_count, focus_tile=None, focus_index=None, focus_position=None, threshold=threshold,
+        extent_tiles=int(extent.sum()), extent_area=round(float(extent.sum()) * tile_measure, 3), reach=0.0, unit=unit,
+    )
+    if not analysed.any() or flow_count == 0:
+        return SpreadSummary(**summary)  # nothing analysed, or a flat field: nothing to report
+
+    focus = _focus(scores)
+    focus_position = heatmap.centre(focus)
+    summary.update(focus_tile=int(heatmap.grid.number(*focus)), focus_index=list(focus),
+                   focus_position=[round(float(v), 3) for v in focus_position])
+    lesion = _component(extent, focus)
+    if lesion.sum() < 2:
+        return SpreadSummary(**summary)
+    indices = np.argwhere(lesion)
+    weights = scores[lesion]
+    offsets_frame = np.array([heatmap.centre(i) for i in indices]) - focus_position
+    mean_offset = (weights[:, None] * offsets_frame).sum(0) / weights.sum()
+    mean_distance = float((weights * np.linalg.norm(offsets_frame, axis=1)).sum() / weights.sum())
+    directedness = float(np.linalg.norm(mean_offset) / mean_distance) if mean_distance else 0.0
+    summary["directedness"] = round(directedness, 4)
+    if directedness < MIN_DIRECTEDNESS:
+        summary["reach"] = round(float(np.linalg.norm(offsets_frame, axis=1).max()), 3)
+        return SpreadSummary(**summary)
+    direction_frame = mean_offset / np.linalg.norm(mean_offset)
+    offsets_index = indices - np.array(focus)
+    mean_index = (weights[:, None] * offsets_index).sum(0) / weights.sum()
+    direction_image = mean_index / np.linalg.norm(mean_index) if np.any(mean_index) else np.zeros(3)
+    angle = None
+    if abs(direction_image[1]) > 1e-9 or abs(direction_image[2]) > 1e-9:
+        angle = round(math.degrees(math.atan2(-direction_image[1], direction_image[2])) % 360.0, 2)
+    summary.update(
+        directed=True,
+        direction_image=[round(float(v), 4) for v in direction_image],
+        angle_deg=angle,
+        direction_frame=[round(float(v), 4) for v in direction_frame],
+        words=direction_words(direction_frame, heatmap.frame),
+        reach=round(max(float((offsets_frame @ direction_frame).max()), 0.0), 3),
+    )
+    return SpreadSummary(**summary)

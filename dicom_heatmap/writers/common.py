@@ -1,0 +1,115 @@
+"""What the three DICOM writers share: identity, deterministic UIDs, the reference header."""
+
+from __future__ import annotations
+
+import hashlib
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+import highdicom as hd
+import numpy as np
+from pydicom.dataset import Dataset
+from pydicom.uid import UID
+
+from dicom_heatmap._version import __version__
+
+__all__ = [
+    "ALGORITHM_NAME", "MANUFACTURER", "SERIES_DESCRIPTION_SUFFIX", "OutputIdentity",
+    "synthetic_reference", "patient_orientation", "CODING_SCHEME", "code", "PATIENT_STUDY_KEYWORDS",
+]
+
+ALGORITHM_NAME = "dicom-heatmap VGG16 13-head tile scorer"
+MANUFACTURER = "dicom-heatmap"
+SERIES_DESCRIPTION_SUFFIX = "research only, not for diagnostic use"
+
+#: The private coding scheme of the concepts that have no standard code.
+CODING_SCHEME = "99DHM"
+CODING_SCHEME_NAME = "dicom-heatmap private concepts"
+
+#: Type 2 attributes of the Patient and General Study modules a reference header must hold.
+PATIENT_STUDY_KEYWORDS = (
+    "PatientName", "PatientID", "PatientBirthDate", "PatientSex",
+    "StudyDate", "StudyTime", "ReferringPhysicianName", "StudyID", "AccessionNumber",
+)
+
+
+def code(value: str, meaning: str) -> hd.sr.CodedConcept:
+    """A concept of the private coding scheme."""
+    return hd.sr.CodedConcept(value, CODING_SCHEME, meaning)
+
+
+def coding_scheme_identification() -> Dataset:
+    """The CodingSchemeIdentificationSequence item that declares :data:`CODING_SCHEME`."""
+    item = Dataset()
+    item.CodingSchemeDesignator = CODING_SCHEME
+    item.CodingSchemeName = CODING_SCHEME_NAME
+    item.CodingSchemeResponsibleOrganization = MANUFACTURER
+    return item
+
+
+@dataclass(frozen=True)
+class OutputIdentity:
+    """Everything the UIDs of one analysis derive from, so a rerun gives the same objects.
+
+    Args:
+        source_key: identifies the input: its first SOP Instance UID, or the sha256 of a
+            non-DICOM file.
+        model_checksum: sha256 of the model file.
+        settings: canonical text of every setting that changes the result.
+    """
+
+    source_key: str
+    model_checksum: str
+    settings: str
+
+    def uid(self, *parts: object) -> UID:
+        """A UID (2.25 form) determined by the identity and ``parts`` (e.g. "sc", 3)."""
+        return derived_uid(self.source_key, self.model_checksum, self.settings, *parts)
+
+    @property
+    def folder_name(self) -> str:
+        """Name of the output folder of this analysis: derived, never taken from a header."""
+        return str(self.uid("result-folder"))
+
+
+def derived_uid(*parts: object) -> UID:
+    """A 2.25 UID from a name-based (SHA-1, version 5) UUID of ``parts``: same parts, same UID.
+
+    (pydicom's ``generate_uid(prefix=None, ...)`` ignores its entropy sources and is random.)
+    """
+    name = "\x1f".join(str(part) for part in parts)
+    return UID(f"2.25.{uuid.uuid5(uuid.NAMESPACE_OID, name).int}")
+
+
+def file_digest(path: Path) -> str:
+    digest = hashlib.sha256()
+    with Path(path).open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def synthetic_reference(identity: OutputIdentity, modality: str) -> Dataset:
+    """Patient and study header for an input that has none (slide files, pictures).
+
+    The patient is unknown (empty Type 2 attributes) and the study is new, with a UID
+    derived from the file's content, so every run on the same file joins one study.
+    """
+    ds = Dataset()
+    for keyword in PATIENT_STUDY_KEYWORDS:
+        setattr(ds, keyword, None)
+    ds.StudyInstanceUID = derived_uid(identity.source_key, "study")
+    ds.Modality = modality
+    return ds
+
+
+_LPS_LETTERS = (("R", "L"), ("A", "P"), ("F", "H"))
+
+
+def patient_orientation(direction: np.ndarray) -> str:
+    """Patient Orientation letters of a direction in LPS, main component first (e.g. "LP")."""
+    direction = np.asarray(direction, dtype=float)
+    order = np.argsort(-np.abs(direction))
+    letters = [_LPS_LETTERS[i][int(direction[i] > 0)] for i in order if abs(direction[i]) > 1e-3]
+    return "".join(letters[:3])

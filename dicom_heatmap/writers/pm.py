@@ -1,0 +1,103 @@
+"""Parametric Map: the float tile scores on the tile grid, with the grid's geometry."""
+
+from __future__ import annotations
+
+import copy
+
+import highdicom as hd
+import numpy as np
+from pydicom.dataset import Dataset
+
+from dicom_heatmap._version import __version__
+from dicom_heatmap.heatmap import Heatmap
+from dicom_heatmap.writers.common import MANUFACTURER, SERIES_DESCRIPTION_SUFFIX, OutputIdentity
+
+__all__ = ["build_parametric_map", "geometry_carrier", "PM_SERIES_NUMBER"]
+
+PM_SERIES_NUMBER = 9702
+
+
+def geometry_carrier(image: Dataset, pixel_affine: np.ndarray, scale: float, identity: OutputIdentity) -> Dataset:
+    """A copy of a picture's header that states its pixel geometry in a frame of its own.
+
+    Slide files and pictures have no DICOM frame of reference; the Parametric Map still
+    needs one to place its tiles. The carrier lends the Secondary Capture's identity and
+    size and adds a Frame of Reference (derived UID) in which x runs along columns and y
+    along rows in mm of the slide (or pixels when unknown). It is never written.
+
+    Args:
+        image: the Secondary Capture the map is laid over.
+        pixel_affine: 4x4 map of the analysed image's pixel index to position.
+        scale: how much the Secondary Capture is downscaled against the analysed image.
+        identity: gives the frame of reference UID.
+    """
+    carrier = copy.deepcopy(image)
+    carrier.FrameOfReferenceUID = identity.uid("frame-of-reference")
+    carrier.SliceThickness = 1.0  # a picture has no thickness; highdicom needs one
+    row_step, col_step = pixel_affine[:3, 1], pixel_affine[:3, 2]
+    carrier.ImagePositionPatient = [float(v) for v in pixel_affine[:3, 3]]
+    carrier.ImageOrientationPatient = [float(v) for v in np.concatenate([col_step / np.linalg.norm(col_step), row_step / np.linalg.norm(row_step)])]
+    carrier.PixelSpacing = [float(np.linalg.norm(row_step) / scale), float(np.linalg.norm(col_step) / scale)]
+    return carrier
+
+
+def build_parametric_map(heatmap: Heatmap, sources: list[Dataset], identity: OutputIdentity) -> hd.pm.ParametricMap:
+    """Build the Parametric Map of the scores.
+
+    Not-analysed tiles hold NaN. One frame per slice, placed at the centre of the slice's
+    first tile; highdicom orders frames by position, so read frames back by their
+    per-frame Plane Position, never by order.
+
+    Args:
+        heatmap: the scores and the tile grid's affine.
+        sources: the images the map is derived from, with a Frame of Reference UID and
+            plane geometry (the source slices, or a :func:`geometry_carrier`).
+        identity: gives the deterministic UIDs.
+    """
+    # Argument checks
+    if not sources:
+        raise ValueError("sources must hold at least one image")
+    if any("FrameOfReferenceUID" not in s for s in sources):
+        raise ValueError("every source must have a Frame of Reference UID (use geometry_carrier)")
+
+    affine = heatmap.tile_affine
+    row_step, col_step, slice_step = affine[:3, 1], affine[:3, 2], affine[:3, 0]
+    spacing = (float(np.linalg.norm(row_step)), float(np.linalg.norm(col_step)))
+    orientation = np.concatenate([col_step / spacing[1], row_step / spacing[0]])
+    thickness = float(np.linalg.norm(slice_step)) if heatmap.scores.shape[0] > 1 else float(sources[0].get("SliceThickness", 1) or 1)
+    positions = [
+        hd.PlanePositionSequence(coordinate_system="PATIENT", image_position=[round(float(v), 6) for v in heatmap.centre((s, 0, 0))])
+        for s in range(heatmap.scores.shape[0])
+    ]
+    mapping = hd.pm.RealWorldValueMapping(
+        lut_label="TUMOUR",
+        lut_explanation="Fused tumour score of the tile (share of cancerous tissue)",
+        unit=hd.sr.CodedConcept("1", "UCUM", "no units"),
+        value_range=(0.0, 1.0),
+        slope=1,
+        intercept=0,
+    )
+    pm = hd.pm.ParametricMap(
+        source_images=sources,
+        pixel_array=heatmap.scores.astype(np.float32),
+        series_instance_uid=identity.uid("pm-series"),
+        series_number=PM_SERIES_NUMBER,
+        sop_instance_uid=identity.uid("pm"),
+        instance_number=1,
+        manufacturer=MANUFACTURER,
+        manufacturer_model_name="dicom-heatmap",
+        software_versions=__version__,
+        device_serial_number="none",
+        contains_recognizable_visual_features=False,
+        real_world_value_mappings=[mapping],
+        voi_lut_transformations=[hd.VOILUTTransformation(window_center=0.5, window_width=1.0)],
+        pixel_measures=hd.PixelMeasuresSequence(pixel_spacing=spacing, slice_thickness=thickness),
+        plane_orientation=hd.PlaneOrientationSequence(coordinate_system="PATIENT", image_orientation=[round(float(v), 6) for v in orientation]),
+        plane_positions=positions,
+        content_label="HEATMAP",
+        content_description="Tile tumour scores, NaN where not analysed",
+    )
+    # General Series
+    pm.SeriesDescription = f"Tumour score map ({SERIES_DESCRIPTION_SUFFIX})"
+    pm.Laterality = sources[0].get("Laterality") or None  # Type 2C: present, empty when unknown
+    return pm

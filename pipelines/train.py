@@ -1,0 +1,298 @@
+"""Three-stage training of :class:`dicom_heatmap.network.HeadedVGG16` (DESIGN.md, "The method").
+
+1. extractor: the VGG16 with its 3 fully connected layers as a tumour / non-tumour
+   tile classifier, on the extractor folds, with flips, 90 degree rotations, random
+   crops, H&E colour jitter and random erasing;
+2. heads: extractor frozen, the 13 heads on the pooled activations of patients the
+   extractor never saw (first half of the head folds' patients);
+3. fusion: heads frozen, the fusion head on the other half of those patients.
+
+Every epoch writes a checkpoint (``OUT/checkpoint.pt``); a stopped run resumes from it.
+A fixed seed gives the same model. The result is ``OUT/model.pt`` (a state dict).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from dicom_heatmap.network import HeadedVGG16
+from pipelines.metrics import roc_auc
+from pipelines.tile_data import TileTable, load_tile_table
+
+__all__ = ["TrainSettings", "train"]
+
+
+@dataclass
+class TrainSettings:
+    """Settings of one training run (all saved beside the model)."""
+
+    input_size: int = 48
+    extractor_folds: list[int] = field(default_factory=lambda: [0, 1])
+    head_folds: list[int] = field(default_factory=lambda: [2])
+    test_folds: list[int] = field(default_factory=lambda: [3])
+    epochs: int = 14
+    head_epochs: int = 30
+    fusion_epochs: int = 60
+    batch_size: int = 64
+    learning_rate: float = 0.02
+    weight_decay: float = 5e-4
+    seed: int = 20261125
+    width_multiplier: float = 1.0
+    bf16: bool = True
+    max_tiles: int | None = None  # for smoke runs: cap every split
+
+
+def _augment(batch: torch.Tensor, size: int, generator: torch.Generator) -> torch.Tensor:
+    """Random crop, flips, 90 degree rotation, colour jitter and erasing; uint8 NHWC -> float NCHW 0..255."""
+    n, height, width, _ = batch.shape
+    x = batch.permute(0, 3, 1, 2).float()
+    out = torch.empty(n, 3, size, size)
+    for i in range(n):
+        scale = 0.75 + 0.25 * torch.rand(1, generator=generator).item()
+        crop = max(8, int(round(min(height, width) * math.sqrt(scale))))
+        top = int(torch.randint(0, height - crop + 1, (1,), generator=generator))
+        left = int(torch.randint(0, width - crop + 1, (1,), generator=generator))
+        tile = x[i : i + 1, :, top : top + crop, left : left + crop]
+        tile = F.interpolate(tile, size=(size, size), mode="bilinear", align_corners=False)[0]
+        if torch.rand(1, generator=generator) < 0.5:
+            tile = tile.flip(2)
+        tile = torch.rot90(tile, int(torch.randint(0, 4, (1,), generator=generator)), dims=(1, 2))
+        out[i] = tile
+    # H&E colour jitter: brightness, contrast, saturation and a small per-channel shift
+    rand = lambda *shape: torch.rand(*shape, generator=generator)  # noqa: E731
+    brightness = 0.85 + 0.3 * rand(n, 1, 1, 1)
+    contrast = 0.8 + 0.4 * rand(n, 1, 1, 1)
+    saturation = 0.8 + 0.4 * rand(n, 1, 1, 1)
+    shift = (rand(n, 3, 1, 1) - 0.5) * 16
+    out = out * brightness
+    mean = out.mean(dim=(1, 2, 3), keepdim=True)
+    out = (out - mean) * contrast + mean
+    grey = out.mean(dim=1, keepdim=True)
+    out = (out - grey) * saturation + grey + shift
+    # random erasing: hide a random rectangle with noise, half of the tiles
+    for i in range(n):
+        if torch.rand(1, generator=generator) < 0.5:
+            eh = int(torch.randint(size // 8, size // 2, (1,), generator=generator))
+            ew = int(torch.randint(size // 8, size // 2, (1,), generator=generator))
+            top = int(torch.randint(0, size - eh + 1, (1,), generator=generator))
+            left = int(torch.randint(0, size - ew + 1, (1,), generator=generator))
+            out[i, :, top : top + eh, left : left + ew] = 255 * rand(3, eh, ew)
+    return out.clamp_(0, 255)
+
+
+def _resize(batch: np.ndarray, size: int) -> torch.Tensor:
+    x = torch.from_numpy(batch).permute(0, 3, 1, 2).float()
+    if x.shape[-1] != size:
+        x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
+    return x
+
+
+def _class_weights(labels: np.ndarray) -> torch.Tensor:
+    counts = np.bincount(labels, minlength=2).astype(np.float64)
+    return torch.tensor(len(labels) / (2 * np.maximum(counts, 1)), dtype=torch.float32)
+
+
+@torch.no_grad()
+def tap_features(net: HeadedVGG16, table: TileTable, settings: TrainSettings) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """Pooled taps (13 tensors (N, C_i)) and stage-1 logits for every tile, no augmentation."""
+    net.eval()
+    pooled_parts: list[list[torch.Tensor]] = [[] for _ in range(net.num_layers)]
+    logits = []
+    for start in tqdm(range(0, len(table), 128), desc="activations", unit="batch", leave=False):
+        x = net.normalize(_resize(table.images[start : start + 128], settings.input_size))
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=settings.bf16):
+            pooled, last = net.extract(x.contiguous(memory_format=torch.channels_last))
+            logits.append(net.classifier(last).float())
+        for i, tap in enumerate(pooled):
+            pooled_parts[i].append(tap.float())
+    return [torch.cat(p) for p in pooled_parts], torch.cat(logits)
+
+
+def _fit_small(module: torch.nn.Module, inputs, labels: np.ndarray, epochs: int, generator: torch.Generator, desc: str) -> None:
+    """Fit a head (or all heads at once) with Adam on fixed inputs; ``inputs`` is a callable of indices."""
+    weights = _class_weights(labels)
+    target = torch.from_numpy(labels)
+    optimizer = torch.optim.Adam(module.parameters(), lr=1e-3, weight_decay=1e-4)
+    module.train()
+    for _ in tqdm(range(epochs), desc=desc, unit="epoch", leave=False):
+        order = torch.randperm(len(labels), generator=generator)
+        for start in range(0, len(labels), 128):
+            index = order[start : start + 128]
+            loss = inputs(index, target[index], weights)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+    module.eval()
+
+
+def train(data_csv: str | Path, out_dir: str | Path, settings: TrainSettings | None = None, root: str | Path | None = None) -> Path:
+    """Run the three stages and write ``out_dir/model.pt`` and ``out_dir/training.json``.
+
+    Args:
+        data_csv: labels table (columns path, patient_id, label, fold).
+        out_dir: folder for the checkpoint, the model and the training record.
+        settings: see :class:`TrainSettings`.
+        root: folder the table's paths are relative to (the table's folder by default).
+
+    Returns:
+        the path of the trained state dict.
+    """
+    settings = settings or TrainSettings()
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(settings.seed)
+    generator = torch.Generator().manual_seed(settings.seed)
+    table = load_tile_table(data_csv, root)
+
+    def split(folds: list[int]) -> TileTable:
+        part = table.subset(np.isin(table.folds, folds))
+        if settings.max_tiles is not None and len(part) > settings.max_tiles:
+            keep = np.random.default_rng(settings.seed).choice(len(part), settings.max_tiles, replace=False)
+            part = part.subset(np.sort(keep))
+        return part
+
+    extractor_set, head_pool, test_set = split(settings.extractor_folds), split(settings.head_folds), split(settings.test_folds)
+    patients = np.unique(head_pool.patients)
+    np.random.default_rng(settings.seed).shuffle(patients)
+    head_patients = patients[: len(patients) // 2]
+    head_set = head_pool.subset(np.isin(head_pool.patients, head_patients))
+    fusion_set = head_pool.subset(~np.isin(head_pool.patients, head_patients))
+    record = {
+        "settings": asdict(settings),
+        "tiles": {"extractor": len(extractor_set), "heads": len(head_set), "fusion": len(fusion_set), "test": len(test_set)},
+        "patients": {
+            name: int(len(np.unique(s.patients)))
+            for name, s in [("extractor", extractor_set), ("heads", head_set), ("fusion", fusion_set), ("test", test_set)]
+        },
+    }
+
+    net = HeadedVGG16(input_size=settings.input_size, width_multiplier=settings.width_multiplier)
+    net = net.to(memory_format=torch.channels_last)
+    optimizer = torch.optim.SGD(
+        net.parameters(), lr=settings.learning_rate, momentum=0.9, nesterov=True, weight_decay=settings.weight_decay
+    )
+    steps_per_epoch = math.ceil(len(extractor_set) / settings.batch_size)
+    scheduler = torch.optim.lr_scheduler.OneCycleLR(
+        optimizer, max_lr=settings.learning_rate, total_steps=settings.epochs * steps_per_epoch, pct_start=0.15
+    )
+    checkpoint_path = out_dir / "checkpoint.pt"
+    first_epoch, history = 0, []
+    if checkpoint_path.exists():
+        checkpoint = torch.load(checkpoint_path, weights_only=False)
+        net.load_state_dict(checkpoint["network"])
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        scheduler.load_state_dict(checkpoint["scheduler"])
+        generator.set_state(checkpoint["generator"])
+        torch.set_rng_state(checkpoint["torch_rng"])
+        first_epoch, history = checkpoint["epoch"], checkpoint["history"]
+        print(f"resuming from {checkpoint_path} after epoch {first_epoch}")
+
+    # Stage 1: the extractor as a tile classifier
+    weights = _class_weights(extractor_set.labels)
+    labels = torch.from_numpy(extractor_set.labels)
+    images = torch.from_numpy(extractor_set.images)
+    started = time.time()
+    for epoch in range(first_epoch, settings.epochs):
+        net.train()
+        order = torch.randperm(len(extractor_set), generator=generator)
+        bar = tqdm(range(0, len(order), settings.batch_size), desc=f"stage 1 epoch {epoch + 1}/{settings.epochs}", unit="batch")
+        running = 0.0
+        for step, start in enumerate(bar):
+            index = order[start : start + settings.batch_size]
+            if len(index) < 2:
+                continue
+            x = net.normalize(_augment(images[index], settings.input_size, generator))
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=settings.bf16):
+                pooled, last = net.extract(x.contiguous(memory_format=torch.channels_last))
+                logits = net.classifier(last).float()
+            loss = F.cross_entropy(logits, labels[index], weight=weights)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            scheduler.step()
+            running = 0.9 * running + 0.1 * loss.item() if step else loss.item()
+            bar.set_postfix(loss=f"{running:.3f}")
+        _, logits = tap_features(net, fusion_set, settings)
+        validation_auc = roc_auc(fusion_set.labels, torch.softmax(logits, 1)[:, 1].numpy())
+        history.append({"epoch": epoch + 1, "loss": running, "validation_auc": validation_auc})
+        print(f"stage 1 epoch {epoch + 1}: loss {running:.3f}, AUC on held-out patients {validation_auc:.3f}")
+        temporary = checkpoint_path.with_suffix(".tmp")
+        torch.save(
+            {
+                "network": net.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(),
+                "generator": generator.get_state(),
+                "torch_rng": torch.get_rng_state(),
+                "epoch": epoch + 1,
+                "history": history,
+            },
+            temporary,
+        )
+        temporary.replace(checkpoint_path)
+    record["stage1_seconds_this_run"] = round(time.time() - started, 1)
+    record["history"] = history
+
+    # Stage 2: one head per conv layer, extractor frozen, on unseen patients
+    for parameter in net.parameters():
+        parameter.requires_grad_(False)
+    pooled, _ = tap_features(net, head_set, settings)
+    for head in net.heads:
+        head.requires_grad_(True)
+
+    def heads_loss(index, target, weights):
+        return sum(F.cross_entropy(head(tap[index]), target, weight=weights) for head, tap in zip(net.heads, pooled))
+
+    _fit_small(net.heads, heads_loss, head_set.labels, settings.head_epochs, generator, "stage 2 heads")
+    net.heads.requires_grad_(False)
+
+    # Stage 3: the fusion head on the 13 probabilities, on patients the heads never saw
+    with torch.no_grad():
+        fusion_inputs = net.head_probabilities(tap_features(net, fusion_set, settings)[0])
+    net.fusion.requires_grad_(True)
+
+    def fusion_loss(index, target, weights):
+        return F.cross_entropy(net.fusion(fusion_inputs[index]), target, weight=weights)
+
+    _fit_small(net.fusion, fusion_loss, fusion_set.labels, settings.fusion_epochs, generator, "stage 3 fusion")
+
+    # Held-out patients: the classifier, every head and the fusion
+    net.eval()
+    with torch.no_grad():
+        pooled, logits = tap_features(net, test_set, settings)
+        layers = net.head_probabilities(pooled)
+        fused = torch.softmax(net.fusion(layers), 1)[:, 1]
+    record["test"] = {
+        "classifier_auc": roc_auc(test_set.labels, torch.softmax(logits, 1)[:, 1].numpy()),
+        "fusion_auc": roc_auc(test_set.labels, fused.numpy()),
+        "head_auc": [roc_auc(test_set.labels, layers[:, i].numpy()) for i in range(net.num_layers)],
+    }
+    print(json.dumps(record["test"], indent=1))
+    model_path = out_dir / "model.pt"
+    state = {k: v.contiguous() for k, v in net.state_dict().items()}
+    temporary = model_path.with_suffix(".tmp")
+    torch.save(state, temporary)
+    temporary.replace(model_path)
+    (out_dir / "training.json").write_text(json.dumps(record, indent=1))
+    return model_path
+
+
+if __name__ == "__main__":
+    import argparse
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data", required=True, help="labels.csv of the tile set")
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--epochs", type=int, default=TrainSettings.epochs)
+    parser.add_argument("--max-tiles", type=int, default=None)
+    args = parser.parse_args()
+    train(args.data, args.out, TrainSettings(epochs=args.epochs, max_tiles=args.max_tiles))

@@ -1,0 +1,177 @@
+"""The grid split (S2): an equal grid of tiles numbered from 1, row-major.
+
+Numbering: slice by slice, and within a slice top to bottom, left to right; tile
+``k`` (1-based) of a grid with ``R`` rows and ``C`` columns lies in slice
+``(k-1) // (R*C)``, row ``(k-1) % (R*C) // C``, column ``(k-1) % C``.
+
+The grid partitions the image exactly: the edges between tiles are the integer points
+of an even split, so tiles differ in size by at most one pixel and every pixel belongs
+to exactly one tile.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Hashable, Mapping, Sequence
+
+import numpy as np
+from monai.transforms import MapTransform, Transform
+
+from transforms._dictionary import meta_key
+from transforms.errors import ConfigurationError, InputError
+from transforms.intensity import tissue_mask
+
+__all__ = ["TileGrid", "GridSplit", "GridSplitd", "MIN_TILE_SIDE"]
+
+#: Smallest tile side, in pixels, the split accepts.
+MIN_TILE_SIDE = 8
+
+
+@dataclass(frozen=True)
+class TileGrid:
+    """Tile layout over an image of (slices, rows, cols) pixels.
+
+    Attributes:
+        row_edges: R + 1 pixel rows where tiles start (the last is the image height).
+        col_edges: C + 1 pixel columns, as ``row_edges``.
+        slices: number of slices (1 for a 2D image).
+        tissue_fraction: (slices, R, C) share of tissue pixels in each tile.
+        is_tissue: (slices, R, C) whether the tile is analysed.
+    """
+
+    row_edges: np.ndarray
+    col_edges: np.ndarray
+    slices: int
+    tissue_fraction: np.ndarray
+    is_tissue: np.ndarray
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        """(slices, rows, cols) of tiles."""
+        return self.slices, len(self.row_edges) - 1, len(self.col_edges) - 1
+
+    @property
+    def count(self) -> int:
+        return int(np.prod(self.shape))
+
+    def position(self, number: int | np.ndarray) -> tuple[Any, Any, Any]:
+        """(slice, row, col) of 1-based tile number(s)."""
+        _, rows, cols = self.shape
+        index = np.asarray(number) - 1
+        return index // (rows * cols), index % (rows * cols) // cols, index % cols
+
+    def number(self, slice_index: int | np.ndarray, row: int | np.ndarray, col: int | np.ndarray) -> Any:
+        """1-based tile number at (slice, row, col)."""
+        _, rows, cols = self.shape
+        return np.asarray(slice_index) * rows * cols + np.asarray(row) * cols + np.asarray(col) + 1
+
+    def box(self, number: int) -> tuple[int, int, int, int]:
+        """Pixel box (top, left, bottom, right) of a tile; bottom and right are exclusive."""
+        _, row, col = self.position(number)
+        return (int(self.row_edges[row]), int(self.col_edges[col]), int(self.row_edges[row + 1]), int(self.col_edges[col + 1]))
+
+    def tile(self, image: np.ndarray, number: int) -> np.ndarray:
+        """The pixels of tile ``number`` from an image (slices, rows, cols, channels)."""
+        slice_index = int(self.position(number)[0])
+        top, left, bottom, right = self.box(number)
+        return image[slice_index, top:bottom, left:right]
+
+    def table(self) -> list[dict[str, Any]]:
+        """One record per tile: number, slice, row, col, box, tissue fraction, analysed."""
+        records = []
+        for number in range(1, self.count + 1):
+            s, r, c = (int(v) for v in self.position(number))
+            records.append({
+                "number": number, "slice": s, "row": r, "col": c, "box": list(self.box(number)),
+                "tissue_fraction": round(float(self.tissue_fraction[s, r, c]), 4),
+                "analysed": bool(self.is_tissue[s, r, c]),
+            })
+        return records
+
+
+def _edges(length: int, parts: int) -> np.ndarray:
+    return np.round(np.linspace(0, length, parts + 1)).astype(np.int64)
+
+
+class GridSplit(Transform):
+    """Split an image into an equal grid and mark which tiles hold tissue.
+
+    Give exactly one of ``grid``, ``tile_size`` or ``tile_size_mm``; with none, tiles are
+    square-ish and the shorter image side holds ``default_tiles`` of them.
+
+    Args:
+        grid: (rows, cols) of tiles.
+        tile_size: wanted tile side in pixels; the grid is the nearest whole number of
+            tiles across each side.
+        tile_size_mm: wanted tile side in millimetres (needs a known pixel spacing).
+        tissue_threshold: least tissue share for a tile to be analysed (0 analyses all).
+        default_tiles: tiles along the shorter side when no size is given.
+    """
+
+    def __init__(self, grid: tuple[int, int] | None = None, tile_size: int | None = None, tile_size_mm: float | None = None,
+                 tissue_threshold: float = 0.25, default_tiles: int = 8) -> None:
+        given = [v is not None for v in (grid, tile_size, tile_size_mm)]
+        if sum(given) > 1:
+            raise ConfigurationError("give only one of grid, tile_size and tile_size_mm")
+        if grid is not None and (len(grid) != 2 or min(grid) < 1):
+            raise ConfigurationError(f"grid must be two positive numbers (rows, cols), got {grid}")
+        if tile_size is not None and tile_size < MIN_TILE_SIDE:
+            raise ConfigurationError(f"tile_size must be at least {MIN_TILE_SIDE} pixels, got {tile_size}")
+        if tile_size_mm is not None and not tile_size_mm > 0:
+            raise ConfigurationError(f"tile_size_mm must be positive, got {tile_size_mm}")
+        if not 0 <= tissue_threshold <= 1:
+            raise ConfigurationError(f"tissue_threshold must lie in 0..1, got {tissue_threshold}")
+        self.grid, self.tile_size, self.tile_size_mm = grid, tile_size, tile_size_mm
+        self.tissue_threshold = tissue_threshold
+        self.default_tiles = default_tiles
+
+    def _grid_shape(self, height: int, width: int, meta: dict) -> tuple[int, int]:
+        source = meta.get("source_path", "input")
+        if self.grid is not None:
+            rows, cols = self.grid
+        else:
+            if self.tile_size_mm is not None:
+                if meta.get("frame") == "IMAGE":
+                    raise InputError(source, "the pixel spacing is unknown, so a tile size in mm cannot be used; give --grid or --tile-size")
+                spacing = np.linalg.norm(meta["affine"][:3, 1:3], axis=0)
+                side_rows, side_cols = self.tile_size_mm / spacing[0], self.tile_size_mm / spacing[1]
+            else:
+                side = self.tile_size or min(height, width) / self.default_tiles
+                side_rows = side_cols = side
+            if height < side_rows or width < side_cols:
+                raise InputError(source, f"the image ({height} x {width} pixels) is smaller than one tile "
+                                 f"({math.ceil(side_rows)} x {math.ceil(side_cols)} pixels); use a smaller tile or a finer level")
+            rows, cols = max(1, round(height / side_rows)), max(1, round(width / side_cols))
+        if height // rows < MIN_TILE_SIDE or width // cols < MIN_TILE_SIDE:
+            raise InputError(source, f"the image ({height} x {width} pixels) is too small for a {rows} x {cols} grid: "
+                             f"tiles would be under {MIN_TILE_SIDE} pixels; choose a coarser grid")
+        return int(rows), int(cols)
+
+    def __call__(self, image: np.ndarray, meta: dict) -> TileGrid:
+        slices, height, width = image.shape[:3]
+        rows, cols = self._grid_shape(height, width, meta)
+        row_edges, col_edges = _edges(height, rows), _edges(width, cols)
+        mask = tissue_mask(image, meta["tissue_rule"]).astype(np.float64)
+        # tissue share per tile: sums over the row bands, then over the column bands
+        band = np.add.reduceat(mask, row_edges[:-1], axis=1)
+        sums = np.add.reduceat(band, col_edges[:-1], axis=2)
+        areas = np.diff(row_edges)[:, None] * np.diff(col_edges)[None, :]
+        fraction = sums / areas
+        is_tissue = fraction >= self.tissue_threshold if self.tissue_threshold > 0 else np.ones_like(fraction, dtype=bool)
+        return TileGrid(row_edges, col_edges, slices, fraction, is_tissue)
+
+
+class GridSplitd(MapTransform):
+    """Dictionary form of :class:`GridSplit`: puts the :class:`TileGrid` of ``data[key]``
+    under ``data[f"{key}_grid"]``."""
+
+    def __init__(self, keys: str | Sequence[str], *args: Any, allow_missing_keys: bool = False, **kwargs: Any) -> None:
+        super().__init__(keys, allow_missing_keys)
+        self.split = GridSplit(*args, **kwargs)
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            d[f"{key}_grid"] = self.split(d[key], d[meta_key(key)])
+        return d

@@ -1,0 +1,369 @@
+"""Loaders: DICOM series and images, DICOM whole-slide images, SVS/TIFF slides, PNG/JPEG.
+
+Every loader gives the pixels as a numpy array shaped (slices, rows, columns, channels)
+- one slice for a 2D image - and a metadata dictionary:
+
+``kind``
+    ``"series"`` (CT/MR slices), ``"image"`` (a single 2D picture) or ``"slide"``.
+``modality``
+    the DICOM modality (``CT``, ``MR``, ``SM`` for slides, ``OT`` for picture files).
+``affine``
+    4x4 float64 matrix taking an index (slice, row, column, 1) to a position in mm
+    in ``frame``; pixel centres sit at integer indices.
+``frame``
+    ``"PATIENT"`` (DICOM LPS), ``"SLIDE"`` (slide x right, y down, mm from the top
+    left of the loaded level) or ``"IMAGE"`` (no physical size known: 1 unit = 1 pixel).
+``source_path``
+    the file or folder loaded, for messages.
+``source_datasets``
+    one pydicom Dataset per slice (no pixel data) for DICOM inputs, else an empty list.
+``frame_of_reference_uid``
+    the source's Frame of Reference UID where it has one.
+
+Errors are :class:`InputError` from ``transforms.errors`` naming the input.
+"""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+from typing import Any, Hashable, Mapping, Sequence
+
+import numpy as np
+import pydicom
+from monai.transforms import MapTransform, Transform
+from pydicom.dataset import Dataset
+from pydicom.errors import InvalidDicomError
+
+from transforms.errors import InputError
+
+__all__ = ["LoadInput", "LoadInputd", "load_dicom_series", "load_dicom_image", "load_slide", "load_picture"]
+
+SLIDE_SUFFIXES = {".svs", ".tif", ".tiff", ".ndpi", ".scn", ".mrxs", ".bif", ".vms"}
+PICTURE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp"}
+WSI_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.77.1.6"
+#: Largest side, in pixels, of the slide level read when no resolution is asked for.
+DEFAULT_SLIDE_SIDE = 4096
+
+
+def _affine_2d(spacing_rows: float, spacing_cols: float, row_dir, col_dir, origin, slice_step=None) -> np.ndarray:
+    """Index (slice, row, col) -> position; ``row_dir`` is the direction of increasing row."""
+    affine = np.eye(4)
+    normal = np.cross(col_dir, row_dir) if slice_step is None else np.asarray(slice_step, dtype=float)
+    affine[:3, 0] = normal
+    affine[:3, 1] = np.asarray(row_dir, dtype=float) * spacing_rows
+    affine[:3, 2] = np.asarray(col_dir, dtype=float) * spacing_cols
+    affine[:3, 3] = origin
+    return affine
+
+
+def _pixel_affine(spacing: float = 1.0) -> np.ndarray:
+    """Slide or picture axes: x along columns (right), y along rows (down)."""
+    return _affine_2d(spacing, spacing, (0, 1, 0), (1, 0, 0), (0, 0, 0))
+
+
+def _read_dicom(path: Path, pixels: bool = True) -> Dataset:
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return pydicom.dcmread(path, stop_before_pixels=not pixels)
+    except InvalidDicomError:
+        raise InputError(path, "not a DICOM file (no DICM preamble and no readable DICOM header)") from None
+    except Exception as error:  # pydicom raises many kinds on a damaged file
+        raise InputError(path, f"the DICOM file is damaged or truncated ({type(error).__name__})") from None
+
+
+def _pixels(ds: Dataset, path: Path) -> np.ndarray:
+    if "PixelData" not in ds:
+        raise InputError(path, "the DICOM object holds no pixel data (PixelData is missing)")
+    for keyword in ("Rows", "Columns"):
+        if not ds.get(keyword):
+            raise InputError(path, f"the DICOM header lacks {keyword}")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return ds.pixel_array
+    except Exception as error:
+        raise InputError(
+            path,
+            f"cannot decode the pixel data (transfer syntax {ds.file_meta.get('TransferSyntaxUID', 'unknown')}: "
+            f"{type(error).__name__}); the file may be truncated or use an unsupported compression",
+        ) from None
+
+
+def _header(ds: Dataset) -> Dataset:
+    """A copy of the dataset without its pixel data, for writers."""
+    header = Dataset()
+    header.update({tag: element for tag, element in ds.items() if tag != 0x7FE00010})
+    header.file_meta = ds.file_meta if hasattr(ds, "file_meta") else Dataset()
+    return header
+
+
+def _plane_geometry(ds: Dataset, path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray, tuple[float, float]]:
+    try:
+        orientation = np.array(ds.ImageOrientationPatient, dtype=float)
+        position = np.array(ds.ImagePositionPatient, dtype=float)
+        spacing = tuple(float(v) for v in ds.PixelSpacing)
+    except (AttributeError, TypeError, ValueError):
+        raise InputError(path, "the image lacks Image Orientation/Position (Patient) or Pixel Spacing") from None
+    if orientation.shape != (6,) or position.shape != (3,) or len(spacing) != 2:
+        raise InputError(path, "Image Orientation/Position (Patient) or Pixel Spacing has the wrong number of values")
+    if not all(np.isfinite(spacing)) or min(spacing) <= 0 or not np.all(np.isfinite(orientation)):
+        raise InputError(path, f"Pixel Spacing {spacing} must be positive and finite")
+    col_dir, row_dir = orientation[:3], orientation[3:]  # DICOM: first along a row (columns increase)
+    return row_dir, col_dir, position, spacing
+
+
+def _to_float_image(ds: Dataset, pixels: np.ndarray) -> np.ndarray:
+    """Rescale to modality values (HU for CT) and undo MONOCHROME1's inversion."""
+    values = pixels.astype(np.float32)
+    slope, intercept = float(ds.get("RescaleSlope", 1) or 1), float(ds.get("RescaleIntercept", 0) or 0)
+    values = values * slope + intercept
+    if ds.get("PhotometricInterpretation") == "MONOCHROME1":
+        values = values.max() + values.min() - values
+    return values
+
+
+def load_dicom_series(paths: Sequence[Path], source: Path, series_uid: str | None = None) -> tuple[np.ndarray, dict]:
+    """Load the one image series among ``paths`` (a folder's files) as a volume.
+
+    Args:
+        paths: candidate files; non-DICOM files are skipped.
+        source: the folder, for messages.
+        series_uid: the Series Instance UID to pick when several image series are present.
+    """
+    headers: list[tuple[Path, Dataset]] = []
+    for path in paths:
+        try:
+            headers.append((path, _read_dicom(path, pixels=False)))
+        except InputError:
+            continue
+    series: dict[str, list[tuple[Path, Dataset]]] = {}
+    for path, ds in headers:
+        if "Rows" in ds and ds.get("SeriesInstanceUID"):
+            series.setdefault(str(ds.SeriesInstanceUID), []).append((path, ds))
+    if not series:
+        raise InputError(source, "no DICOM image found in this folder")
+    if series_uid is not None:
+        if series_uid not in series:
+            raise InputError(source, f"no series with Series Instance UID {series_uid}; present: {', '.join(sorted(series))}")
+        chosen = series[series_uid]
+    elif len(series) > 1:
+        listing = "; ".join(f"{uid} ({ds_list[0][1].get('Modality', '?')}, {len(ds_list)} files)" for uid, ds_list in sorted(series.items()))
+        raise InputError(source, f"the folder holds {len(series)} image series; choose one with --series UID: {listing}")
+    else:
+        chosen = next(iter(series.values()))
+    if len(chosen) == 1:
+        return load_dicom_image(chosen[0][0])
+    first_path, first = chosen[0]
+    row_dir, col_dir, _, spacing = _plane_geometry(first, first_path)
+    normal = np.cross(col_dir, row_dir)
+    ordered = sorted(chosen, key=lambda item: float(np.dot(np.array(item[1].ImagePositionPatient, float), normal)))
+    positions = np.array([np.array(ds.ImagePositionPatient, float) for _, ds in ordered])
+    distances = positions @ normal
+    steps = np.diff(distances)
+    if np.any(np.abs(steps) < 1e-3):
+        raise InputError(source, "two slices share one position (duplicated Image Position (Patient)); remove the duplicates")
+    if steps.size and (np.max(steps) - np.min(steps)) > 0.01 * np.max(np.abs(steps)) + 1e-3:
+        raise InputError(source, "the slices are not evenly spaced; resample the series before analysis")
+    volume = []
+    for path, _ in ordered:
+        ds = _read_dicom(path)
+        image = _to_float_image(ds, _pixels(ds, path))
+        if image.shape != (first.Rows, first.Columns):
+            raise InputError(path, f"slice of {image.shape} pixels in a series of {(first.Rows, first.Columns)}")
+        volume.append(image)
+    step = (positions[-1] - positions[0]) / (len(positions) - 1)
+    meta = {
+        "kind": "series",
+        "modality": str(first.get("Modality", "OT")),
+        "affine": _affine_2d(spacing[0], spacing[1], row_dir, col_dir, positions[0], slice_step=step),
+        "frame": "PATIENT",
+        "source_path": str(source),
+        "source_datasets": [_header(_read_dicom(path, pixels=False)) for path, _ in ordered],
+        "frame_of_reference_uid": str(first.get("FrameOfReferenceUID", "")) or None,
+    }
+    return np.stack(volume)[..., None], meta
+
+
+def load_dicom_image(path: Path, resolution_mm: float | None = None) -> tuple[np.ndarray, dict]:
+    """Load one DICOM file: a CT/MR/other single image, or a whole-slide image."""
+    ds = _read_dicom(path)
+    if ds.get("SOPClassUID") == WSI_SOP_CLASS:
+        return _load_dicom_wsi(ds, path)
+    frames = int(ds.get("NumberOfFrames", 1) or 1)
+    if frames > 1:
+        raise InputError(path, f"multi-frame {ds.get('SOPClassUID', 'image')} objects ({frames} frames) are not supported yet")
+    pixels = _pixels(ds, path)
+    samples = int(ds.get("SamplesPerPixel", 1))
+    if samples == 3:
+        if ds.get("PhotometricInterpretation", "").startswith("YBR"):
+            pixels = pydicom.pixels.convert_color_space(pixels, ds.PhotometricInterpretation, "RGB")
+        image = pixels.astype(np.uint8)[None]
+    elif samples == 1:
+        image = _to_float_image(ds, pixels)[None, ..., None]
+    else:
+        raise InputError(path, f"Samples per Pixel {samples} is not supported (1 or 3)")
+    frame, affine = "IMAGE", _pixel_affine()
+    if "ImageOrientationPatient" in ds and "ImagePositionPatient" in ds and "PixelSpacing" in ds:
+        row_dir, col_dir, position, spacing = _plane_geometry(ds, path)
+        affine, frame = _affine_2d(spacing[0], spacing[1], row_dir, col_dir, position), "PATIENT"
+        affine[:3, 0] *= float(ds.get("SliceThickness", 1) or 1)
+    meta = {
+        "kind": "image" if samples == 3 or ds.get("Modality") not in ("CT", "MR", "PT") else "series",
+        "modality": str(ds.get("Modality", "OT")),
+        "affine": affine,
+        "frame": frame,
+        "source_path": str(path),
+        "source_datasets": [_header(ds)],
+        "frame_of_reference_uid": str(ds.get("FrameOfReferenceUID", "")) or None,
+    }
+    return image, meta
+
+
+def _load_dicom_wsi(ds: Dataset, path: Path) -> tuple[np.ndarray, dict]:
+    """Assemble the total pixel matrix of a TILED_FULL VL Whole Slide Microscopy image."""
+    if ds.get("DimensionOrganizationType", "TILED_FULL") != "TILED_FULL":
+        raise InputError(path, "only TILED_FULL whole-slide images are supported (this one is TILED_SPARSE)")
+    try:
+        total_rows, total_cols = int(ds.TotalPixelMatrixRows), int(ds.TotalPixelMatrixColumns)
+        spacing = [float(v) for v in ds.SharedFunctionalGroupsSequence[0].PixelMeasuresSequence[0].PixelSpacing]
+    except (AttributeError, IndexError, TypeError, ValueError):
+        raise InputError(path, "the whole-slide image lacks Total Pixel Matrix size or Pixel Spacing") from None
+    frames = _pixels(ds, path)
+    if frames.ndim == 3:
+        frames = frames[None]
+    if frames.shape[-1] != 3:
+        frames = np.repeat(frames[..., None] if frames.ndim == 3 else frames, 3, axis=-1)[..., :3]
+    tile_rows, tile_cols = int(ds.Rows), int(ds.Columns)
+    across = -(-total_cols // tile_cols)
+    down = -(-total_rows // tile_rows)
+    if len(frames) < across * down:
+        raise InputError(path, f"the image has {len(frames)} frames; TILED_FULL needs {across * down}")
+    matrix = np.zeros((down * tile_rows, across * tile_cols, 3), dtype=np.uint8)
+    for index in range(across * down):  # TILED_FULL: row-major over the first focal plane
+        r, c = divmod(index, across)
+        matrix[r * tile_rows : (r + 1) * tile_rows, c * tile_cols : (c + 1) * tile_cols] = frames[index]
+    matrix = matrix[:total_rows, :total_cols]
+    affine = _affine_2d(spacing[0], spacing[1], (0, 1, 0), (1, 0, 0), (0, 0, 0))  # slide x right, y down
+    meta = {
+        "kind": "slide",
+        "modality": "SM",
+        "affine": affine,
+        "frame": "SLIDE",
+        "source_path": str(path),
+        "source_datasets": [_header(ds)],
+        "frame_of_reference_uid": str(ds.get("FrameOfReferenceUID", "")) or None,
+    }
+    return matrix[None], meta
+
+
+def load_slide(path: Path, resolution_mm: float | None = None) -> tuple[np.ndarray, dict]:
+    """Read one level of an SVS/TIFF slide with openslide.
+
+    Args:
+        resolution_mm: wanted pixel spacing; the level closest to it is read. By default
+            the finest level whose larger side is at most 4096 pixels.
+    """
+    import openslide
+
+    try:
+        slide = openslide.OpenSlide(str(path))
+    except (openslide.OpenSlideError, OSError) as error:
+        raise InputError(path, f"cannot open the slide ({error})") from None
+    with slide:
+        mpp = slide.properties.get(openslide.PROPERTY_NAME_MPP_X)
+        base_mm = float(mpp) / 1000 if mpp else None
+        downsamples = slide.level_downsamples
+        if resolution_mm is not None and base_mm:
+            level = int(np.argmin([abs(np.log(base_mm * d / resolution_mm)) for d in downsamples]))
+        else:
+            fitting = [i for i, (w, h) in enumerate(slide.level_dimensions) if max(w, h) <= DEFAULT_SLIDE_SIDE]
+            level = fitting[0] if fitting else slide.level_count - 1
+        width, height = slide.level_dimensions[level]
+        try:
+            region = np.asarray(slide.read_region((0, 0), level, (width, height)).convert("RGB"))
+        except openslide.OpenSlideError as error:
+            raise InputError(path, f"cannot read level {level} of the slide ({error})") from None
+        spacing = base_mm * downsamples[level] if base_mm else None
+    meta = {
+        "kind": "slide",
+        "modality": "SM",
+        "affine": _pixel_affine(spacing or 1.0),
+        "frame": "SLIDE" if spacing else "IMAGE",
+        "source_path": str(path),
+        "source_datasets": [],
+        "frame_of_reference_uid": None,
+    }
+    return region[None], meta
+
+
+def load_picture(path: Path) -> tuple[np.ndarray, dict]:
+    """Read a PNG/JPEG export as RGB; no physical size is known."""
+    from PIL import Image, UnidentifiedImageError
+
+    Image.MAX_IMAGE_PIXELS = None  # the size guard lives in LoadInput
+    try:
+        with Image.open(path) as picture:
+            image = np.asarray(picture.convert("RGB"))
+    except (UnidentifiedImageError, OSError, ValueError) as error:
+        raise InputError(path, f"cannot read the picture ({error})") from None
+    meta = {
+        "kind": "image",
+        "modality": "OT",
+        "affine": _pixel_affine(),
+        "frame": "IMAGE",
+        "source_path": str(path),
+        "source_datasets": [],
+        "frame_of_reference_uid": None,
+    }
+    return image[None], meta
+
+
+class LoadInput(Transform):
+    """Load any supported input path: a DICOM folder or file, a slide, a picture.
+
+    Args:
+        series_uid: which series to load from a folder holding several.
+        resolution_mm: wanted pixel spacing for slides (the nearest level is read).
+
+    Returns ``(image, meta)``; see the module docstring.
+    """
+
+    def __init__(self, series_uid: str | None = None, resolution_mm: float | None = None) -> None:
+        self.series_uid = series_uid
+        self.resolution_mm = resolution_mm
+
+    def __call__(self, path: str | Path) -> tuple[np.ndarray, dict]:
+        path = Path(path)
+        if not path.exists():
+            raise InputError(path, "no such file or folder")
+        if path.is_dir():
+            files = sorted(p for p in path.rglob("*") if p.is_file() and not p.name.startswith("."))
+            if not files:
+                raise InputError(path, "the folder is empty")
+            return load_dicom_series(files, path, self.series_uid)
+        suffix = path.suffix.lower()
+        if suffix in PICTURE_SUFFIXES:
+            return load_picture(path)
+        if suffix in SLIDE_SUFFIXES:
+            return load_slide(path, self.resolution_mm)
+        if path.stat().st_size == 0:
+            raise InputError(path, "the file is empty")
+        return load_dicom_image(path, self.resolution_mm)
+
+
+class LoadInputd(MapTransform):
+    """Dictionary form of :class:`LoadInput`: ``data[key]`` (a path) becomes the image,
+    its metadata goes to ``data[f"{key}_meta_dict"]``."""
+
+    def __init__(self, keys: str | Sequence[str], series_uid: str | None = None, resolution_mm: float | None = None,
+                 allow_missing_keys: bool = False) -> None:
+        super().__init__(keys, allow_missing_keys)
+        self.loader = LoadInput(series_uid, resolution_mm)
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            d[key], d[f"{key}_meta_dict"] = self.loader(d[key])
+        return d
