@@ -146,8 +146,9 @@ class Rotate(Transform):
         theta = np.deg2rad(self.angle)
         centre_r, centre_c = (height - 1) / 2, (width - 1) / 2
         fill = (_background(meta),) * 3
+        # PIL measures from pixel corners: the centre of pixel (r, c) is (c + 0.5, r + 0.5)
         out = np.stack([
-            np.asarray(Image.fromarray(s).rotate(self.angle, resample=Image.BILINEAR, center=(centre_c, centre_r), fillcolor=fill))
+            np.asarray(Image.fromarray(s).rotate(self.angle, resample=Image.BILINEAR, center=(centre_c + 0.5, centre_r + 0.5), fillcolor=fill))
             for s in image
         ])
         # content turns counter-clockwise on screen (rows point down): output (r', c')

@@ -1,0 +1,161 @@
+"""The ``dicom-heatmap`` command line.
+
+    dicom-heatmap analyze INPUT [INPUT ...] --out DIR [options]
+    dicom-heatmap demo [--out DIR]
+    dicom-heatmap train --data labels.csv --out DIR
+
+Errors print one line naming the input and the problem and exit with status 2; a
+failure of the program itself is reported the same way, with the traceback only under
+``--debug``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import traceback
+from pathlib import Path
+
+from dicom_heatmap.errors import EXIT_CODE, ConfigurationError, DicomHeatmapError
+
+__all__ = ["main", "build_parser"]
+
+log = logging.getLogger("dicom_heatmap")
+
+
+def _pair(text: str) -> tuple[int, int]:
+    try:
+        rows, cols = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected ROWSxCOLS such as 8x12, got {text!r}") from None
+    if rows < 1 or cols < 1:
+        raise argparse.ArgumentTypeError(f"rows and columns must be positive, got {text!r}")
+    return rows, cols
+
+
+def _add_analysis_options(parser: argparse.ArgumentParser) -> None:
+    grid = parser.add_argument_group("grid (give at most one; default: 8 tiles along the shorter side)")
+    exclusive = grid.add_mutually_exclusive_group()
+    exclusive.add_argument("--grid", type=_pair, metavar="ROWSxCOLS", help="an exact grid, e.g. 8x12")
+    exclusive.add_argument("--tile-size", type=int, metavar="PX", help="tile side in pixels")
+    exclusive.add_argument("--tile-size-um", type=float, metavar="UM", help="tile side in micrometres (needs a known pixel spacing)")
+    pre = parser.add_argument_group("preprocessing (applied in this order)")
+    pre.add_argument("--crop", choices=["foreground", "template"], help="crop to the tissue box, or a template window on the most tissue")
+    pre.add_argument("--crop-size", type=_pair, metavar="ROWSxCOLS", help="size of the template window in pixels")
+    pre.add_argument("--zoom", type=float, default=1.0, help="resampling factor (default 1)")
+    pre.add_argument("--rotate", type=float, default=0.0, metavar="DEG", help="counter-clockwise rotation in degrees")
+    parser.add_argument("--model", type=Path, help="model file (default: the shipped models/model.pt)")
+    parser.add_argument("--tissue-threshold", type=float, default=0.25, help="least tissue share of an analysed tile (default 0.25)")
+    parser.add_argument("--threshold", type=float, default=0.5, help="score at or above which a tile counts as tumour (default 0.5)")
+    parser.add_argument("--series", metavar="UID", help="Series Instance UID to analyse from a folder holding several")
+    parser.add_argument("--resolution-um", type=float, metavar="UM", help="slide pixel spacing to read (nearest level)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="dicom-heatmap", description="Tile-wise tumour heatmaps and spread direction, written back as DICOM. Research use only, not for diagnosis.")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks of unexpected failures")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    analyze = commands.add_parser("analyze", help="analyse DICOM series/images, whole-slide images, slides or pictures")
+    analyze.add_argument("inputs", nargs="+", type=Path, metavar="INPUT", help="DICOM folder or file, SVS/TIFF slide, PNG/JPEG")
+    analyze.add_argument("--out", type=Path, required=True, help="output folder (one subfolder per input)")
+    analyze.add_argument("--quiet", action="store_true", help="no progress bar")
+    _add_analysis_options(analyze)
+
+    demo = commands.add_parser("demo", help="analyse the sample data shipped in the repository")
+    demo.add_argument("--out", type=Path, default=Path("demo-output"))
+
+    train = commands.add_parser("train", help="train the model in the method's three stages")
+    train.add_argument("--data", type=Path, required=True, help="labels.csv (columns path, patient_id, label, fold)")
+    train.add_argument("--out", type=Path, required=True, help="folder for checkpoints and the model")
+    train.add_argument("--epochs", type=int, default=14, help="stage-1 epochs")
+    train.add_argument("--input-size", type=int, default=48, help="tile side the network sees")
+    train.add_argument("--max-tiles", type=int, help="cap every split (smoke runs)")
+    return parser
+
+
+def _settings(args: argparse.Namespace):
+    from dicom_heatmap.api import AnalysisSettings
+
+    if (args.crop == "template") != (args.crop_size is not None):
+        raise ConfigurationError("--crop template and --crop-size go together")
+    return AnalysisSettings(
+        grid=args.grid,
+        tile_size=args.tile_size,
+        tile_size_mm=args.tile_size_um / 1000 if args.tile_size_um else None,
+        tissue_threshold=args.tissue_threshold,
+        threshold=args.threshold,
+        crop=args.crop,
+        crop_size=args.crop_size,
+        zoom=args.zoom,
+        rotate=args.rotate,
+        series_uid=args.series,
+        resolution_mm=args.resolution_um / 1000 if args.resolution_um else None,
+    )
+
+
+def run_analyze(args: argparse.Namespace) -> int:
+    from dicom_heatmap.api import analyze
+    from dicom_heatmap.scorer import TileScorer
+
+    settings = _settings(args)
+    scorer = TileScorer.load(args.model)
+    failed = 0
+    for path in args.inputs:
+        try:
+            result = analyze(path, scorer, settings, progress=not args.quiet)
+            folder = result.save(args.out)
+        except DicomHeatmapError as error:
+            print(f"dicom-heatmap: error: {error}", file=sys.stderr)
+            failed += 1
+            continue
+        except Exception as error:  # one bad input must not stop the others
+            if args.debug:
+                traceback.print_exc()
+            print(f"dicom-heatmap: error: {path}: unexpected failure ({type(error).__name__}: {error}); "
+                  "rerun with --debug and report it", file=sys.stderr)
+            failed += 1
+            continue
+        print(f"{path}: {result.summary_line()}")
+        print(f"  -> {folder}")
+    return EXIT_CODE if failed else 0
+
+
+def run_demo(args: argparse.Namespace) -> int:
+    from pipelines.demo import run_demo as demo
+
+    return demo(args.out)
+
+
+def run_train(args: argparse.Namespace) -> int:
+    from pipelines.train import TrainSettings, train
+
+    model = train(args.data, args.out, TrainSettings(epochs=args.epochs, input_size=args.input_size, max_tiles=args.max_tiles))
+    print(f"model written to {model}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(name)s: %(message)s")  # highdicom chats at INFO
+    log.setLevel(logging.INFO)
+    handlers = {"analyze": run_analyze, "demo": run_demo, "train": run_train}
+    try:
+        return handlers[args.command](args)
+    except DicomHeatmapError as error:
+        print(f"dicom-heatmap: error: {error}", file=sys.stderr)
+        return EXIT_CODE
+    except KeyboardInterrupt:
+        print("dicom-heatmap: interrupted", file=sys.stderr)
+        return 130
+    except Exception as error:  # a bug or an unforeseen input: one line, never a traceback by default
+        if args.debug:
+            traceback.print_exc()
+        print(f"dicom-heatmap: error: unexpected failure ({type(error).__name__}: {error}); rerun with --debug and report it",
+              file=sys.stderr)
+        return EXIT_CODE
+
+
+if __name__ == "__main__":
+    sys.exit(main())

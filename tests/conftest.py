@@ -1,0 +1,89 @@
+"""Shared fixtures: the sample data, the shipped model, a CLI runner and dciodvfy."""
+
+from __future__ import annotations
+
+import copy
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+DATA = ROOT / "tests" / "data"
+
+
+@dataclass
+class CliRun:
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+@pytest.fixture(scope="session")
+def data_dir() -> Path:
+    return DATA
+
+
+@pytest.fixture(scope="session")
+def scorer():
+    from dicom_heatmap import TileScorer
+
+    return TileScorer.load()
+
+
+@pytest.fixture
+def run_cli():
+    """Run ``dicom-heatmap`` in a child process, as a user would."""
+
+    def run(*args: str, timeout: float = 300) -> CliRun:
+        done = subprocess.run([sys.executable, "-m", "pipelines.cli", *map(str, args)], cwd=ROOT,
+                              capture_output=True, text=True, timeout=timeout)
+        return CliRun(done.returncode, done.stdout, done.stderr)
+
+    return run
+
+
+@pytest.fixture(scope="session")
+def dciodvfy():
+    """Errors dciodvfy reports for a file (an empty list means valid)."""
+    tool = shutil.which("dciodvfy")
+    if tool is None:
+        pytest.fail("dciodvfy (Debian dicom3tools) is not installed; `make test` installs it")
+
+    def errors(path: Path) -> list[str]:
+        done = subprocess.run([tool, str(path)], capture_output=True, text=True)
+        return [line for line in (done.stdout + done.stderr).splitlines() if line.startswith("Error")]
+
+    return errors
+
+
+def write_series(folder: Path, slices: int = 4, spacing: float = 2.5, series_uid: str | None = None,
+                 reverse_files: bool = True, photometric: str = "MONOCHROME2") -> list[Path]:
+    """Write a CT series built from pydicom's CT_small: real pixels, new positions and UIDs.
+
+    Files are written in reverse order of position so a loader must sort them.
+    """
+    from pydicom.uid import generate_uid
+
+    folder.mkdir(parents=True, exist_ok=True)
+    template = pydicom.dcmread(DATA / "CT_small.dcm")
+    series_uid = series_uid or generate_uid()
+    paths = []
+    order = list(range(slices))[::-1] if reverse_files else list(range(slices))
+    for index in order:
+        ds = copy.deepcopy(template)
+        ds.SeriesInstanceUID = series_uid
+        ds.SOPInstanceUID = generate_uid()
+        ds.InstanceNumber = index + 1
+        position = np.array(template.ImagePositionPatient, dtype=float) + [0, 0, index * spacing]
+        ds.ImagePositionPatient = [f"{v:.3f}" for v in position]
+        ds.PhotometricInterpretation = photometric
+        path = folder / f"file{len(paths):03d}.dcm"
+        ds.save_as(path)
+        paths.append(path)
+    return paths

@@ -1,0 +1,50 @@
+"""The Python API: analyze() on paths and on datasets, and what the result offers."""
+
+import json
+
+import numpy as np
+import pydicom
+import pytest
+
+from conftest import write_series
+from dicom_heatmap import AnalysisSettings, analyze
+from dicom_heatmap.errors import ConfigurationError
+
+
+def test_analyze_a_picture_and_save(scorer, data_dir, tmp_path):
+    result = analyze(data_dir / "idc_mosaic_tail.png", scorer, grid=(8, 12), progress=False)
+    assert result.heatmap.shape == (8, 12)
+    assert result.layer_probabilities.shape == (8, 12, 13)
+    assert result.tile_numbers[0, 0] == 1 and result.tile_numbers[1, 0] == 13 and result.tile_numbers[-1, -1] == 96
+    analysed = np.isfinite(result.heatmap)
+    assert analysed.sum() == result.tile_map.grid.is_tissue.sum()
+    assert np.all((result.heatmap[analysed] >= 0) & (result.heatmap[analysed] <= 1))
+    folder = result.save(tmp_path)
+    saved = json.loads((folder / "result.json").read_text())
+    assert saved["spread"] == json.loads(json.dumps(result.direction.to_dict()))
+    tile = saved["tiles"][12]
+    assert (tile["number"], tile["row"], tile["col"], tile["box"]) == (13, 1, 0, [50, 0, 100, 50])
+
+
+def test_analyze_datasets_of_a_series(scorer, tmp_path, dciodvfy):
+    paths = write_series(tmp_path / "series", slices=3, spacing=4.0)
+    datasets = [pydicom.dcmread(p) for p in paths]
+    result = analyze(datasets, scorer, grid=(4, 4), progress=False)
+    assert result.heatmap.shape == (3, 4, 4)
+    assert result.meta["kind"] == "series" and result.meta["frame"] == "PATIENT"
+    assert np.linalg.norm(result.tile_map.tile_affine[:3, 0]) == pytest.approx(4.0)
+    folder = result.save(tmp_path / "out")
+    assert sorted(p.name for p in folder.glob("sc-*.dcm")) == ["sc-0001.dcm", "sc-0002.dcm", "sc-0003.dcm"]
+    pm = pydicom.dcmread(folder / "pm.dcm")
+    assert int(pm.NumberOfFrames) == 3
+    for path in folder.glob("*.dcm"):
+        assert dciodvfy(path) == [], path.name
+
+
+def test_settings_are_checked():
+    with pytest.raises(ConfigurationError, match="crop"):
+        AnalysisSettings(crop="middle")
+    with pytest.raises(ConfigurationError, match="threshold"):
+        AnalysisSettings(threshold=2)
+    with pytest.raises(ConfigurationError, match="either settings or keyword"):
+        analyze("x.png", "model.pt", AnalysisSettings(), grid=(2, 2))

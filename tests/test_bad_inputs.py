@@ -1,0 +1,78 @@
+"""Bad inputs: exit 2, one clear line naming the input, no traceback, nothing written."""
+
+import numpy as np
+import pydicom
+import pytest
+from PIL import Image
+
+from conftest import write_series
+
+
+def assert_refused(done, out_dir, *words):
+    assert done.returncode == 2, (done.stdout, done.stderr)
+    assert "Traceback" not in done.stderr
+    lines = [line for line in done.stderr.splitlines() if line.startswith("dicom-heatmap: error:")]
+    assert len(lines) == 1, done.stderr
+    for word in words:
+        assert word in lines[0], lines[0]
+    assert not out_dir.exists() or list(out_dir.iterdir()) == []
+
+
+def test_truncated_dicom(run_cli, data_dir, tmp_path):
+    broken = tmp_path / "truncated.dcm"
+    raw = (data_dir / "CT_small.dcm").read_bytes()
+    broken.write_bytes(raw[: len(raw) // 2])
+    out = tmp_path / "out"
+    assert_refused(run_cli("analyze", broken, "--out", out), out, str(broken))
+
+
+def test_text_file_named_dcm(run_cli, tmp_path):
+    fake = tmp_path / "notes.dcm"
+    fake.write_text("this is not DICOM\n" * 20)
+    out = tmp_path / "out"
+    assert_refused(run_cli("analyze", fake, "--out", out), out, str(fake), "not a DICOM file")
+
+
+def test_empty_folder(run_cli, tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    out = tmp_path / "out"
+    assert_refused(run_cli("analyze", empty, "--out", out), out, str(empty), "empty")
+
+
+def test_image_smaller_than_one_tile(run_cli, tmp_path):
+    small = tmp_path / "small.png"
+    Image.fromarray(np.full((20, 20, 3), 120, dtype=np.uint8)).save(small)
+    out = tmp_path / "out"
+    assert_refused(run_cli("analyze", small, "--out", out, "--tile-size", "64"), out, str(small), "smaller than one tile")
+
+
+def test_folder_with_two_series_needs_a_choice(run_cli, tmp_path):
+    folder = tmp_path / "study"
+    write_series(folder / "a", slices=2)
+    write_series(folder / "b", slices=3)
+    out = tmp_path / "out"
+    done = run_cli("analyze", folder, "--out", out)
+    assert_refused(done, out, str(folder), "2 image series", "--series")
+    # naming one of them analyses it
+    uid = str(pydicom.dcmread(next((folder / "b").iterdir())).SeriesInstanceUID)
+    done = run_cli("analyze", folder, "--out", out, "--series", uid, "--quiet")
+    assert done.returncode == 0, done.stderr
+
+
+def test_missing_input_and_missing_model(run_cli, data_dir, tmp_path):
+    out = tmp_path / "out"
+    assert_refused(run_cli("analyze", tmp_path / "nowhere.dcm", "--out", out), out, "nowhere.dcm", "no such file")
+    assert_refused(run_cli("analyze", data_dir / "CT_small.dcm", "--out", out, "--model", tmp_path / "none.pt"), out,
+                   "none.pt", "model file does not exist")
+
+
+def test_bad_input_does_not_stop_the_others(run_cli, data_dir, tmp_path):
+    fake = tmp_path / "fake.dcm"
+    fake.write_bytes(b"\x00" * 300)
+    out = tmp_path / "out"
+    done = run_cli("analyze", fake, data_dir / "MR_small.dcm", "--out", out, "--quiet")
+    assert done.returncode == 2
+    assert str(fake) in done.stderr
+    assert len([p for p in out.iterdir() if p.is_dir()]) == 1
+    assert [p.name for p in out.iterdir() if p.name.startswith(".")] == []

@@ -1,0 +1,86 @@
+"""The network is the method's VGG16 with 13 heads and a fusion head; scoring works on any tile size."""
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from dicom_heatmap import TileScorer
+from dicom_heatmap.errors import ModelError
+from dicom_heatmap.network import VGG16_CONV_WIDTHS, HeadedVGG16
+
+
+def test_architecture_follows_vgg16_and_the_method():
+    net = HeadedVGG16()
+    convs = [m for m in net.features if isinstance(m, nn.Conv2d)]
+    pools = [m for m in net.features if isinstance(m, nn.MaxPool2d)]
+    assert len(convs) == 13 and len(pools) == 5
+    assert [c.out_channels for c in convs] == list(VGG16_CONV_WIDTHS)
+    assert all(c.kernel_size == (3, 3) and c.stride == (1, 1) and c.padding == (1, 1) for c in convs)
+    assert all(p.kernel_size == 2 and p.stride == 2 for p in pools)
+    assert len([m for m in net.classifier if isinstance(m, nn.Linear)]) == 3
+    assert len(net.heads) == 13
+    for head, width in zip(net.heads, VGG16_CONV_WIDTHS):
+        assert (head[0].in_features, head[0].out_features, head[2].out_features) == (width, 512, 2)
+    assert (net.fusion[0].in_features, net.fusion[0].out_features, net.fusion[2].out_features) == (13, 512, 2)
+
+
+def test_folding_batch_norm_keeps_the_outputs():
+    torch.manual_seed(0)
+    net = HeadedVGG16(input_size=32, width_multiplier=0.25)
+    for module in net.modules():  # non-trivial statistics, as after training
+        if isinstance(module, nn.BatchNorm2d):
+            module.running_mean.uniform_(-0.5, 0.5)
+            module.running_var.uniform_(0.5, 2.0)
+            module.weight.data.uniform_(0.5, 1.5)
+    net.eval()
+    x = torch.randn(4, 3, 32, 32)
+    with torch.no_grad():
+        before = net(x)
+        net.fold_batch_norm()
+        after = net(x)
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in net.features)
+    torch.testing.assert_close(after.score, before.score, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(after.layer_probabilities, before.layer_probabilities, atol=1e-5, rtol=1e-4)
+
+
+def test_any_checkpoint_of_the_architecture_loads_and_scores_any_tile_size(tmp_path):
+    torch.manual_seed(1)
+    path = tmp_path / "random.pt"
+    torch.save(HeadedVGG16(input_size=32, width_multiplier=0.25).state_dict(), path)
+    scorer = TileScorer.load(path)
+    assert scorer.input_size == 32
+    rng = np.random.default_rng(0)
+    for shape in [(3, 50, 50, 3), (2, 17, 91, 3), (1, 300, 200, 3)]:
+        scores = scorer.score(rng.integers(0, 256, shape, dtype=np.uint8))
+        assert scores.dtype == np.float32 and scores.shape == (shape[0],)
+        assert np.all((scores >= 0) & (scores <= 1))
+    details = scorer.score_details([rng.integers(0, 256, (40, 60, 3), dtype=np.uint8)])
+    assert details.layer_probabilities.shape == (1, 13)
+
+
+def test_a_file_that_is_not_a_model_is_refused(tmp_path):
+    path = tmp_path / "model.pt"
+    path.write_bytes(b"not a model")
+    with pytest.raises(ModelError, match="cannot read the model file"):
+        TileScorer.load(path)
+    torch.save({"something": torch.zeros(2)}, path)
+    with pytest.raises(ModelError, match="do not fit"):
+        TileScorer.load(path)
+
+
+def test_shipped_model_separates_real_tumour_tiles(scorer, data_dir):
+    """Real IDC tiles from patients the model never trained on (the mosaic's tiles)."""
+    import json
+
+    from PIL import Image
+
+    from pipelines.metrics import roc_auc
+
+    mosaic = np.asarray(Image.open(data_dir / "idc_mosaic_tail.png").convert("RGB"))
+    layout = np.array(json.loads((data_dir / "idc_mosaic_tail.json").read_text())["layout"])
+    tiles = [mosaic[r * 50 : (r + 1) * 50, c * 50 : (c + 1) * 50] for r in range(8) for c in range(12)]
+    scores = scorer.score(np.stack(tiles))
+    assert roc_auc(layout.ravel(), scores) >= 0.85
+    # the full-width VGG16 is what ships
+    assert scorer.network.conv_widths == VGG16_CONV_WIDTHS

@@ -1,0 +1,130 @@
+"""Every output kind from every input kind: valid DICOM, readable back, consistent."""
+
+import json
+from pathlib import Path
+
+import highdicom as hd
+import numpy as np
+import pydicom
+import pytest
+
+from dicom_heatmap.writers.sr import CONCEPTS
+
+INPUTS = {
+    "ct": ("CT_small.dcm", []),
+    "mr": ("MR_small.dcm", []),
+    "wsi": ("wsi_lymph_node.dcm", []),
+    "svs": ("cmu_small_region.svs", []),
+    "png": ("idc_mosaic_tail.png", ["--grid", "8x12"]),
+}
+
+
+@pytest.fixture(scope="module")
+def analysed(tmp_path_factory, data_dir, request):
+    """Run the CLI once on all inputs; map each input to its result folder."""
+    import subprocess
+    import sys
+
+    out = tmp_path_factory.mktemp("outputs")
+    folders = {}
+    for key, (name, options) in INPUTS.items():
+        done = subprocess.run([sys.executable, "-m", "pipelines.cli", "analyze", str(data_dir / name), "--out", str(out / key),
+                               "--quiet", *options], capture_output=True, text=True, cwd=data_dir.parent.parent)
+        assert done.returncode == 0, done.stderr
+        assert "Traceback" not in done.stderr
+        (folder,) = [p for p in (out / key).iterdir() if p.is_dir()]
+        folders[key] = folder
+    return folders
+
+
+@pytest.mark.parametrize("key", list(INPUTS))
+def test_every_output_is_written_and_valid(analysed, key, dciodvfy):
+    folder = analysed[key]
+    names = sorted(p.name for p in folder.iterdir())
+    assert names == ["pm.dcm", "preview.png", "result.json", "sc-0001.dcm", "sr.dcm"]
+    for name in ("sc-0001.dcm", "pm.dcm", "sr.dcm"):
+        assert dciodvfy(folder / name) == [], f"{key}/{name}"
+
+
+@pytest.mark.parametrize("key", list(INPUTS))
+def test_outputs_share_the_study_and_say_not_for_diagnosis(analysed, key, data_dir):
+    folder = analysed[key]
+    objects = [pydicom.dcmread(folder / n) for n in ("sc-0001.dcm", "pm.dcm", "sr.dcm")]
+    assert len({str(ds.StudyInstanceUID) for ds in objects}) == 1
+    assert len({str(ds.SeriesInstanceUID) for ds in objects}) == 3
+    for ds in objects:
+        assert "not for diagnostic use" in ds.SeriesDescription
+    name = INPUTS[key][0]
+    if name.endswith(".dcm"):
+        source = pydicom.dcmread(data_dir / name, stop_before_pixels=True)
+        assert objects[0].StudyInstanceUID == source.StudyInstanceUID
+        assert objects[0].PatientID == source.get("PatientID", "")
+        assert objects[0].SourceImageSequence[0].ReferencedSOPInstanceUID == source.SOPInstanceUID
+    assert objects[0].BurnedInAnnotation == "YES"
+
+
+@pytest.mark.parametrize("key", list(INPUTS))
+def test_parametric_map_reads_back_with_the_same_scores(analysed, key):
+    folder = analysed[key]
+    result = json.loads((folder / "result.json").read_text())
+    expected = np.array(result["heatmap"], dtype=float)  # None -> nan
+    pm = pydicom.dcmread(folder / "pm.dcm")
+    frames = pm.pixel_array.reshape(-1, pm.Rows, pm.Columns)
+    assert frames.shape == expected.shape
+    np.testing.assert_allclose(frames[0], expected[0], atol=1e-6, equal_nan=True)
+    assert pm.Rows == result["grid"]["rows"] and pm.Columns == result["grid"]["cols"]
+
+
+@pytest.mark.parametrize("key", list(INPUTS))
+def test_structured_report_carries_the_direction(analysed, key):
+    folder = analysed[key]
+    result = json.loads((folder / "result.json").read_text())
+    report = hd.sr.srread(folder / "sr.dcm")
+    groups = report.content.get_image_measurement_groups()
+    assert len(groups) == 1
+    (evaluation,) = groups[0].get_qualitative_evaluations(name=CONCEPTS["direction"])
+    words = result["spread"]["words"]
+    assert evaluation.value.value == "DIR-" + words.upper()
+    (maximum,) = groups[0].get_measurements(name=CONCEPTS["max_score"])
+    assert maximum.value == pytest.approx(result["statistics"]["max_score"], abs=1e-5)
+    focus_groups = report.content.get_planar_roi_measurement_groups()
+    assert len(focus_groups) == 1
+    if result["spread"]["directed"]:
+        (angle,) = groups[0].get_measurements(name=CONCEPTS["angle"])
+        assert angle.value == pytest.approx(result["spread"]["angle_deg"], abs=1e-3)
+
+
+def test_patient_geometry_reaches_the_outputs(analysed):
+    folder = analysed["ct"]
+    pm = pydicom.dcmread(folder / "pm.dcm")
+    source = pydicom.dcmread(Path(__file__).parent / "data" / "CT_small.dcm")
+    assert pm.FrameOfReferenceUID == source.FrameOfReferenceUID
+    shared = pm.SharedFunctionalGroupsSequence[0]
+    spacing = [float(v) for v in shared.PixelMeasuresSequence[0].PixelSpacing]
+    assert spacing == pytest.approx([128 / 8 * 0.661468] * 2, rel=1e-4)
+    position = [float(v) for v in pm.PerFrameFunctionalGroupsSequence[0].PlanePositionSequence[0].ImagePositionPatient]
+    tile = 16 * 0.661468
+    corner = np.array(source.ImagePositionPatient, float)
+    assert position == pytest.approx(corner + [(tile - 0.661468) / 2, (tile - 0.661468) / 2, 0], abs=1e-3)
+
+
+def test_png_heatmap_finds_the_known_lesion(analysed, data_dir):
+    """The shipped model against the mosaic's known layout (real tiles from held-out patients)."""
+    from pipelines.metrics import roc_auc
+
+    result = json.loads((analysed["png"] / "result.json").read_text())
+    layout = np.array(json.loads((data_dir / "idc_mosaic_tail.json").read_text())["layout"])
+    scores = np.nan_to_num(np.array(result["heatmap"], dtype=float)[0], nan=0.0)
+    assert roc_auc(layout.ravel(), scores.ravel()) >= 0.85
+    assert result["spread"]["words"] == "right"
+
+
+def test_a_second_run_gives_the_same_objects(run_cli, data_dir, tmp_path):
+    uids = []
+    for attempt in range(2):
+        done = run_cli("analyze", data_dir / "MR_small.dcm", "--out", tmp_path, "--quiet")
+        assert done.returncode == 0, done.stderr
+        (folder,) = [p for p in tmp_path.iterdir() if p.is_dir()]
+        uids.append(sorted(str(pydicom.dcmread(p).SOPInstanceUID) for p in folder.glob("*.dcm")))
+    assert uids[0] == uids[1]
+    assert len(list(tmp_path.iterdir())) == 1

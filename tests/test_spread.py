@@ -1,0 +1,84 @@
+"""Spread analysis on score fields with known answers."""
+
+import math
+
+import numpy as np
+import pytest
+
+from dicom_heatmap.heatmap import Heatmap
+from dicom_heatmap.spread import analyze_spread, direction_words, flow_field
+from transforms.grid import TileGrid
+from transforms.io import _affine_2d, _pixel_affine
+
+
+def heatmap_of(field: np.ndarray, affine=None, frame="IMAGE", tile=10) -> Heatmap:
+    field = field if field.ndim == 3 else field[None]
+    s, r, c = field.shape
+    grid = TileGrid(np.arange(r + 1) * tile, np.arange(c + 1) * tile, s, np.ones(field.shape), np.ones(field.shape, bool))
+    numbers = np.arange(1, field.size + 1)
+    return Heatmap.assemble(grid, numbers, field.ravel(), np.zeros((field.size, 13)),
+                            _pixel_affine() if affine is None else affine, frame, (r * tile, c * tile))
+
+
+def lesion_with_tail() -> np.ndarray:
+    """A round focus at column 4 with a thin tail running right (+x)."""
+    y, x = np.mgrid[0:16, 0:16]
+    disk = np.where((x - 4) ** 2 + (y - 8) ** 2 <= 9, 0.9, 0.05)
+    tail = np.where((x > 4) & (y == 8), 0.85 - 0.025 * (x - 4), 0.0)
+    return np.maximum(disk, tail)
+
+
+def angle_between(a: float, b: float) -> float:
+    return abs((a - b + 180) % 360 - 180)
+
+
+def test_tail_toward_plus_x_is_reported_as_right():
+    summary = analyze_spread(heatmap_of(lesion_with_tail()))
+    assert summary.directed
+    assert angle_between(summary.angle_deg, 0.0) <= 10
+    assert summary.words == "right"
+    assert summary.focus_index[1:] == [8, 4]  # the core of the disk, not the tail
+    assert summary.reach == pytest.approx(110.0)  # tail end (column 15) is 11 tiles of 10 px away
+
+
+def test_symmetric_lesion_has_no_dominant_direction():
+    y, x = np.mgrid[0:15, 0:15]
+    disk = np.where((x - 7) ** 2 + (y - 7) ** 2 <= 12, 0.9, 0.05)
+    summary = analyze_spread(heatmap_of(disk))
+    assert not summary.directed
+    assert summary.words == "none"
+    assert summary.extent_tiles == int((disk >= 0.5).sum())
+
+
+@pytest.mark.parametrize("turns", [1, 2, 3])
+def test_rotating_the_input_rotates_the_direction(turns):
+    base = analyze_spread(heatmap_of(lesion_with_tail()))
+    turned = analyze_spread(heatmap_of(np.rot90(lesion_with_tail(), turns)))
+    assert angle_between(turned.angle_deg, (base.angle_deg + 90 * turns) % 360) <= 1e-6
+
+
+def test_flat_field_reports_nothing():
+    for value in (0.2, 0.8):
+        summary = analyze_spread(heatmap_of(np.full((6, 6), value)))
+        assert not summary.directed and summary.flow_count == 0 and summary.focus_tile is None
+
+
+def test_flow_field_follows_the_patents_rule():
+    field = np.array([[[0.9, 0.5, 0.1]]])
+    per_tile, pairs = flow_field(field)
+    # both horizontal pairs flow to the right, from the larger value to the smaller
+    assert per_tile[0, 0, 0, 2] == pytest.approx(0.9) and per_tile[0, 0, 1, 2] == pytest.approx(0.5)
+    assert per_tile[0, 0, 2].tolist() == [0, 0, 0]
+    horizontal = [sign for offset, sign, _ in pairs if tuple(offset) == (0, 0, 1)][0]
+    assert horizontal[0, 0, :2].tolist() == [1.0, 1.0]
+
+
+def test_patient_frame_gives_anatomical_words():
+    # axial slice: rows run posterior (+y), columns run left (+x); tail toward +column = left
+    affine = _affine_2d(2.0, 2.0, (0, 1, 0), (1, 0, 0), (0, 0, 0))
+    summary = analyze_spread(heatmap_of(lesion_with_tail(), affine, "PATIENT"))
+    assert summary.words == "left"
+    assert summary.direction_frame[0] == pytest.approx(1.0, abs=0.02)
+    assert summary.unit == "mm"
+    assert direction_words(np.array([-0.2, -0.9, 0.4]), "PATIENT") == "anterior-superior"
+    assert direction_words(np.array([0.8, 0.1, -0.6]), "PATIENT") == "left-inferior"
