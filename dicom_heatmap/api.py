@@ -12,7 +12,6 @@ from pathlib import Path
 from typing import Sequence
 
 import numpy as np
-import pydicom
 from PIL import Image
 from pydicom.dataset import Dataset
 from tqdm import tqdm
@@ -33,9 +32,6 @@ from transforms.io import LoadInput
 from transforms.spatial import CropForeground, CropTemplate, Rotate, Zoom
 
 __all__ = ["AnalysisSettings", "AnalysisResult", "analyze"]
-
-# pydicom warns about every over-long value in real-world headers; the loaders judge what matters
-pydicom.config.settings.reading_validation_mode = pydicom.config.IGNORE
 
 
 @dataclass(frozen=True)

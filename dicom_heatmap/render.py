@@ -92,7 +92,7 @@ def render_slice(image: np.ndarray, heatmap: Heatmap, summary: SpreadSummary, sl
 
 
 def _draw_arrow(draw: ImageDraw.ImageDraw, heatmap: Heatmap, summary: SpreadSummary, scale: float, unit: int) -> None:
-    """Arrow from the focus tile along the in-plane direction, as long as the extent reaches."""
+    """Arrow from the focus tile along the in-plane direction, as far as the lesion reaches."""
     _, row, col = summary.focus_index
     grid = heatmap.grid
     start = np.array([(grid.col_edges[col] + grid.col_edges[col + 1]) / 2, (grid.row_edges[row] + grid.row_edges[row + 1]) / 2]) * scale
@@ -101,8 +101,10 @@ def _draw_arrow(draw: ImageDraw.ImageDraw, heatmap: Heatmap, summary: SpreadSumm
         return  # purely through-plane: the caption says it
     direction /= np.linalg.norm(direction)
     tile = np.array([np.diff(grid.col_edges).mean(), np.diff(grid.row_edges).mean()]) * scale
-    extent = np.argwhere(np.nan_to_num(heatmap.scores[summary.focus_index[0]], nan=-1) >= summary.threshold)
-    reach_tiles = max([float(np.dot([c - col, r - row], direction)) for r, c in extent] + [1.5])
+    # the summary's reach is in frame units along the direction; one tile step along
+    # the in-plane direction covers |tile_affine @ step| of them
+    step = np.array([0.0, direction[1], direction[0]])
+    reach_tiles = max(summary.reach / np.linalg.norm(heatmap.tile_affine[:3, :3] @ step), 1.0)
     end = start + direction * tile * reach_tiles
     width = max(2, unit // 4)
     draw.line([tuple(start), tuple(end)], fill=(255, 255, 255), width=width + 2)

@@ -95,3 +95,32 @@ def test_dictionary_forms_chain(data_dir):
     data = Rotated("image", 180)(data)
     assert data["image"].shape == (1, 64, 64, 3) and data["image"].dtype == np.uint8
     assert data["image_meta_dict"]["modality"] == "MR"
+
+
+def test_whole_slide_folder_reads_the_volume_level_not_the_thumbnail(tmp_path, data_dir):
+    import shutil
+
+    for name in ("openslide_boxes_0.dcm", "openslide_boxes_1.dcm"):  # VOLUME and THUMBNAIL of one series
+        shutil.copy(data_dir / name, tmp_path / name)
+    image, meta = LoadInput()(tmp_path)
+    assert meta["kind"] == "slide" and image.shape == (1, 16, 16, 3)
+    assert meta["source_path"].endswith("openslide_boxes_0.dcm")
+
+
+def test_whole_slide_level_follows_the_wanted_resolution():
+    from pydicom.dataset import Dataset
+
+    from transforms.io import _choose_wsi_level
+
+    def level(spacing, side):
+        ds, shared, measures = Dataset(), Dataset(), Dataset()
+        measures.PixelSpacing = [spacing, spacing]
+        shared.PixelMeasuresSequence = [measures]
+        ds.SharedFunctionalGroupsSequence = [shared]
+        ds.ImageType = ["ORIGINAL", "PRIMARY", "VOLUME", "NONE"]
+        ds.TotalPixelMatrixRows = ds.TotalPixelMatrixColumns = side
+        return ds
+
+    levels = [("l0", level(0.00025, 80000)), ("l1", level(0.001, 20000)), ("l2", level(0.004, 5000)), ("l3", level(0.016, 1250))]
+    assert _choose_wsi_level(levels, "slide", 0.0011) == "l1"
+    assert _choose_wsi_level(levels, "slide", None) == "l3"  # the finest level of at most 4096 px

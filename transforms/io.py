@@ -39,6 +39,10 @@ from transforms.errors import InputError
 
 __all__ = ["LoadInput", "LoadInputd", "load_dicom_series", "load_dicom_image", "load_slide", "load_picture"]
 
+# pydicom warns about every over-long value of real-world headers (a 66-character UID,
+# say); the loaders judge what matters and raise InputError for it
+pydicom.config.settings.reading_validation_mode = pydicom.config.IGNORE
+
 SLIDE_SUFFIXES = {".svs", ".tif", ".tiff", ".ndpi", ".scn", ".mrxs", ".bif", ".vms"}
 PICTURE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp"}
 WSI_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.77.1.6"
@@ -124,13 +128,40 @@ def _to_float_image(ds: Dataset, pixels: np.ndarray) -> np.ndarray:
     return values
 
 
-def load_dicom_series(paths: Sequence[Path], source: Path, series_uid: str | None = None) -> tuple[np.ndarray, dict]:
+def _choose_wsi_level(levels: list[tuple[Path, Dataset]], source: Path, resolution_mm: float | None) -> Path:
+    """The pyramid level nearest ``resolution_mm``; by default the finest that fits
+    :data:`DEFAULT_SLIDE_SIDE`. Thumbnails, labels and overviews are not levels."""
+    candidates = []
+    for path, ds in levels:
+        if "VOLUME" not in [str(v) for v in ds.get("ImageType", [])]:
+            continue
+        try:
+            spacing = float(ds.SharedFunctionalGroupsSequence[0].PixelMeasuresSequence[0].PixelSpacing[0])
+            side = max(int(ds.TotalPixelMatrixRows), int(ds.TotalPixelMatrixColumns))
+        except (AttributeError, IndexError, TypeError, ValueError):
+            continue
+        candidates.append((spacing, side, path))
+    if not candidates:
+        raise InputError(source, "the whole-slide series has no VOLUME level with a pixel spacing")
+    candidates.sort()
+    if resolution_mm is not None:
+        return min(candidates, key=lambda c: abs(np.log(c[0] / resolution_mm)))[2]
+    fitting = [c for c in candidates if c[1] <= DEFAULT_SLIDE_SIDE]
+    return (fitting[0] if fitting else candidates[-1])[2]
+
+
+def load_dicom_series(paths: Sequence[Path], source: Path, series_uid: str | None = None,
+                      resolution_mm: float | None = None) -> tuple[np.ndarray, dict]:
     """Load the one image series among ``paths`` (a folder's files) as a volume.
+
+    A whole-slide series (one file per pyramid level) gives the level nearest
+    ``resolution_mm`` instead.
 
     Args:
         paths: candidate files; non-DICOM files are skipped.
         source: the folder, for messages.
         series_uid: the Series Instance UID to pick when several image series are present.
+        resolution_mm: wanted pixel spacing of a whole-slide level.
     """
     headers: list[tuple[Path, Dataset]] = []
     for path in paths:
@@ -155,6 +186,8 @@ def load_dicom_series(paths: Sequence[Path], source: Path, series_uid: str | Non
         chosen = next(iter(series.values()))
     if len(chosen) == 1:
         return load_dicom_image(chosen[0][0])
+    if chosen[0][1].get("SOPClassUID") == WSI_SOP_CLASS:
+        return load_dicom_image(_choose_wsi_level(chosen, source, resolution_mm))
     first_path, first = chosen[0]
     row_dir, col_dir, _, spacing = _plane_geometry(first, first_path)
     normal = np.cross(col_dir, row_dir)
@@ -186,7 +219,7 @@ def load_dicom_series(paths: Sequence[Path], source: Path, series_uid: str | Non
     return np.stack(volume)[..., None], meta
 
 
-def load_dicom_image(path: Path, resolution_mm: float | None = None) -> tuple[np.ndarray, dict]:
+def load_dicom_image(path: Path) -> tuple[np.ndarray, dict]:
     """Load one DICOM file: a CT/MR/other single image, or a whole-slide image."""
     ds = _read_dicom(path)
     if ds.get("SOPClassUID") == WSI_SOP_CLASS:
@@ -342,7 +375,7 @@ class LoadInput(Transform):
             files = sorted(p for p in path.rglob("*") if p.is_file() and not p.name.startswith("."))
             if not files:
                 raise InputError(path, "the folder is empty")
-            return load_dicom_series(files, path, self.series_uid)
+            return load_dicom_series(files, path, self.series_uid, self.resolution_mm)
         suffix = path.suffix.lower()
         if suffix in PICTURE_SUFFIXES:
             return load_picture(path)
@@ -350,7 +383,7 @@ class LoadInput(Transform):
             return load_slide(path, self.resolution_mm)
         if path.stat().st_size == 0:
             raise InputError(path, "the file is empty")
-        return load_dicom_image(path, self.resolution_mm)
+        return load_dicom_image(path)
 
 
 class LoadInputd(MapTransform):
