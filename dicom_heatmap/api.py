@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -17,7 +18,7 @@ from pydicom.dataset import Dataset
 from tqdm import tqdm
 
 from dicom_heatmap._version import __version__
-from dicom_heatmap.errors import ConfigurationError, OutputError
+from dicom_heatmap.errors import ConfigurationError, DicomHeatmapError, OutputError
 from dicom_heatmap.heatmap import Heatmap
 from dicom_heatmap.render import render_slice
 from dicom_heatmap.scorer import TileScorer
@@ -26,12 +27,16 @@ from dicom_heatmap.writers.common import PATIENT_STUDY_KEYWORDS, OutputIdentity,
 from dicom_heatmap.writers.pm import build_parametric_map, geometry_carrier
 from dicom_heatmap.writers.sc import build_secondary_capture
 from dicom_heatmap.writers.sr import build_structured_report
-from transforms.grid import GridSplit
-from transforms.intensity import NormalizeIntensity
-from transforms.io import LoadInput
-from transforms.spatial import CropForeground, CropTemplate, Rotate, Zoom
+from monai.transforms import Compose
 
-__all__ = ["AnalysisSettings", "AnalysisResult", "analyze"]
+from dicom_heatmap.inferer import TileGridInferer
+from transforms._dictionary import meta_key
+from transforms.grid import GridSplitd
+from transforms.intensity import NormalizeIntensityd
+from transforms.io import LoadInputd
+from transforms.spatial import CropForegroundd, CropTemplated, Rotated, Zoomd
+
+__all__ = ["AnalysisSettings", "AnalysisResult", "analyze", "analyze_prepared", "preprocessing", "project_errors"]
 
 
 @dataclass(frozen=True)
@@ -254,11 +259,54 @@ def _evidence_header(ds: Dataset) -> Dataset:
     return header
 
 
-def _source_key(path: Path, meta: dict) -> str:
+def _source_key(meta: dict) -> str:
+    """What identifies the input: its SOP Instance UIDs, or the content of a non-DICOM file."""
     sources = meta["source_datasets"]
     if sources:
         return "|".join(str(ds.SOPInstanceUID) for ds in sources)
-    return file_digest(path)
+    return file_digest(Path(meta["source_path"]))
+
+
+def preprocessing(settings: AnalysisSettings, key: str = "image") -> Compose:
+    """The dictionary transforms from the input path to the tile grid, for ``settings``.
+
+    The bundle's ``configs/inference.json`` lists the same transforms by ``_target_``.
+    """
+    steps: list = [
+        LoadInputd(key, series_uid=settings.series_uid, resolution_mm=settings.resolution_mm),
+        NormalizeIntensityd(key),
+    ]
+    if settings.crop == "foreground":
+        steps.append(CropForegroundd(key))
+    elif settings.crop == "template":
+        steps.append(CropTemplated(key, settings.crop_size))
+    steps += [
+        Zoomd(key, settings.zoom),
+        Rotated(key, settings.rotate),
+        GridSplitd(key, grid=settings.grid, tile_size=settings.tile_size, tile_size_mm=settings.tile_size_mm,
+                   tissue_threshold=settings.tissue_threshold),
+    ]
+    return Compose(steps)
+
+
+def analyze_prepared(data: dict, scorer: TileScorer, settings: AnalysisSettings, inferer: TileGridInferer | None = None,
+                     key: str = "image") -> AnalysisResult:
+    """Score, assemble and summarise an input that :func:`preprocessing` has prepared.
+
+    Args:
+        data: the dictionary after preprocessing (image, its metadata and its grid).
+        scorer: the loaded model.
+        settings: the settings the preprocessing was built from (they enter the UIDs).
+        inferer: the tile inferer (a default one when ``None``).
+        key: the image key of ``data``.
+    """
+    image, meta, grid = data[key], data[meta_key(key)], data[f"{key}_grid"]
+    inferer = inferer or TileGridInferer()
+    numbers, scored = inferer((image, grid), scorer)
+    tile_map = Heatmap.assemble(grid, numbers, scored.scores, scored.layer_probabilities, meta["affine"], meta["frame"], image.shape[1:3])
+    spread = analyze_spread(tile_map, settings.threshold)
+    identity = OutputIdentity(_source_key(meta), scorer.checksum, settings.canonical())
+    return AnalysisResult(image, meta, tile_map, spread, settings, scorer.checksum, identity)
 
 
 def analyze(
@@ -291,36 +339,23 @@ def analyze(
             for index, ds in enumerate(datasets):
                 ds.save_as(Path(folder) / f"{index:05d}.dcm", enforce_file_format=True)
             target = Path(folder) / "00000.dcm" if len(datasets) == 1 else Path(folder)
-            return _analyze_path(target, scorer, settings, progress)
-    return _analyze_path(Path(source), scorer, settings, progress)
-
-
-def _analyze_path(path: Path, scorer: TileScorer, settings: AnalysisSettings, progress: bool) -> AnalysisResult:
-    with warnings.catch_warnings():
+            return analyze(target, scorer, settings, progress)
+    with warnings.catch_warnings(), project_errors():
         warnings.simplefilter("ignore")
-        image, meta = LoadInput(settings.series_uid, settings.resolution_mm)(path)
-        identity = OutputIdentity(_source_key(path, meta), scorer.checksum, settings.canonical())
-        image, meta = NormalizeIntensity()(image, meta)
-        if settings.crop == "foreground":
-            image, meta = CropForeground()(image, meta)
-        elif settings.crop == "template":
-            image, meta = CropTemplate(settings.crop_size)(image, meta)
-        image, meta = Zoom(settings.zoom)(image, meta)
-        image, meta = Rotate(settings.rotate)(image, meta)
-        grid = GridSplit(settings.grid, settings.tile_size, settings.tile_size_mm, settings.tissue_threshold)(image, meta)
+        data = preprocessing(settings)({"image": Path(source)})
+    return analyze_prepared(data, scorer, settings, TileGridInferer(progress))
 
-    numbers = np.flatnonzero(grid.is_tissue.ravel()) + 1
-    scores = np.empty(len(numbers), dtype=np.float32)
-    layers = np.empty((len(numbers), scorer.network.num_layers), dtype=np.float32)
-    batch = scorer.batch_size
-    bar = tqdm(total=len(numbers), desc="scoring tiles", unit="tile", disable=not progress or len(numbers) < 2 * batch, leave=False)
-    for start in range(0, len(numbers), batch):
-        chunk = numbers[start : start + batch]
-        result = scorer.score_details([grid.tile(image, int(n)) for n in chunk])
-        scores[start : start + len(chunk)] = result.scores
-        layers[start : start + len(chunk)] = result.layer_probabilities
-        bar.update(len(chunk))
-    bar.close()
-    tile_map = Heatmap.assemble(grid, numbers, scores, layers, meta["affine"], meta["frame"], image.shape[1:3])
-    spread = analyze_spread(tile_map, settings.threshold)
-    return AnalysisResult(image, meta, tile_map, spread, settings, scorer.checksum, identity)
+
+@contextlib.contextmanager
+def project_errors():
+    """Let the project's errors through MONAI, which wraps whatever a transform raises in
+    ``RuntimeError("applying transform ...")``."""
+    try:
+        yield
+    except RuntimeError as error:
+        cause: BaseException | None = error
+        while cause is not None and not isinstance(cause, DicomHeatmapError):
+            cause = cause.__cause__
+        if cause is not None:
+            raise cause from None
+        raise

@@ -10,37 +10,25 @@
 * ``fusion`` - the same shape of classifier on the 13 head tumour probabilities.
 
 The tile score is the fusion's softmax probability of the tumour class (index 1).
+``forward`` returns one tensor (N, 14): column 0 the tile score, columns 1-13 the heads'
+tumour probabilities, so the network exports to TorchScript and checks as a MONAI bundle.
 Input size and intensity normalisation are buffers, so a state dict describes itself.
 """
 
 from __future__ import annotations
 
-from typing import NamedTuple
-
 import torch
 from torch import nn
 
-__all__ = ["VGG16_CONV_WIDTHS", "HeadedVGG16", "TileOutput", "BinaryHead"]
+__all__ = ["VGG16_CONV_WIDTHS", "HeadedVGG16", "BinaryHead", "OUTPUT_CHANNELS"]
 
 #: Output channels of the 13 conv layers; "M" marks a 2x2 max pool.
 VGG16_LAYOUT = (64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M")
 VGG16_CONV_WIDTHS = tuple(c for c in VGG16_LAYOUT if c != "M")
 HIDDEN_UNITS = 512
 TUMOUR = 1
-
-
-class TileOutput(NamedTuple):
-    """What one forward pass gives for a batch of tiles.
-
-    Attributes:
-        score: (N,) fusion probability of tumour, the tile's value in [0, 1].
-        layer_probabilities: (N, 13) tumour probability of each conv layer's head.
-        classifier_logits: (N, 2) logits of the stage-1 fully connected classifier.
-    """
-
-    score: torch.Tensor
-    layer_probabilities: torch.Tensor
-    classifier_logits: torch.Tensor
+#: Columns of the forward output: the fused score, then the 13 head probabilities.
+OUTPUT_CHANNELS = 14
 
 
 class BinaryHead(nn.Sequential):
@@ -155,13 +143,12 @@ class HeadedVGG16(nn.Module):
         probs = [torch.softmax(head(tap.float()), dim=1)[:, TUMOUR] for head, tap in zip(self.heads, pooled)]
         return torch.stack(probs, dim=1)
 
-    def forward(self, x: torch.Tensor) -> TileOutput:
-        """Score normalised tiles (N, 3, S, S); see :class:`TileOutput`."""
-        pooled, last = self.extract(x)
-        logits = self.classifier(last).float()
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Score normalised tiles (N, 3, S, S): (N, 14), the fused score then the 13 head probabilities."""
+        pooled, _ = self.extract(x)
         layer_probabilities = self.head_probabilities(pooled)
-        score = torch.softmax(self.fusion(layer_probabilities), dim=1)[:, TUMOUR]
-        return TileOutput(score, layer_probabilities, logits)
+        score = torch.softmax(self.fusion(layer_probabilities), dim=1)[:, TUMOUR : TUMOUR + 1]
+        return torch.cat([score, layer_probabilities], dim=1)
 
     @classmethod
     def from_state_dict(cls, state: dict[str, torch.Tensor]) -> "HeadedVGG16":

@@ -114,9 +114,9 @@ class TileScorer:
         scores = np.empty(count, dtype=np.float32)
         layers = np.empty((count, self.network.num_layers), dtype=np.float32)
         for start in range(0, count, self.batch_size):
-            output = self.network(self._prepare(tiles[start : start + self.batch_size]))
-            scores[start : start + len(output.score)] = output.score.numpy()
-            layers[start : start + len(output.score)] = output.layer_probabilities.numpy()
+            output = self.network(self._prepare(tiles[start : start + self.batch_size])).numpy()
+            scores[start : start + len(output)] = output[:, 0]
+            layers[start : start + len(output)] = output[:, 1:]
         return TileScores(scores, layers)
 
     def score(self, tiles: np.ndarray | Sequence[np.ndarray]) -> np.ndarray:

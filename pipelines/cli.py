@@ -2,7 +2,8 @@
 
     dicom-heatmap analyze INPUT [INPUT ...] --out DIR [options]
     dicom-heatmap demo [--out DIR]
-    dicom-heatmap train --data labels.csv --out DIR
+    dicom-heatmap train --data labels.csv --out DIR [--test-fold K]
+    dicom-heatmap evaluate --csv labels.csv [--folds 3] [--out DIR]
 
 Errors print one line naming the input and the problem and exit with status 2; a
 failure of the program itself is reported the same way, with the traceback only under
@@ -69,9 +70,16 @@ def build_parser() -> argparse.ArgumentParser:
     train = commands.add_parser("train", help="train the model in the method's three stages")
     train.add_argument("--data", type=Path, required=True, help="labels.csv (columns path, patient_id, label, fold)")
     train.add_argument("--out", type=Path, required=True, help="folder for checkpoints and the model")
-    train.add_argument("--epochs", type=int, default=14, help="stage-1 epochs")
+    train.add_argument("--epochs", type=int, default=16, help="stage-1 epochs (default 16)")
+    train.add_argument("--test-fold", type=int, default=3, help="patient fold held out for testing (default 3, the shipped model)")
     train.add_argument("--input-size", type=int, default=48, help="tile side the network sees")
     train.add_argument("--max-tiles", type=int, help="cap every split (smoke runs)")
+    evaluate = commands.add_parser("evaluate", help="metrics of a model on labelled tiles, with a ROC plot")
+    evaluate.add_argument("--csv", type=Path, required=True, help="labels.csv (columns path, patient_id, label, fold)")
+    evaluate.add_argument("--root", type=Path, help="folder the csv paths are relative to (default: the csv's folder)")
+    evaluate.add_argument("--model", type=Path, help="model file (default: the shipped model)")
+    evaluate.add_argument("--folds", type=lambda t: [int(v) for v in t.split(",")], help="only these patient folds, e.g. 3")
+    evaluate.add_argument("--out", type=Path, default=Path("evaluation"), help="folder for metrics.json and roc.png")
     return parser
 
 
@@ -129,10 +137,20 @@ def run_demo(args: argparse.Namespace) -> int:
 
 
 def run_train(args: argparse.Namespace) -> int:
-    from pipelines.train import TrainSettings, train
+    from pipelines.train import TrainSettings, fold_plan, train
 
-    model = train(args.data, args.out, TrainSettings(epochs=args.epochs, input_size=args.input_size, max_tiles=args.max_tiles))
+    settings = TrainSettings(epochs=args.epochs, input_size=args.input_size, max_tiles=args.max_tiles, **fold_plan(args.test_fold))
+    model = train(args.data, args.out, settings)
     print(f"model written to {model}")
+    return 0
+
+
+def run_evaluate(args: argparse.Namespace) -> int:
+    from pipelines.evaluate import evaluate, format_report, write_outputs
+
+    result = evaluate(args.csv, args.root, args.model, args.folds)
+    print(format_report(result))
+    print(f"-> {write_outputs(result, args.out)}/ (metrics.json, roc.png)")
     return 0
 
 
@@ -140,7 +158,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(name)s: %(message)s")  # highdicom chats at INFO
     log.setLevel(logging.INFO)
-    handlers = {"analyze": run_analyze, "demo": run_demo, "train": run_train}
+    handlers = {"analyze": run_analyze, "demo": run_demo, "train": run_train, "evaluate": run_evaluate}
     try:
         return handlers[args.command](args)
     except DicomHeatmapError as error:

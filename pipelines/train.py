@@ -39,7 +39,7 @@ class TrainSettings:
     extractor_folds: list[int] = field(default_factory=lambda: [0, 1])
     head_folds: list[int] = field(default_factory=lambda: [2])
     test_folds: list[int] = field(default_factory=lambda: [3])
-    epochs: int = 14
+    epochs: int = 16
     head_epochs: int = 30
     fusion_epochs: int = 60
     batch_size: int = 64
@@ -49,6 +49,22 @@ class TrainSettings:
     width_multiplier: float = 1.0
     bf16: bool = True
     max_tiles: int | None = None  # for smoke runs: cap every split
+
+
+def fold_plan(test_fold: int, folds: int = 4) -> dict[str, list[int]]:
+    """Which patient folds each stage uses when ``test_fold`` is held out.
+
+    The heads and the fusion take the fold before the test fold (split by patient
+    between them); the extractor the remaining folds. Fold 3 gives the shipped model.
+    """
+    if not 0 <= test_fold < folds:
+        raise ValueError(f"test_fold must lie in 0..{folds - 1}, got {test_fold}")
+    head = (test_fold - 1) % folds
+    return {
+        "extractor_folds": [f for f in range(folds) if f not in (test_fold, head)],
+        "head_folds": [head],
+        "test_folds": [test_fold],
+    }
 
 
 def _augment(batch: torch.Tensor, size: int, generator: torch.Generator) -> torch.Tensor:
@@ -284,15 +300,3 @@ def train(data_csv: str | Path, out_dir: str | Path, settings: TrainSettings | N
     temporary.replace(model_path)
     (out_dir / "training.json").write_text(json.dumps(record, indent=1))
     return model_path
-
-
-if __name__ == "__main__":
-    import argparse
-
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data", required=True, help="labels.csv of the tile set")
-    parser.add_argument("--out", required=True)
-    parser.add_argument("--epochs", type=int, default=TrainSettings.epochs)
-    parser.add_argument("--max-tiles", type=int, default=None)
-    args = parser.parse_args()
-    train(args.data, args.out, TrainSettings(epochs=args.epochs, max_tiles=args.max_tiles))

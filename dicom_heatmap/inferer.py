@@ -1,0 +1,47 @@
+"""The MONAI inferer that scores the tissue tiles of a grid in batches."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+from monai.inferers import Inferer
+from tqdm import tqdm
+
+from dicom_heatmap.scorer import TileScorer, TileScores
+from transforms.grid import TileGrid
+
+__all__ = ["TileGridInferer"]
+
+
+class TileGridInferer(Inferer):
+    """Score every tissue tile of a :class:`TileGrid`; background tiles are skipped.
+
+    Args:
+        progress: show a progress bar (only for more than two batches).
+    """
+
+    def __init__(self, progress: bool = True) -> None:
+        super().__init__()
+        self.progress = progress
+
+    def __call__(self, inputs: tuple[np.ndarray, TileGrid], network: TileScorer, *args: Any, **kwargs: Any) -> tuple[np.ndarray, TileScores]:  # type: ignore[override]
+        """Score the tissue tiles of ``inputs`` = (image (slices, rows, cols, 3) uint8, grid).
+
+        Returns:
+            the 1-based numbers of the scored tiles and their scores.
+        """
+        image, grid = inputs
+        numbers = np.flatnonzero(grid.is_tissue.ravel()) + 1
+        scores = np.empty(len(numbers), dtype=np.float32)
+        layers = np.empty((len(numbers), network.network.num_layers), dtype=np.float32)
+        batch = network.batch_size
+        with tqdm(total=len(numbers), desc="scoring tiles", unit="tile", leave=False,
+                  disable=not self.progress or len(numbers) <= 2 * batch) as bar:
+            for start in range(0, len(numbers), batch):
+                chunk = numbers[start : start + batch]
+                result = network.score_details([grid.tile(image, int(n)) for n in chunk])
+                scores[start : start + len(chunk)] = result.scores
+                layers[start : start + len(chunk)] = result.layer_probabilities
+                bar.update(len(chunk))
+        return numbers, TileScores(scores, layers)

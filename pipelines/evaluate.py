@@ -1,0 +1,107 @@
+"""Evaluate a model on labelled tiles: pooled and per-patient metrics, every head, a ROC plot."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageFont
+from tqdm import tqdm
+
+from dicom_heatmap.scorer import TileScorer
+from pipelines.metrics import roc_auc, roc_curve, threshold_metrics
+from pipelines.tile_data import load_tile_table
+
+__all__ = ["evaluate", "draw_roc", "format_report"]
+
+
+def evaluate(csv_path: str | Path, root: str | Path | None = None, model: str | Path | None = None,
+             folds: list[int] | None = None, threshold: float = 0.5) -> dict:
+    """Score every tile of the table (or of ``folds``) and compute the metrics.
+
+    Returns a dictionary with ``tiles``, ``patients``, ``auc``, ``median_patient_auc``,
+    the threshold metrics, ``head_auc`` (13 values) and the ROC points of the fusion.
+    """
+    table = load_tile_table(csv_path, root)
+    if folds is not None:
+        table = table.subset(np.isin(table.folds, folds))
+    scorer = TileScorer.load(model)
+    scores = np.empty(len(table), dtype=np.float32)
+    layers = np.empty((len(table), 13), dtype=np.float32)
+    for start in tqdm(range(0, len(table), 256), desc="scoring", unit="batch", leave=False):
+        details = scorer.score_details(table.images[start : start + 256])
+        scores[start : start + 256] = details.scores
+        layers[start : start + 256] = details.layer_probabilities
+    per_patient = [roc_auc(table.labels[table.patients == p], scores[table.patients == p]) for p in np.unique(table.patients)]
+    per_patient = [v for v in per_patient if np.isfinite(v)]
+    fpr, tpr = roc_curve(table.labels, scores)
+    return {
+        "model_sha256": scorer.checksum,
+        "folds": folds,
+        "tiles": int(len(table)),
+        "patients": int(len(np.unique(table.patients))),
+        "positive_share": float(table.labels.mean()),
+        "auc": roc_auc(table.labels, scores),
+        "median_patient_auc": float(np.median(per_patient)) if per_patient else float("nan"),
+        "patients_with_both_classes": len(per_patient),
+        "threshold": threshold,
+        **threshold_metrics(table.labels, scores, threshold),
+        "head_auc": [roc_auc(table.labels, layers[:, i]) for i in range(layers.shape[1])],
+        "roc": {"fpr": fpr.tolist(), "tpr": tpr.tolist()},
+        "head_roc": [dict(zip(("fpr", "tpr"), (a.tolist() for a in roc_curve(table.labels, layers[:, i])))) for i in range(13)],
+    }
+
+
+def format_report(result: dict) -> str:
+    """The metrics as a few lines of text."""
+    lines = [
+        f"{result['tiles']} tiles of {result['patients']} patients ({result['positive_share']:.1%} tumour)",
+        f"AUC {result['auc']:.3f}   median per-patient AUC {result['median_patient_auc']:.3f} "
+        f"({result['patients_with_both_classes']} patients with both classes)",
+        f"at threshold {result['threshold']}: sensitivity {result['sensitivity']:.3f}, specificity {result['specificity']:.3f}, "
+        f"balanced accuracy {result['balanced_accuracy']:.3f}, F1 {result['f1']:.3f}",
+        "AUC of each conv layer's head alone (fusion " + f"{result['auc']:.3f}):",
+        "  " + "  ".join(f"{i + 1}:{v:.3f}" for i, v in enumerate(result["head_auc"])),
+    ]
+    return "\n".join(lines)
+
+
+def draw_roc(result: dict, path: str | Path, size: int = 560) -> None:
+    """ROC curves of the fusion (red) and the 13 heads (grey) as a PNG."""
+    margin = 60
+    side = size - 2 * margin
+    canvas = Image.new("RGB", (size, size), "white")
+    draw = ImageDraw.Draw(canvas)
+    font = ImageFont.load_default(size=14)
+
+    def xy(fpr: float, tpr: float) -> tuple[float, float]:
+        return margin + fpr * side, margin + (1 - tpr) * side
+
+    for tick in np.linspace(0, 1, 6):
+        draw.line([xy(tick, 0), xy(tick, 1)], fill=(230, 230, 230))
+        draw.line([xy(0, tick), xy(1, tick)], fill=(230, 230, 230))
+        draw.text((xy(tick, 0)[0] - 10, size - margin + 6), f"{tick:.1f}", fill="black", font=font)
+        draw.text((margin - 34, xy(0, tick)[1] - 8), f"{tick:.1f}", fill="black", font=font)
+    draw.rectangle([xy(0, 1), xy(1, 0)], outline="black")
+    draw.line([xy(0, 0), xy(1, 1)], fill=(160, 160, 160), width=1)
+    for head in result["head_roc"]:
+        draw.line([xy(f, t) for f, t in zip(head["fpr"], head["tpr"])], fill=(175, 175, 175), width=1)
+    draw.line([xy(f, t) for f, t in zip(result["roc"]["fpr"], result["roc"]["tpr"])], fill=(200, 0, 0), width=3)
+    draw.text((margin, 18), f"ROC, {result['tiles']} tiles / {result['patients']} patients", fill="black", font=font)
+    draw.text((margin + side * 0.35, margin + side * 0.75), f"fusion AUC {result['auc']:.3f}", fill=(200, 0, 0), font=font)
+    draw.text((margin + side * 0.35, margin + side * 0.75 + 18), f"13 heads AUC {min(result['head_auc']):.3f}-{max(result['head_auc']):.3f}",
+              fill=(120, 120, 120), font=font)
+    draw.text((size / 2 - 60, size - 24), "1 - specificity", fill="black", font=font)
+    draw.text((6, 28), "sensitivity", fill="black", font=font)
+    canvas.save(path)
+
+
+def write_outputs(result: dict, out_dir: str | Path) -> Path:
+    """``metrics.json`` and ``roc.png`` in ``out_dir``."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    summary = {k: v for k, v in result.items() if k not in ("roc", "head_roc")}
+    (out_dir / "metrics.json").write_text(json.dumps(summary, indent=1))
+    draw_roc(result, out_dir / "roc.png")
+    return out_dir
