@@ -23,7 +23,8 @@ from dicom_heatmap.heatmap import Heatmap
 from dicom_heatmap.render import render_slice
 from dicom_heatmap.scorer import TileScorer
 from dicom_heatmap.spread import SpreadSummary, analyze_spread
-from dicom_heatmap.writers.common import PATIENT_STUDY_KEYWORDS, OutputIdentity, file_digest, synthetic_reference
+from dicom_heatmap.checksum import file_sha256
+from dicom_heatmap.writers.common import PATIENT_STUDY_KEYWORDS, OutputIdentity, synthetic_reference
 from dicom_heatmap.writers.pm import build_parametric_map, geometry_carrier
 from dicom_heatmap.writers.sc import build_secondary_capture
 from dicom_heatmap.writers.sr import build_structured_report
@@ -264,7 +265,7 @@ def _source_key(meta: dict) -> str:
     sources = meta["source_datasets"]
     if sources:
         return "|".join(str(ds.SOPInstanceUID) for ds in sources)
-    return file_digest(Path(meta["source_path"]))
+    return file_sha256(Path(meta["source_path"]))
 
 
 def preprocessing(settings: AnalysisSettings, key: str = "image") -> Compose:

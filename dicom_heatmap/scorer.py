@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -11,6 +10,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from dicom_heatmap.checksum import file_sha256
 from dicom_heatmap.errors import ModelError
 from dicom_heatmap.network import HeadedVGG16
 
@@ -31,14 +31,6 @@ class TileScores:
 
     scores: np.ndarray
     layer_probabilities: np.ndarray
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 class TileScorer:
@@ -62,11 +54,13 @@ class TileScorer:
         self.input_size = int(network.input_size)
 
     @classmethod
-    def load(cls, path: str | Path | None = None, batch_size: int = 32) -> "TileScorer":
-        """Load a model file (a state dict of :class:`HeadedVGG16`).
+    def load(cls, path: str | Path | None = None, network: HeadedVGG16 | None = None, batch_size: int = 32) -> "TileScorer":
+        """Load a model file (a state dict of :class:`HeadedVGG16`, or a training checkpoint).
 
         Args:
             path: the model file; the shipped ``models/model.pt`` when ``None``.
+            network: a network to load the weights into (the bundle's ``network_def``);
+                by default one of the shape the state dict describes.
             batch_size: tiles per forward pass.
         """
         path = Path(path) if path is not None else DEFAULT_MODEL_PATH
@@ -81,11 +75,14 @@ class TileScorer:
         if not isinstance(state, dict):
             raise ModelError(path, "the file does not hold a state dict")
         try:
-            network = HeadedVGG16.from_state_dict(state)
+            if network is None:
+                network = HeadedVGG16.from_state_dict(state)
+            else:
+                network.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in state.items()})
         except (ValueError, RuntimeError) as error:
             raise ModelError(path, f"the weights do not fit the 13-head VGG16 ({str(error).splitlines()[0]})") from None
         network.eval().fold_batch_norm()
-        return cls(network.to(memory_format=torch.channels_last), _sha256(path), batch_size)
+        return cls(network.to(memory_format=torch.channels_last), file_sha256(path), batch_size)
 
     def _prepare(self, tiles: np.ndarray | Sequence[np.ndarray]) -> torch.Tensor:
         """uint8 tiles -> normalised (N, 3, S, S) float tensor at the network's size."""

@@ -150,11 +150,11 @@ def _fit_small(module: torch.nn.Module, inputs, labels: np.ndarray, epochs: int,
     module.eval()
 
 
-def train(data_csv: str | Path, out_dir: str | Path, settings: TrainSettings | None = None, root: str | Path | None = None) -> Path:
+def train(data: str | Path | TileTable, out_dir: str | Path, settings: TrainSettings | None = None, root: str | Path | None = None) -> Path:
     """Run the three stages and write ``out_dir/model.pt`` and ``out_dir/training.json``.
 
     Args:
-        data_csv: labels table (columns path, patient_id, label, fold).
+        data: labels table (columns path, patient_id, label, fold), or its loaded tiles.
         out_dir: folder for the checkpoint, the model and the training record.
         settings: see :class:`TrainSettings`.
         root: folder the table's paths are relative to (the table's folder by default).
@@ -167,7 +167,7 @@ def train(data_csv: str | Path, out_dir: str | Path, settings: TrainSettings | N
     out_dir.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(settings.seed)
     generator = torch.Generator().manual_seed(settings.seed)
-    table = load_tile_table(data_csv, root)
+    table = data if isinstance(data, TileTable) else load_tile_table(data, root)
 
     def split(folds: list[int]) -> TileTable:
         part = table.subset(np.isin(table.folds, folds))

@@ -2,11 +2,8 @@
 
 from __future__ import annotations
 
-import hashlib
 import uuid
 from dataclasses import dataclass
-from pathlib import Path
-
 import highdicom as hd
 import numpy as np
 from pydicom.dataset import Dataset
@@ -80,14 +77,6 @@ def derived_uid(*parts: object) -> UID:
     """
     name = "\x1f".join(str(part) for part in parts)
     return UID(f"2.25.{uuid.uuid5(uuid.NAMESPACE_OID, name).int}")
-
-
-def file_digest(path: Path) -> str:
-    digest = hashlib.sha256()
-    with Path(path).open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def synthetic_reference(identity: OutputIdentity, modality: str) -> Dataset:

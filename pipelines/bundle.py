@@ -1,0 +1,92 @@
+"""What the MONAI bundle configs (``configs/*.json``) instantiate beyond the library itself."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Sequence
+
+from monai.data import Dataset
+
+from dicom_heatmap.api import AnalysisSettings, analyze_prepared, project_errors
+from dicom_heatmap.inferer import TileGridInferer
+from dicom_heatmap.scorer import TileScorer
+from pipelines.evaluate import evaluate, format_report, write_outputs
+from pipelines.tile_data import TileTable
+from pipelines.train import TrainSettings, train
+
+__all__ = ["HeatmapWorkflow", "TrainWorkflow", "EvaluateWorkflow"]
+
+
+class HeatmapWorkflow:
+    """The inference bundle's ``evaluator``: every item of ``dataset`` (already through the
+    preprocessing transforms) is scored, summarised and written to ``output_dir``.
+
+    Args:
+        dataset: a MONAI ``Dataset`` whose items hold the image, its metadata and its grid.
+        scorer: the loaded model.
+        inferer: the :class:`TileGridInferer`.
+        settings: the :class:`AnalysisSettings` the preprocessing was configured with.
+        output_dir: where each input's result folder goes.
+    """
+
+    def __init__(self, dataset: Dataset, scorer: TileScorer, inferer: TileGridInferer, settings: AnalysisSettings,
+                 output_dir: str | Path) -> None:
+        self.dataset = dataset
+        self.scorer = scorer
+        self.inferer = inferer
+        self.settings = settings
+        self.output_dir = Path(output_dir)
+
+    def run(self) -> list[Path]:
+        """Analyse every item; return the result folders."""
+        folders = []
+        for index in range(len(self.dataset)):
+            with project_errors():
+                data = self.dataset[index]
+            result = analyze_prepared(data, self.scorer, self.settings, self.inferer)
+            folder = result.save(self.output_dir)
+            print(f"{result.meta['source_path']}: {result.summary_line()}\n  -> {folder}")
+            folders.append(folder)
+        return folders
+
+
+class TrainWorkflow:
+    """The training bundle's ``trainer``: the three stages of :func:`pipelines.train.train`.
+
+    The tiles of ``table`` are split by patient fold as ``settings`` says; ``train#inferer``
+    of the config (MONAI's SimpleInferer) is there for the bundle's property check only:
+    stage 1 calls the network's extractor and classifier directly.
+
+    Args:
+        table: the labelled tiles (``train#dataset``).
+        output_dir: checkpoints, ``model.pt`` and ``training.json`` go here.
+        settings: a :class:`pipelines.train.TrainSettings`.
+        max_epochs: stage-1 epochs (replaces ``settings.epochs``).
+    """
+
+    def __init__(self, table: TileTable, output_dir: str | Path, settings: TrainSettings, max_epochs: int | None = None) -> None:
+        self.table, self.output_dir = table, output_dir
+        self.settings = settings if max_epochs is None else dataclasses.replace(settings, epochs=max_epochs)
+        self.max_epochs = self.settings.epochs
+
+    def run(self) -> Path:
+        model = train(self.table, self.output_dir, self.settings)
+        print(f"model written to {model}")
+        return model
+
+
+class EvaluateWorkflow:
+    """The evaluation bundle's ``evaluator``: metrics and ROC plot of a model on labelled tiles."""
+
+    def __init__(self, data_csv: str | Path, model_path: str | Path, output_dir: str | Path,
+                 folds: Sequence[int] | None = None) -> None:
+        self.data_csv, self.model_path, self.output_dir = data_csv, model_path, output_dir
+        self.folds = list(folds) if folds is not None else None
+
+    def run(self) -> dict:
+        result = evaluate(self.data_csv, None, self.model_path, self.folds)
+        print(format_report(result))
+        write_outputs(result, self.output_dir)
+        return json.loads((Path(self.output_dir) / "metrics.json").read_text())

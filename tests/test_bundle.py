@@ -1,0 +1,92 @@
+"""The repository is a MONAI bundle: the documented `python -m monai.bundle` commands work offline."""
+
+import json
+import subprocess
+import sys
+
+import pydicom
+import pytest
+import torch
+from monai.bundle import ConfigParser, ConfigWorkflow
+
+from conftest import ROOT
+
+
+def bundle(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    done = subprocess.run([sys.executable, "-m", "monai.bundle", *map(str, args)], cwd=ROOT, capture_output=True, text=True,
+                          timeout=timeout)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
+    return done
+
+
+def result_of(folder):
+    (result,) = [p for p in folder.iterdir() if p.is_dir()]
+    uids = sorted(str(pydicom.dcmread(p).SOPInstanceUID) for p in result.glob("*.dcm"))
+    return result.name, uids, json.loads((result / "result.json").read_text())["heatmap"]
+
+
+@pytest.mark.parametrize("sample", ["idc_mosaic_tail.png", "CT_small.dcm", "cmu_small_region.svs"])
+def test_bundle_inference_writes_what_the_cli_writes(sample, run_cli, data_dir, tmp_path):
+    bundle("run", "--config_file", "configs/inference.json", "--input", data_dir / sample, "--output_dir", tmp_path / "bundle")
+    done = run_cli("analyze", data_dir / sample, "--out", tmp_path / "cli", "--quiet")
+    assert done.returncode == 0, done.stderr
+    assert result_of(tmp_path / "bundle") == result_of(tmp_path / "cli")
+
+
+def test_bundle_inference_default_runs_on_the_embedded_sample(tmp_path):
+    bundle("run", "--config_file", "configs/inference.json", "--output_dir", tmp_path)
+    name, uids, heatmap = result_of(tmp_path)
+    assert len(uids) == 3
+
+
+@pytest.mark.parametrize("config,kind", [("configs/inference.json", "infer"), ("configs/train.json", "train")])
+def test_workflow_properties(config, kind):
+    workflow = ConfigWorkflow(config_file=str(ROOT / config), meta_file=str(ROOT / "configs/metadata.json"),
+                              logging_file=str(ROOT / "configs/logging.conf"), workflow_type=kind, bundle_root=str(ROOT))
+    workflow.initialize()
+    assert workflow.check_properties() == []
+
+
+def test_metadata_and_network_verify_offline():
+    done = bundle("verify_metadata", "--meta_file", "configs/metadata.json", "--filepath", "configs/metadata_schema.json")
+    assert "metadata is verified with no error" in done.stdout + done.stderr
+    done = bundle("verify_net_in_out", "network_def", "--meta_file", "configs/metadata.json", "--config_file", "configs/inference.json")
+    assert "verified with no error" in done.stdout + done.stderr
+
+
+def test_metadata_schema_rejects_missing_fields(tmp_path):
+    metadata = json.loads((ROOT / "configs/metadata.json").read_text())
+    del metadata["network_data_format"]
+    broken = tmp_path / "metadata.json"
+    broken.write_text(json.dumps(metadata))
+    done = subprocess.run([sys.executable, "-m", "monai.bundle", "verify_metadata", "--meta_file", str(broken),
+                           "--filepath", str(ROOT / "configs/metadata_schema.json")], cwd=ROOT, capture_output=True, text=True)
+    assert done.returncode != 0
+
+
+def test_torchscript_export_gives_the_eager_scores(tmp_path):
+    exported = tmp_path / "model.ts"
+    bundle("ckpt_export", "network_def", "--filepath", exported, "--ckpt_file", "models/model.pt", "--meta_file",
+           "configs/metadata.json", "--config_file", "configs/inference.json", "--use_trace", "True", "--input_shape", "[1, 3, 48, 48]")
+    parser = ConfigParser()
+    parser.read_config(ROOT / "configs/inference.json")
+    network = parser.get_parsed_content("network_def")
+    state = torch.load(ROOT / "models/model.pt", weights_only=True)
+    network.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in state.items()})
+    network.eval()
+    scripted = torch.jit.load(exported)
+    tiles = torch.rand(16, 3, 48, 48) * 4 - 2
+    with torch.no_grad():
+        assert (scripted(tiles) - network(tiles)).abs().max().item() <= 1e-5
+
+
+def test_train_and_evaluate_bundles_on_a_tiny_set(tmp_path):
+    bundle("run", "--config_file", "configs/train.json", "--max_epochs", "1", "--output_dir", tmp_path / "train")
+    model = tmp_path / "train" / "model.pt"
+    assert model.is_file() and (tmp_path / "train" / "checkpoint.pt").is_file()
+    record = json.loads((tmp_path / "train" / "training.json").read_text())
+    assert record["settings"]["epochs"] == 1 and len(record["test"]["head_auc"]) == 13
+    bundle("run", "--config_file", "configs/evaluate.json", "--model_path", model, "--output_dir", tmp_path / "eval")
+    metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    assert metrics["tiles"] == 48 and 0 <= metrics["auc"] <= 1
+    assert (tmp_path / "eval" / "roc.png").stat().st_size > 0
