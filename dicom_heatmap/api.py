@@ -198,6 +198,19 @@ class AnalysisResult:
                 shutil.rmtree(staging, ignore_errors=True)
         return final
 
+    def _direction_caption(self, slice_index: int) -> str:
+        """The direction in words; for a volume, also its through-plane part and where the focus is."""
+        if not self.spread.directed:
+            return "no dominant spread direction"
+        text = f"spread: {self.spread.words}"
+        if self.image.shape[0] > 1:
+            through = self.spread.direction_image[0]
+            focus_slice = self.spread.focus_index[0] + 1
+            towards = "higher" if through > 0 else "lower"
+            text += (f"; through-plane {abs(through):.2f} toward {towards} slice numbers; focus in slice {focus_slice}"
+                     if abs(through) >= 0.05 else f"; in plane; focus in slice {focus_slice}")
+        return text
+
     def _write(self, folder: Path) -> None:
         sources = self.meta["source_datasets"]
         reference = _evidence_header(sources[0]) if sources else synthetic_reference(self.identity, self.meta["modality"])
@@ -209,18 +222,23 @@ class AnalysisResult:
         files = []
         secondary_captures = []
         scale = 1.0
-        for slice_index in range(self.image.shape[0]):
-            caption = f"dicom-heatmap {__version__} - research only, not for diagnostic use - " + (
-                f"spread: {self.spread.words}" if self.spread.directed else "no dominant spread direction")
+        slices = self.image.shape[0]
+        frame_numbers = self.meta.get("frame_numbers")  # a multi-frame source: which frame each slice is
+        for slice_index in range(slices):
+            caption = f"dicom-heatmap {__version__} - research only, not for diagnostic use - {self._direction_caption(slice_index)}"
             picture, scale = render_slice(self.image[slice_index], self.tile_map, self.spread, slice_index, caption)
             spacing = None
             if spatial:
                 spacing = (float(np.linalg.norm(affine[:3, 1]) / scale), float(np.linalg.norm(affine[:3, 2]) / scale))
-            source = sources[slice_index] if len(sources) == self.image.shape[0] else None
+            source, source_frame = None, None
+            if len(sources) == slices:
+                source = sources[slice_index]
+            elif len(sources) == 1 and frame_numbers:
+                source, source_frame = sources[0], frame_numbers[slice_index]
             sc = build_secondary_capture(
                 picture, reference, self.identity, slice_index + 1, spacing,
                 row_dir if patient else None, col_dir if patient else None,
-                _evidence_header(source) if source is not None else None,
+                _evidence_header(source) if source is not None else None, source_frame,
             )
             name = f"sc-{slice_index + 1:04d}.dcm"
             sc.save_as(folder / name, enforce_file_format=True)

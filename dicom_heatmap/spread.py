@@ -11,10 +11,13 @@ region is zero), and a uniformly scored lesion of any shape has flows only on it
 boundary. What a reader means by "it spreads to the right" is an asymmetry of the
 lesion about its focus. So:
 
-* focus - the analysed tile whose neighbourhood (3x3, or 3x3x3) mean score is
-  highest: the core of the lesion, not an isolated spike;
-* lesion - the tiles at or above the threshold connected to the focus;
-* dominant direction - from the focus centre toward the score-weighted centroid of
+* lesion - the tiles at or above the threshold connected to the tile whose
+  repeatedly neighbourhood-averaged score is highest (the thick part of the lesion
+  wins over a thin tail or an isolated spike);
+* focus - the lesion's core: what survives the most erosions by the 3x3 (3x3x3)
+  neighbourhood; its score-weighted centre is the focus position (between tile centres
+  where the lesion's centre is), its best tile the focus tile;
+* dominant direction - from the focus position toward the score-weighted centroid of
   the lesion, in physical units where the source has them;
 * directedness - the length of that offset divided by the lesion's mean distance
   from the focus: 0 for a lesion symmetric about its focus, 1 when all of it lies
@@ -178,6 +181,27 @@ def _focus(scores: np.ndarray, passes: int = 3) -> tuple[int, int, int]:
     return tuple(int(v) for v in ties[nearest])
 
 
+def _erode(mask: np.ndarray) -> np.ndarray:
+    """Tiles of ``mask`` whose whole 3x3 (2D) or 3x3x3 (3D) neighbourhood is in ``mask``."""
+    pad = [(1, 1) if n > 1 else (0, 0) for n in mask.shape]
+    padded = np.pad(mask, pad, constant_values=False)
+    ranges = [range(3) if n > 1 else range(1) for n in mask.shape]
+    eroded = mask.copy()
+    for ds, dr, dc in itertools.product(*ranges):
+        eroded &= padded[ds : ds + mask.shape[0], dr : dr + mask.shape[1], dc : dc + mask.shape[2]]
+    return eroded
+
+
+def _core(lesion: np.ndarray) -> np.ndarray:
+    """The deepest part of a lesion: the last non-empty result of repeated erosion."""
+    core = lesion
+    while True:
+        eroded = _erode(core)
+        if not eroded.any():
+            return core
+        core = eroded
+
+
 def _component(mask: np.ndarray, seed: tuple[int, int, int]) -> np.ndarray:
     """Tiles of ``mask`` connected to ``seed`` (26-connectivity; 8 within a slice)."""
     component = np.zeros_like(mask)
@@ -230,12 +254,21 @@ def analyze_spread(heatmap: Heatmap, threshold: float = 0.5) -> SpreadSummary:
         return SpreadSummary(**summary)  # nothing analysed, or a flat field: nothing to report
 
     focus = _focus(scores)
-    focus_position = heatmap.centre(focus)
-    summary.update(focus_tile=int(heatmap.grid.number(*focus)), focus_index=list(focus),
-                   focus_position=[round(float(v), 3) for v in focus_position])
     lesion = _component(extent, focus)
     if lesion.sum() < 2:
+        summary.update(focus_tile=int(heatmap.grid.number(*focus)), focus_index=list(focus),
+                       focus_position=[round(float(v), 3) for v in heatmap.centre(focus)])
         return SpreadSummary(**summary)
+    # the focus position: the score-weighted centre of the lesion's core (what survives
+    # the most erosions), which lies between tile centres where the lesion's centre does
+    core = _core(lesion)
+    core_indices = np.argwhere(core)
+    core_weights = scores[core]
+    focus_position = (core_weights[:, None] * np.array([heatmap.centre(i) for i in core_indices])).sum(0) / core_weights.sum()
+    if not core[focus]:
+        focus = tuple(int(v) for v in core_indices[np.argmax(core_weights)])
+    summary.update(focus_tile=int(heatmap.grid.number(*focus)), focus_index=list(focus),
+                   focus_position=[round(float(v), 3) for v in focus_position])
     indices = np.argwhere(lesion)
     weights = scores[lesion]
     offsets_frame = np.array([heatmap.centre(i) for i in indices]) - focus_position
@@ -247,7 +280,8 @@ def analyze_spread(heatmap: Heatmap, threshold: float = 0.5) -> SpreadSummary:
         summary["reach"] = round(float(np.linalg.norm(offsets_frame, axis=1).max()), 3)
         return SpreadSummary(**summary)
     direction_frame = mean_offset / np.linalg.norm(mean_offset)
-    offsets_index = indices - np.array(focus)
+    focus_index_position = (core_weights[:, None] * core_indices).sum(0) / core_weights.sum()
+    offsets_index = indices - focus_index_position
     mean_index = (weights[:, None] * offsets_index).sum(0) / weights.sum()
     direction_image = mean_index / np.linalg.norm(mean_index) if np.any(mean_index) else np.zeros(3)
     angle = None

@@ -128,6 +128,89 @@ def _to_float_image(ds: Dataset, pixels: np.ndarray) -> np.ndarray:
     return values
 
 
+def _stack(positions: np.ndarray, row_dir: np.ndarray, col_dir: np.ndarray, source: Path) -> tuple[np.ndarray, np.ndarray]:
+    """Order slices along their normal and check they form a regular stack.
+
+    Returns:
+        the order of the slices and the step (mm, patient axes) from one to the next,
+        measured from the positions (not from Slice Thickness).
+    """
+    normal = np.cross(col_dir, row_dir)
+    distances = positions @ normal
+    order = np.argsort(distances, kind="stable")
+    steps = np.diff(distances[order])
+    if np.any(np.abs(steps) < 1e-3):
+        raise InputError(source, "two slices share one position (duplicated Image Position (Patient)); remove the duplicates")
+    if steps.size and (np.max(steps) - np.min(steps)) > 0.01 * np.max(np.abs(steps)) + 1e-3:
+        raise InputError(source, "the slices are not evenly spaced; resample the series to even spacing before analysis")
+    if len(order) < 2:
+        return order, normal
+    step = (positions[order[-1]] - positions[order[0]]) / (len(order) - 1)
+    tilt = np.degrees(np.arccos(np.clip(abs(np.dot(step, normal)) / np.linalg.norm(step), -1, 1)))
+    if tilt > 0.5:
+        raise InputError(source, f"the slices are sheared against their plane by {tilt:.1f} degrees (gantry tilt); "
+                                 "resample the series to an orthogonal grid before analysis")
+    return order, step
+
+
+def _frame_group(ds: Dataset, index: int, sequence: str) -> Dataset | None:
+    """The functional group ``sequence`` of frame ``index``: per-frame first, then shared."""
+    for groups, item in (("PerFrameFunctionalGroupsSequence", index), ("SharedFunctionalGroupsSequence", 0)):
+        container = ds.get(groups)
+        if container and len(container) > item:
+            value = container[item].get(sequence)
+            if value:  # a non-empty sequence
+                return value[0]
+    return None
+
+
+def _load_enhanced(ds: Dataset, path: Path) -> tuple[np.ndarray, dict]:
+    """An enhanced multi-frame CT/MR (one file, one volume): frames placed by their positions.
+
+    Without plane positions (some stripped test objects) the frames stay in stored order
+    and the volume has no physical geometry (frame ``"IMAGE"``).
+    """
+    frames = _pixels(ds, path)
+    count = int(ds.NumberOfFrames)
+    if frames.ndim == 2:
+        frames = frames[None]
+    if frames.ndim != 3 or len(frames) != count:
+        raise InputError(path, f"expected {count} grey frames, the pixel data holds shape {frames.shape}")
+    values = np.empty(frames.shape, dtype=np.float32)
+    for index in range(count):
+        transform = _frame_group(ds, index, "PixelValueTransformationSequence")
+        slope = float(transform.get("RescaleSlope", 1) or 1) if transform else float(ds.get("RescaleSlope", 1) or 1)
+        intercept = float(transform.get("RescaleIntercept", 0) or 0) if transform else float(ds.get("RescaleIntercept", 0) or 0)
+        values[index] = frames[index] * slope + intercept
+    if ds.get("PhotometricInterpretation") == "MONOCHROME1":
+        values = values.max() + values.min() - values
+    positions = [_frame_group(ds, i, "PlanePositionSequence") for i in range(count)]
+    orientation = _frame_group(ds, 0, "PlaneOrientationSequence")
+    measures = _frame_group(ds, 0, "PixelMeasuresSequence")
+    meta = {
+        "kind": "series",
+        "modality": str(ds.get("Modality", "OT")),
+        "source_path": str(path),
+        "source_datasets": [_header(ds)],
+        "frame_of_reference_uid": str(ds.get("FrameOfReferenceUID", "")) or None,
+    }
+    if any(p is None for p in positions) or orientation is None or measures is None or "PixelSpacing" not in measures:
+        affine = _pixel_affine()
+        affine[:3, 0] = (0, 0, 1)
+        meta.update(affine=affine, frame="IMAGE")
+        return values[..., None], meta
+    header = Dataset()
+    header.ImageOrientationPatient = orientation.ImageOrientationPatient
+    header.ImagePositionPatient = positions[0].ImagePositionPatient
+    header.PixelSpacing = measures.PixelSpacing
+    row_dir, col_dir, _, spacing = _plane_geometry(header, path)
+    points = np.array([[float(v) for v in p.ImagePositionPatient] for p in positions])
+    order, step = _stack(points, row_dir, col_dir, path)
+    meta.update(affine=_affine_2d(spacing[0], spacing[1], row_dir, col_dir, points[order[0]], slice_step=step), frame="PATIENT",
+                frame_numbers=[int(i) + 1 for i in order])
+    return values[order][..., None], meta
+
+
 def _choose_wsi_level(levels: list[tuple[Path, Dataset]], source: Path, resolution_mm: float | None) -> Path:
     """The pyramid level nearest ``resolution_mm``; by default the finest that fits
     :data:`DEFAULT_SLIDE_SIDE`. Thumbnails, labels and overviews are not levels."""
@@ -190,15 +273,15 @@ def load_dicom_series(paths: Sequence[Path], source: Path, series_uid: str | Non
         return load_dicom_image(_choose_wsi_level(chosen, source, resolution_mm))
     first_path, first = chosen[0]
     row_dir, col_dir, _, spacing = _plane_geometry(first, first_path)
-    normal = np.cross(col_dir, row_dir)
-    ordered = sorted(chosen, key=lambda item: float(np.dot(np.array(item[1].ImagePositionPatient, float), normal)))
-    positions = np.array([np.array(ds.ImagePositionPatient, float) for _, ds in ordered])
-    distances = positions @ normal
-    steps = np.diff(distances)
-    if np.any(np.abs(steps) < 1e-3):
-        raise InputError(source, "two slices share one position (duplicated Image Position (Patient)); remove the duplicates")
-    if steps.size and (np.max(steps) - np.min(steps)) > 0.01 * np.max(np.abs(steps)) + 1e-3:
-        raise InputError(source, "the slices are not evenly spaced; resample the series before analysis")
+    for path, ds in chosen[1:]:
+        other_row, other_col, _, other_spacing = _plane_geometry(ds, path)
+        if not (np.allclose(other_row, row_dir, atol=1e-3) and np.allclose(other_col, col_dir, atol=1e-3)):
+            raise InputError(source, "the slices of the series are not parallel (Image Orientation (Patient) differs)")
+        if not np.allclose(other_spacing, spacing, rtol=1e-3):
+            raise InputError(path, f"Pixel Spacing {other_spacing} differs from the series' {spacing}")
+    positions = np.array([np.array(ds.ImagePositionPatient, float) for _, ds in chosen])
+    order, step = _stack(positions, row_dir, col_dir, source)
+    ordered = [chosen[i] for i in order]
     volume = []
     for path, _ in ordered:
         ds = _read_dicom(path)
@@ -206,11 +289,10 @@ def load_dicom_series(paths: Sequence[Path], source: Path, series_uid: str | Non
         if image.shape != (first.Rows, first.Columns):
             raise InputError(path, f"slice of {image.shape} pixels in a series of {(first.Rows, first.Columns)}")
         volume.append(image)
-    step = (positions[-1] - positions[0]) / (len(positions) - 1)
     meta = {
         "kind": "series",
         "modality": str(first.get("Modality", "OT")),
-        "affine": _affine_2d(spacing[0], spacing[1], row_dir, col_dir, positions[0], slice_step=step),
+        "affine": _affine_2d(spacing[0], spacing[1], row_dir, col_dir, positions[order[0]], slice_step=step),
         "frame": "PATIENT",
         "source_path": str(source),
         "source_datasets": [_header(_read_dicom(path, pixels=False)) for path, _ in ordered],
@@ -225,8 +307,10 @@ def load_dicom_image(path: Path) -> tuple[np.ndarray, dict]:
     if ds.get("SOPClassUID") == WSI_SOP_CLASS:
         return _load_dicom_wsi(ds, path)
     frames = int(ds.get("NumberOfFrames", 1) or 1)
+    if frames > 1 and int(ds.get("SamplesPerPixel", 1)) == 1:
+        return _load_enhanced(ds, path)
     if frames > 1:
-        raise InputError(path, f"multi-frame {ds.get('SOPClassUID', 'image')} objects ({frames} frames) are not supported yet")
+        raise InputError(path, f"multi-frame colour objects ({frames} frames) are not supported; export one frame per file")
     pixels = _pixels(ds, path)
     samples = int(ds.get("SamplesPerPixel", 1))
     if samples == 3:

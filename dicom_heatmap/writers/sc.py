@@ -29,6 +29,7 @@ def build_secondary_capture(
     row_direction: np.ndarray | None = None,
     col_direction: np.ndarray | None = None,
     source: Dataset | None = None,
+    source_frame: int | None = None,
 ) -> hd.sc.SCImage:
     """Build the Secondary Capture of one analysed slice.
 
@@ -41,6 +42,7 @@ def build_secondary_capture(
         row_direction: patient (LPS) direction of increasing row, for Patient Orientation.
         col_direction: patient direction of increasing column.
         source: the DICOM instance the picture shows, referenced as its source.
+        source_frame: the 1-based frame of a multi-frame ``source`` the picture shows.
     """
     # Argument checks
     if picture.ndim != 3 or picture.shape[2] != 3 or picture.dtype != np.uint8:
@@ -86,6 +88,8 @@ def build_secondary_capture(
         item = Dataset()
         item.ReferencedSOPClassUID = source.SOPClassUID
         item.ReferencedSOPInstanceUID = source.SOPInstanceUID
+        if source_frame is not None:
+            item.ReferencedFrameNumber = source_frame
         item.PurposeOfReferenceCodeSequence = DicomSequence([_SOURCE_PURPOSE])
         sc.SourceImageSequence = DicomSequence([item])
     # General Series
