@@ -78,6 +78,10 @@ class SpreadSummary:
         reach: farthest distance from the focus centre along the direction (or in any
             direction, when undirected) among the lesion's tiles, in frame units.
         unit: "mm" or "px".
+        lesion_tiles: tiles of the lesion (at or above threshold, connected to the focus).
+        lesion_ellipsoid: the lesion as an ellipsoid in the frame - ``centre`` and three
+            semi-axis vectors ``axes`` (from the principal axes of its tile centres, each
+            at least half a tile long) - or None without a lesion of two tiles or more.
     """
 
     directed: bool
@@ -97,6 +101,8 @@ class SpreadSummary:
     extent_area: float
     reach: float
     unit: str
+    lesion_tiles: int = 0
+    lesion_ellipsoid: dict | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -202,6 +208,21 @@ def _core(lesion: np.ndarray) -> np.ndarray:
         core = eroded
 
 
+def _ellipsoid(points: np.ndarray, steps: np.ndarray) -> dict:
+    """Centre and semi-axes of the ellipsoid with the points' second moments.
+
+    A solid ellipsoid of semi-axis a has variance a^2/5 along it; every axis is at least
+    half a tile step long so a flat or thin lesion still has a volume.
+    """
+    centre = points.mean(axis=0)
+    covariance = np.cov((points - centre).T) if len(points) > 1 else np.zeros((3, 3))
+    values, vectors = np.linalg.eigh(covariance)
+    half_tile = 0.5 * np.linalg.norm(steps, axis=0)
+    floor = float(np.min(half_tile[half_tile > 0])) if np.any(half_tile > 0) else 0.5
+    axes = [vectors[:, i] * max(float(np.sqrt(5 * max(values[i], 0.0))), floor) for i in range(3)][::-1]
+    return {"centre": [round(float(v), 3) for v in centre], "axes": [[round(float(v), 3) for v in axis] for axis in axes]}
+
+
 def _component(mask: np.ndarray, seed: tuple[int, int, int]) -> np.ndarray:
     """Tiles of ``mask`` connected to ``seed`` (26-connectivity; 8 within a slice)."""
     component = np.zeros_like(mask)
@@ -271,7 +292,9 @@ def analyze_spread(heatmap: Heatmap, threshold: float = 0.5) -> SpreadSummary:
                    focus_position=[round(float(v), 3) for v in focus_position])
     indices = np.argwhere(lesion)
     weights = scores[lesion]
-    offsets_frame = np.array([heatmap.centre(i) for i in indices]) - focus_position
+    centres = np.array([heatmap.centre(i) for i in indices])
+    summary.update(lesion_tiles=int(len(indices)), lesion_ellipsoid=_ellipsoid(centres, steps_frame))
+    offsets_frame = centres - focus_position
     mean_offset = (weights[:, None] * offsets_frame).sum(0) / weights.sum()
     mean_distance = float((weights * np.linalg.norm(offsets_frame, axis=1)).sum() / weights.sum())
     directedness = float(np.linalg.norm(mean_offset) / mean_distance) if mean_distance else 0.0

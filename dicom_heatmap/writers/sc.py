@@ -66,8 +66,9 @@ def build_secondary_capture(
         sop_instance_uid=identity.uid("sc", instance_number),
         instance_number=instance_number,
         manufacturer=MANUFACTURER,
-        # highdicom demands a value; where it is unknown it is cleared below (Type 2C, empty allowed)
-        patient_orientation=orientation or ("L", "P"),
+        # highdicom demands a value and accepts single letters only (an oblique plane
+        # needs "LFP"); the real value, or empty where unknown, is set below
+        patient_orientation=("L", "P"),
         pixel_spacing=pixel_spacing,
         transfer_syntax_uid=ExplicitVRLittleEndian,
     )
@@ -79,8 +80,7 @@ def build_secondary_capture(
             setattr(sc, keyword, reference.get(keyword))
 
     # General Image
-    if orientation is None:
-        sc.PatientOrientation = None
+    sc.PatientOrientation = list(orientation) if orientation is not None else None  # Type 2C
     sc.BurnedInAnnotation = "YES"  # colour bar, grid, arrow and caption are drawn in
     sc.ImageType = ["DERIVED", "SECONDARY"]
     sc.DerivationDescription = "Tile tumour scores of a VGG16 13-head network blended over the source image"

@@ -148,6 +148,8 @@ def build_structured_report(
     groups: list = [image_group]
     if summary.focus_index is not None:
         groups.append(_focus_group(heatmap, summary, identity, algorithm, secondary_captures, sc_scale, frame_of_reference_uid))
+    if summary.lesion_ellipsoid is not None and frame_of_reference_uid is not None and heatmap.scores.shape[0] > 1:
+        groups.append(_lesion_group(summary, identity, algorithm, evidence_sources, frame_of_reference_uid))
 
     report = hd.sr.MeasurementReport(
         observation_context=hd.sr.ObservationContext(),
@@ -172,6 +174,32 @@ def build_structured_report(
     # General Equipment
     sr.SoftwareVersions = __version__
     return sr
+
+
+def _lesion_group(summary, identity, algorithm, evidence_sources, frame_of_reference_uid):
+    """TID 1411 group: the lesion of a volume as an ellipsoid (SCOORD3D) and its volume."""
+    centre = np.array(summary.lesion_ellipsoid["centre"])
+    axes = [np.array(a) for a in summary.lesion_ellipsoid["axes"]]
+    # ELLIPSOID: the two end points of each of the three axes, longest first
+    points = np.array([p for axis in axes for p in (centre - axis, centre + axis)])
+    series = evidence_sources[0].SeriesInstanceUID
+    surface = hd.sr.VolumeSurface(
+        graphic_type="ELLIPSOID",
+        graphic_data=points.round(4),
+        frame_of_reference_uid=frame_of_reference_uid,
+        source_series=hd.sr.SourceSeriesForSegmentation(series),
+    )
+    return hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations(
+        tracking_identifier=hd.sr.TrackingIdentifier(uid=identity.uid("tracking", "lesion"), identifier="Lesion"),
+        referenced_volume_surface=surface,
+        finding_type=_NEOPLASM,
+        algorithm_id=algorithm,
+        measurements=[
+            hd.sr.Measurement(name=CONCEPTS["extent_area"], value=_number(summary.extent_area), unit=_unit("mm3"), algorithm_id=algorithm),
+            hd.sr.Measurement(name=CONCEPTS["tiles_above_threshold"], value=_number(summary.lesion_tiles), unit=_unit("{tiles}"),
+                              algorithm_id=algorithm),
+        ],
+    )
 
 
 def _focus_group(heatmap, summary, identity, algorithm, secondary_captures, sc_scale, frame_of_reference_uid):
