@@ -18,7 +18,7 @@ from pydicom.dataset import Dataset
 from tqdm import tqdm
 
 from dicom_heatmap._version import __version__
-from dicom_heatmap.errors import ConfigurationError, DicomHeatmapError, OutputError
+from dicom_heatmap.errors import ConfigurationError, DicomHeatmapError, InputError, OutputError
 from dicom_heatmap.heatmap import Heatmap
 from dicom_heatmap.render import render_slice
 from dicom_heatmap.scorer import TileScorer
@@ -28,13 +28,14 @@ from dicom_heatmap.writers.common import PATIENT_STUDY_KEYWORDS, OutputIdentity,
 from dicom_heatmap.writers.pm import build_parametric_map, geometry_carrier
 from dicom_heatmap.writers.sc import build_secondary_capture
 from dicom_heatmap.writers.sr import build_structured_report
+from dicom_heatmap.writers.validation import check_encodable
 from monai.transforms import Compose
 
 from dicom_heatmap.inferer import TileGridInferer
 from transforms._dictionary import meta_key
 from transforms.grid import GridSplitd
 from transforms.intensity import NormalizeIntensityd
-from transforms.io import LoadInputd
+from transforms.io import DEFAULT_MAX_VALUES, LoadInputd
 from transforms.spatial import CropForegroundd, CropTemplated, Rotated, Zoomd
 
 __all__ = ["AnalysisSettings", "AnalysisResult", "analyze", "analyze_prepared", "preprocessing", "project_errors"]
@@ -181,9 +182,16 @@ class AnalysisResult:
         except OSError as error:
             raise OutputError(out_dir, f"cannot create the output folder ({error.strerror})") from None
         final = out_dir / self.identity.folder_name
-        staging = Path(tempfile.mkdtemp(prefix=".partial-", dir=out_dir))
+        _remove_stale_staging(out_dir)
+        staging = Path(tempfile.mkdtemp(prefix=f".partial-{os.getpid()}-", dir=out_dir))
         try:
-            self._write(staging)
+            try:
+                self._write(staging)
+            except (OSError, DicomHeatmapError):
+                raise
+            except Exception as error:  # a header value highdicom/pydicom cannot encode
+                raise InputError(self.meta["source_path"], f"the results cannot be encoded from this input's header "
+                                                           f"({type(error).__name__})") from None
             if final.exists():
                 retired = Path(tempfile.mkdtemp(prefix=".replaced-", dir=out_dir))
                 os.replace(final, retired / "old")
@@ -241,6 +249,7 @@ class AnalysisResult:
                 _evidence_header(source) if source is not None else None, source_frame,
             )
             name = f"sc-{slice_index + 1:04d}.dcm"
+            check_encodable(sc, self.meta["source_path"])
             sc.save_as(folder / name, enforce_file_format=True)
             secondary_captures.append(sc)
             files.append(name)
@@ -252,11 +261,13 @@ class AnalysisResult:
         else:
             pm_sources = [geometry_carrier(secondary_captures[0], affine, scale, self.identity)]
         pm = build_parametric_map(self.tile_map, pm_sources, self.identity)
+        check_encodable(pm, self.meta["source_path"])
         pm.save_as(folder / "pm.dcm", enforce_file_format=True)
         sr = build_structured_report(
             self.tile_map, self.spread, self.identity, self.model_checksum,
             [_evidence_header(s) for s in sources], secondary_captures, scale, pm, for_uid,
         )
+        check_encodable(sr, self.meta["source_path"])
         sr.save_as(folder / "sr.dcm", enforce_file_format=True)
         files += ["pm.dcm", "sr.dcm", "preview.png"]
         result = self.to_dict()
@@ -265,6 +276,21 @@ class AnalysisResult:
                              "uids": {"sc_series": str(secondary_captures[0].SeriesInstanceUID),
                                       "pm": str(pm.SOPInstanceUID), "sr": str(sr.SOPInstanceUID)}}
         (folder / "result.json").write_text(json.dumps(result, indent=1))
+
+
+def _remove_stale_staging(out_dir: Path) -> None:
+    """Remove the half-written folders of runs that were killed (their process is gone)."""
+    for folder in out_dir.glob(".partial-*"):
+        try:
+            pid = int(folder.name.split("-")[1])
+        except (IndexError, ValueError):
+            continue
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            shutil.rmtree(folder, ignore_errors=True)
+        except PermissionError:
+            pass  # another user's live process
 
 
 def _evidence_header(ds: Dataset) -> Dataset:
@@ -286,13 +312,14 @@ def _source_key(meta: dict) -> str:
     return file_sha256(Path(meta["source_path"]))
 
 
-def preprocessing(settings: AnalysisSettings, key: str = "image") -> Compose:
+def preprocessing(settings: AnalysisSettings, key: str = "image", max_values: int = DEFAULT_MAX_VALUES) -> Compose:
     """The dictionary transforms from the input path to the tile grid, for ``settings``.
 
     The bundle's ``configs/inference.json`` lists the same transforms by ``_target_``.
+    ``max_values`` is the loader's size guard (it does not change results, so it is no setting).
     """
     steps: list = [
-        LoadInputd(key, series_uid=settings.series_uid, resolution_mm=settings.resolution_mm),
+        LoadInputd(key, series_uid=settings.series_uid, resolution_mm=settings.resolution_mm, max_values=max_values),
         NormalizeIntensityd(key),
     ]
     if settings.crop == "foreground":
@@ -333,6 +360,7 @@ def analyze(
     model: str | Path | TileScorer | None = None,
     settings: AnalysisSettings | None = None,
     progress: bool = True,
+    max_values: int = DEFAULT_MAX_VALUES,
     **options,
 ) -> AnalysisResult:
     """Analyse one input: load, preprocess, split, score, assemble, find the spread.
@@ -343,6 +371,8 @@ def analyze(
         model: a model file, a loaded :class:`TileScorer`, or ``None`` for the shipped model.
         settings: see :class:`AnalysisSettings`; or give its fields as keyword ``options``.
         progress: show a progress bar while scoring.
+        max_values: size guard: most pixel values the input may decode to (checked on
+            its header before decoding).
 
     Returns:
         the :class:`AnalysisResult`; ``.save(out_dir)`` writes the DICOM, PNG and JSON files.
@@ -358,10 +388,10 @@ def analyze(
             for index, ds in enumerate(datasets):
                 ds.save_as(Path(folder) / f"{index:05d}.dcm", enforce_file_format=True)
             target = Path(folder) / "00000.dcm" if len(datasets) == 1 else Path(folder)
-            return analyze(target, scorer, settings, progress)
+            return analyze(target, scorer, settings, progress, max_values)
     with warnings.catch_warnings(), project_errors():
         warnings.simplefilter("ignore")
-        data = preprocessing(settings)({"image": Path(source)})
+        data = preprocessing(settings, max_values=max_values)({"image": Path(source)})
     return analyze_prepared(data, scorer, settings, TileGridInferer(progress))
 
 

@@ -51,6 +51,8 @@ def _add_analysis_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threshold", type=float, default=0.5, help="score at or above which a tile counts as tumour (default 0.5)")
     parser.add_argument("--series", metavar="UID", help="Series Instance UID to analyse from a folder holding several")
     parser.add_argument("--resolution-um", type=float, metavar="UM", help="slide pixel spacing to read (nearest level)")
+    parser.add_argument("--max-megavalues", type=float, default=512, metavar="M",
+                        help="refuse inputs that would decode to more than M million pixel values (default 512)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -112,16 +114,17 @@ def run_analyze(args: argparse.Namespace) -> int:
     failed = 0
     for path in args.inputs:
         try:
-            result = analyze(path, scorer, settings, progress=not args.quiet)
+            result = analyze(path, scorer, settings, progress=not args.quiet, max_values=int(args.max_megavalues * 1e6))
             folder = result.save(args.out)
         except DicomHeatmapError as error:
             print(f"dicom-heatmap: error: {error}", file=sys.stderr)
             failed += 1
             continue
         except Exception as error:  # one bad input must not stop the others
+            # the exception's text may quote header values (patient data): only its type is shown
             if args.debug:
                 traceback.print_exc()
-            print(f"dicom-heatmap: error: {path}: unexpected failure ({type(error).__name__}: {error}); "
+            print(f"dicom-heatmap: error: {path}: unexpected failure ({type(error).__name__}); "
                   "rerun with --debug and report it", file=sys.stderr)
             failed += 1
             continue
@@ -170,7 +173,7 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as error:  # a bug or an unforeseen input: one line, never a traceback by default
         if args.debug:
             traceback.print_exc()
-        print(f"dicom-heatmap: error: unexpected failure ({type(error).__name__}: {error}); rerun with --debug and report it",
+        print(f"dicom-heatmap: error: unexpected failure ({type(error).__name__}); rerun with --debug and report it",
               file=sys.stderr)
         return EXIT_CODE
 

@@ -56,7 +56,7 @@ def dciodvfy():
         pytest.fail("dciodvfy (Debian dicom3tools) is not installed; `make test` installs it")
 
     def errors(path: Path) -> list[str]:
-        done = subprocess.run([tool, str(path)], capture_output=True, text=True)
+        done = subprocess.run([tool, str(path)], capture_output=True, text=True, errors="replace")
         return [line for line in (done.stdout + done.stderr).splitlines() if line.startswith("Error")]
 
     return errors

@@ -48,6 +48,16 @@ PICTURE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp"}
 WSI_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.77.1.6"
 #: Largest side, in pixels, of the slide level read when no resolution is asked for.
 DEFAULT_SLIDE_SIDE = 4096
+#: Most pixel values (pixels x samples x frames) an input may decode to, checked from its
+#: header before any pixel data is decoded (a decompression bomb or a header claiming
+#: 100,000 x 100,000 x 1,000 is refused, not attempted).
+DEFAULT_MAX_VALUES = 512 * 1024 * 1024
+
+
+def _check_size(source: Path, values: int, what: str, limit: int) -> None:
+    if values > limit:
+        raise InputError(source, f"{what} would decode to {values:,} values, more than the limit of {limit:,}; "
+                                 "raise the limit (--max-megavalues) only if the machine has the memory")
 
 
 def _affine_2d(spacing_rows: float, spacing_cols: float, row_dir, col_dir, origin, slice_step=None) -> np.ndarray:
@@ -87,7 +97,9 @@ def _pixels(ds: Dataset, path: Path) -> np.ndarray:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             return ds.pixel_array
-    except Exception as error:
+    except (KeyboardInterrupt, SystemExit):
+        raise
+    except BaseException as error:  # decoders in Rust raise PanicException, a BaseException
         raise InputError(
             path,
             f"cannot decode the pixel data (transfer syntax {ds.file_meta.get('TransferSyntaxUID', 'unknown')}: "
@@ -112,8 +124,13 @@ def _plane_geometry(ds: Dataset, path: Path) -> tuple[np.ndarray, np.ndarray, np
         raise InputError(path, "the image lacks Image Orientation/Position (Patient) or Pixel Spacing") from None
     if orientation.shape != (6,) or position.shape != (3,) or len(spacing) != 2:
         raise InputError(path, "Image Orientation/Position (Patient) or Pixel Spacing has the wrong number of values")
-    if not all(np.isfinite(spacing)) or min(spacing) <= 0 or not np.all(np.isfinite(orientation)):
+    if not all(np.isfinite(spacing)) or min(spacing) <= 0:
         raise InputError(path, f"Pixel Spacing {spacing} must be positive and finite")
+    if not np.all(np.isfinite(orientation)) or not np.all(np.isfinite(position)):
+        raise InputError(path, "Image Orientation/Position (Patient) holds values that are not finite numbers")
+    if abs(np.linalg.norm(orientation[:3]) - 1) > 0.01 or abs(np.linalg.norm(orientation[3:]) - 1) > 0.01 \
+            or abs(np.dot(orientation[:3], orientation[3:])) > 0.01:
+        raise InputError(path, "Image Orientation (Patient) is not two orthogonal unit vectors")
     col_dir, row_dir = orientation[:3], orientation[3:]  # DICOM: first along a row (columns increase)
     return row_dir, col_dir, position, spacing
 
@@ -234,7 +251,7 @@ def _choose_wsi_level(levels: list[tuple[Path, Dataset]], source: Path, resoluti
 
 
 def load_dicom_series(paths: Sequence[Path], source: Path, series_uid: str | None = None,
-                      resolution_mm: float | None = None) -> tuple[np.ndarray, dict]:
+                      resolution_mm: float | None = None, max_values: int = DEFAULT_MAX_VALUES) -> tuple[np.ndarray, dict]:
     """Load the one image series among ``paths`` (a folder's files) as a volume.
 
     A whole-slide series (one file per pyramid level) gives the level nearest
@@ -245,6 +262,7 @@ def load_dicom_series(paths: Sequence[Path], source: Path, series_uid: str | Non
         source: the folder, for messages.
         series_uid: the Series Instance UID to pick when several image series are present.
         resolution_mm: wanted pixel spacing of a whole-slide level.
+        max_values: the size guard, checked on the headers before decoding.
     """
     headers: list[tuple[Path, Dataset]] = []
     for path in paths:
@@ -268,9 +286,10 @@ def load_dicom_series(paths: Sequence[Path], source: Path, series_uid: str | Non
     else:
         chosen = next(iter(series.values()))
     if len(chosen) == 1:
-        return load_dicom_image(chosen[0][0])
+        return load_dicom_image(chosen[0][0], max_values)
     if chosen[0][1].get("SOPClassUID") == WSI_SOP_CLASS:
-        return load_dicom_image(_choose_wsi_level(chosen, source, resolution_mm))
+        return load_dicom_image(_choose_wsi_level(chosen, source, resolution_mm), max_values)
+    _check_size(source, sum(_declared_values(ds, path) for path, ds in chosen), "the series", max_values)
     first_path, first = chosen[0]
     row_dir, col_dir, _, spacing = _plane_geometry(first, first_path)
     for path, ds in chosen[1:]:
@@ -301,8 +320,25 @@ def load_dicom_series(paths: Sequence[Path], source: Path, series_uid: str | Non
     return np.stack(volume)[..., None], meta
 
 
-def load_dicom_image(path: Path) -> tuple[np.ndarray, dict]:
-    """Load one DICOM file: a CT/MR/other single image, or a whole-slide image."""
+def _declared_values(ds: Dataset, path: Path) -> int:
+    """Pixel values the header announces: rows x columns x samples x frames (or the total matrix)."""
+    try:
+        samples = int(ds.get("SamplesPerPixel", 1) or 1)
+        if ds.get("SOPClassUID") == WSI_SOP_CLASS and "TotalPixelMatrixRows" in ds:
+            return int(ds.TotalPixelMatrixRows) * int(ds.TotalPixelMatrixColumns) * samples
+        return int(ds.get("Rows", 0) or 0) * int(ds.get("Columns", 0) or 0) * samples * int(ds.get("NumberOfFrames", 1) or 1)
+    except (TypeError, ValueError):
+        raise InputError(path, "Rows, Columns, Samples per Pixel or Number of Frames is not a number") from None
+
+
+def load_dicom_image(path: Path, max_values: int = DEFAULT_MAX_VALUES) -> tuple[np.ndarray, dict]:
+    """Load one DICOM file: a CT/MR/other single image, an enhanced volume, or a whole-slide image.
+
+    Args:
+        path: the file.
+        max_values: the size guard, checked on the header before decoding.
+    """
+    _check_size(path, _declared_values(_read_dicom(path, pixels=False), path), "the image", max_values)
     ds = _read_dicom(path)
     if ds.get("SOPClassUID") == WSI_SOP_CLASS:
         return _load_dicom_wsi(ds, path)
@@ -375,7 +411,7 @@ def _load_dicom_wsi(ds: Dataset, path: Path) -> tuple[np.ndarray, dict]:
     return matrix[None], meta
 
 
-def load_slide(path: Path, resolution_mm: float | None = None) -> tuple[np.ndarray, dict]:
+def load_slide(path: Path, resolution_mm: float | None = None, max_values: int = DEFAULT_MAX_VALUES) -> tuple[np.ndarray, dict]:
     """Read one level of an SVS/TIFF slide with openslide.
 
     Args:
@@ -398,6 +434,7 @@ def load_slide(path: Path, resolution_mm: float | None = None) -> tuple[np.ndarr
             fitting = [i for i, (w, h) in enumerate(slide.level_dimensions) if max(w, h) <= DEFAULT_SLIDE_SIDE]
             level = fitting[0] if fitting else slide.level_count - 1
         width, height = slide.level_dimensions[level]
+        _check_size(path, width * height * 3, f"level {level} of the slide", max_values)
         try:
             region = np.asarray(slide.read_region((0, 0), level, (width, height)).convert("RGB"))
         except openslide.OpenSlideError as error:
@@ -415,16 +452,17 @@ def load_slide(path: Path, resolution_mm: float | None = None) -> tuple[np.ndarr
     return region[None], meta
 
 
-def load_picture(path: Path) -> tuple[np.ndarray, dict]:
+def load_picture(path: Path, max_values: int = DEFAULT_MAX_VALUES) -> tuple[np.ndarray, dict]:
     """Read a PNG/JPEG export as RGB; no physical size is known."""
     from PIL import Image, UnidentifiedImageError
 
-    Image.MAX_IMAGE_PIXELS = None  # the size guard lives in LoadInput
+    Image.MAX_IMAGE_PIXELS = None  # our own guard below, on the declared size, before decoding
     try:
         with Image.open(path) as picture:
+            _check_size(path, picture.width * picture.height * 3, "the picture", max_values)
             image = np.asarray(picture.convert("RGB"))
-    except (UnidentifiedImageError, OSError, ValueError) as error:
-        raise InputError(path, f"cannot read the picture ({error})") from None
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as error:  # Pillow's PNG chunk errors are SyntaxError
+        raise InputError(path, f"cannot read the picture ({type(error).__name__}: the file is damaged or not an image)") from None
     meta = {
         "kind": "image",
         "modality": "OT",
@@ -443,13 +481,19 @@ class LoadInput(Transform):
     Args:
         series_uid: which series to load from a folder holding several.
         resolution_mm: wanted pixel spacing for slides (the nearest level is read).
+        max_values: most pixel values the input may decode to, checked on its header
+            before decoding.
 
     Returns ``(image, meta)``; see the module docstring.
     """
 
-    def __init__(self, series_uid: str | None = None, resolution_mm: float | None = None) -> None:
+    def __init__(self, series_uid: str | None = None, resolution_mm: float | None = None,
+                 max_values: int = DEFAULT_MAX_VALUES) -> None:
+        if max_values < 1:
+            raise ValueError(f"max_values must be positive, got {max_values}")
         self.series_uid = series_uid
         self.resolution_mm = resolution_mm
+        self.max_values = max_values
 
     def __call__(self, path: str | Path) -> tuple[np.ndarray, dict]:
         path = Path(path)
@@ -459,15 +503,15 @@ class LoadInput(Transform):
             files = sorted(p for p in path.rglob("*") if p.is_file() and not p.name.startswith("."))
             if not files:
                 raise InputError(path, "the folder is empty")
-            return load_dicom_series(files, path, self.series_uid, self.resolution_mm)
+            return load_dicom_series(files, path, self.series_uid, self.resolution_mm, self.max_values)
         suffix = path.suffix.lower()
         if suffix in PICTURE_SUFFIXES:
-            return load_picture(path)
+            return load_picture(path, self.max_values)
         if suffix in SLIDE_SUFFIXES:
-            return load_slide(path, self.resolution_mm)
+            return load_slide(path, self.resolution_mm, self.max_values)
         if path.stat().st_size == 0:
             raise InputError(path, "the file is empty")
-        return load_dicom_image(path)
+        return load_dicom_image(path, self.max_values)
 
 
 class LoadInputd(MapTransform):
@@ -475,9 +519,9 @@ class LoadInputd(MapTransform):
     its metadata goes to ``data[f"{key}_meta_dict"]``."""
 
     def __init__(self, keys: str | Sequence[str], series_uid: str | None = None, resolution_mm: float | None = None,
-                 allow_missing_keys: bool = False) -> None:
+                 max_values: int = DEFAULT_MAX_VALUES, allow_missing_keys: bool = False) -> None:
         super().__init__(keys, allow_missing_keys)
-        self.loader = LoadInput(series_uid, resolution_mm)
+        self.loader = LoadInput(series_uid, resolution_mm, max_values)
 
     def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
         d = dict(data)

@@ -1,0 +1,57 @@
+"""Refuse outputs that would carry header values which are not valid DICOM.
+
+The outputs copy the source's patient, study and reference attributes. A damaged
+source header (a UID with a letter in it, a control character in a name) would
+otherwise make every output fail validation at the PACS. Values are never repaired:
+patient data is not ours to change. Messages name the attribute, never its value.
+"""
+
+from __future__ import annotations
+
+import re
+
+from pydicom.config import RAISE
+from pydicom.dataset import Dataset
+from pydicom.valuerep import validate_value
+
+from dicom_heatmap.errors import InputError
+
+__all__ = ["check_encodable"]
+
+_UID = re.compile(r"^[0-2](\.(0|[1-9][0-9]*))+$")  # root 0, 1 or 2; no leading zeros
+#: Control characters no string value may hold (ESC starts character-set switching; the
+#: text VRs may also hold TAB, LF, FF and CR)
+_CONTROL = re.compile(r"[\x00-\x1a\x1c-\x1f\x7f]")
+_TEXT_VRS = {"LT", "ST", "UT"}
+_CHECKED_VRS = {"AE", "AS", "CS", "DA", "DS", "DT", "IS", "LO", "LT", "PN", "SH", "ST", "TM", "UC", "UI", "UR", "UT"}
+
+
+def _problem(element) -> str | None:
+    if element.VR not in _CHECKED_VRS or element.value in (None, ""):
+        return None
+    values = element.value if element.VM > 1 else [element.value]
+    for value in values:
+        # numbers (DSfloat, IS) and names (PersonName) are checked as the text they are written as
+        text = getattr(value, "original_string", None) or (str(value) if not isinstance(value, (str, bytes)) else value)
+        try:
+            validate_value(element.VR, text, RAISE)
+        except (ValueError, TypeError):
+            return f"is not a valid {element.VR} value"
+        if element.VR == "UI" and not _UID.match(str(value)):
+            return "is not a valid UID (root 0, 1 or 2, digits and dots, no leading zeros)"
+        characters = text if isinstance(text, str) else ""
+        if element.VR in _TEXT_VRS:
+            characters = re.sub(r"[\t\n\f\r]", "", characters)
+        if _CONTROL.search(characters):
+            return f"holds a control character, which {element.VR} does not allow"
+    return None
+
+
+def check_encodable(dataset: Dataset, source: str) -> None:
+    """Raise :class:`InputError` naming the first attribute of ``dataset`` whose value is invalid."""
+    for element in dataset.iterall():
+        problem = _problem(element)
+        if problem:
+            name = element.keyword or f"({element.tag.group:04X},{element.tag.element:04X})"
+            raise InputError(source, f"the header's {name} {problem}, and the results would copy it; "
+                                     "correct the source header before analysis")
