@@ -24,10 +24,10 @@ def angle(a, b) -> float:
     return float(np.degrees(np.arccos(np.clip(a @ b / np.linalg.norm(a) / np.linalg.norm(b), -1, 1))))
 
 
-def analysed_series(folder, orientation, truth, reverse=False, scorer=None):
+def analysed_series(folder, orientation, truth, reverse=False, scorer=None, slices=32, grid=(16, 16)):
     field = lesion_with_tail(truth, centre=(3, -4, 2), radius=25, tail=70, tail_radius=10)
-    write_series(folder, orientation, field, size=128, spacing=1.25, slice_spacing=5.0, slices=32, reverse=reverse)
-    return analyze(folder, scorer or MeanIntensityScorer(), progress=False, grid=(16, 16))
+    write_series(folder, orientation, field, size=128, spacing=1.25, slice_spacing=160 / slices, slices=slices, reverse=reverse)
+    return analyze(folder, scorer or MeanIntensityScorer(), progress=False, grid=grid)
 
 
 @pytest.mark.parametrize("orientation,truth_name,reverse", [
@@ -91,7 +91,7 @@ def test_outputs_of_a_volume(tmp_path, dciodvfy):
 
 
 def test_real_model_end_to_end_on_a_series(tmp_path, scorer, dciodvfy):
-    result = analysed_series(tmp_path / "series", "coronal", TRUTHS["inferior-right"][0], scorer=scorer)
+    result = analysed_series(tmp_path / "series", "coronal", TRUTHS["inferior-right"][0], scorer=scorer, slices=12, grid=(8, 8))
     folder = result.save(tmp_path / "out")
     assert np.isfinite(result.heatmap).any()
     for name in ("pm.dcm", "sr.dcm"):
