@@ -100,6 +100,7 @@ class AnalysisResult:
         settings: the settings used.
         model_checksum: sha256 of the model file.
         identity: what the output UIDs derive from.
+        precision: the precision the conv layers ran in (``fp32``, ``bf16``, ``fp16``).
     """
 
     image: np.ndarray
@@ -109,6 +110,7 @@ class AnalysisResult:
     settings: AnalysisSettings
     model_checksum: str
     identity: OutputIdentity
+    precision: str = "fp32"
 
     @property
     def heatmap(self) -> np.ndarray:
@@ -156,7 +158,8 @@ class AnalysisResult:
             record["score"] = None if not np.isfinite(score) else round(float(score), 6)
             record["layer_probabilities"] = clean(layer) if np.isfinite(score) else None
         return {
-            "software": {"name": "dicom-heatmap", "version": __version__, "model_sha256": self.model_checksum},
+            "software": {"name": "dicom-heatmap", "version": __version__, "model_sha256": self.model_checksum,
+                         "precision": self.precision},
             "input": {"kind": self.meta["kind"], "modality": self.meta["modality"], "frame": self.meta["frame"]},
             "settings": asdict(self.settings),
             "grid": {"slices": grid.shape[0], "rows": grid.shape[1], "cols": grid.shape[2],
@@ -351,8 +354,8 @@ def analyze_prepared(data: dict, scorer: TileScorer, settings: AnalysisSettings,
     numbers, scored = inferer((image, grid), scorer)
     tile_map = Heatmap.assemble(grid, numbers, scored.scores, scored.layer_probabilities, meta["affine"], meta["frame"], image.shape[1:3])
     spread = analyze_spread(tile_map, settings.threshold)
-    identity = OutputIdentity(_source_key(meta), scorer.checksum, settings.canonical())
-    return AnalysisResult(image, meta, tile_map, spread, settings, scorer.checksum, identity)
+    identity = OutputIdentity(_source_key(meta), scorer.identity, settings.canonical())
+    return AnalysisResult(image, meta, tile_map, spread, settings, scorer.checksum, identity, scorer.precision)
 
 
 def analyze(

@@ -143,12 +143,16 @@ class HeadedVGG16(nn.Module):
         probs = [torch.softmax(head(tap.float()), dim=1)[:, TUMOUR] for head, tap in zip(self.heads, pooled)]
         return torch.stack(probs, dim=1)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Score normalised tiles (N, 3, S, S): (N, 14), the fused score then the 13 head probabilities."""
-        pooled, _ = self.extract(x)
+    def score_taps(self, pooled: list[torch.Tensor]) -> torch.Tensor:
+        """(N, 14) from the pooled taps: the fused score, then the 13 head probabilities (float32)."""
         layer_probabilities = self.head_probabilities(pooled)
         score = torch.softmax(self.fusion(layer_probabilities), dim=1)[:, TUMOUR : TUMOUR + 1]
         return torch.cat([score, layer_probabilities], dim=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Score normalised tiles (N, 3, S, S): (N, 14), the fused score then the 13 head probabilities."""
+        pooled, _ = self.extract(x)
+        return self.score_taps(pooled)
 
     @classmethod
     def from_state_dict(cls, state: dict[str, torch.Tensor]) -> "HeadedVGG16":

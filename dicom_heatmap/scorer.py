@@ -14,7 +14,10 @@ from dicom_heatmap.checksum import file_sha256
 from dicom_heatmap.errors import ModelError
 from dicom_heatmap.network import HeadedVGG16
 
-__all__ = ["TileScorer", "TileScores", "DEFAULT_MODEL_PATH"]
+__all__ = ["TileScorer", "TileScores", "DEFAULT_MODEL_PATH", "PRECISIONS", "fast_precision"]
+
+#: What ``precision`` may be: ``auto`` picks the fastest that keeps the scores right.
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 
 #: The shipped model: a state dict of :class:`HeadedVGG16`.
 DEFAULT_MODEL_PATH = Path(__file__).resolve().parent.parent / "models" / "model.pt"
@@ -33,28 +36,63 @@ class TileScores:
     layer_probabilities: np.ndarray
 
 
+def _cpu_flags() -> set[str]:
+    try:
+        with open("/proc/cpuinfo") as handle:
+            for line in handle:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def fast_precision(device: torch.device) -> str:
+    """The precision ``auto`` means on ``device``: fp16 on a CUDA GPU; bf16 on a CPU with
+    native bf16 instructions (avx512_bf16 or AMX); fp32 otherwise (emulated bf16 is slower)."""
+    if device.type == "cuda":
+        return "fp16"
+    return "bf16" if _cpu_flags() & {"avx512_bf16", "amx_bf16"} else "fp32"
+
+
 class TileScorer:
     """Scores uint8 RGB tiles of any size; resizing and normalisation are its own.
 
     Build one with :meth:`load`. ``network`` is the eval-mode network with batch norm
     folded; ``checksum`` is the sha256 of the model file (it enters output UIDs).
 
+    The conv layers run in ``precision`` (bf16 or fp16 through autocast, channels-last);
+    the 13 heads and the fusion always run in fp32. ``fp32`` is the reference path.
+
     Args:
         network: a :class:`HeadedVGG16`.
         checksum: identifies the weights in outputs and provenance.
         batch_size: tiles per forward pass.
+        precision: one of :data:`PRECISIONS`.
+        device: ``"cpu"``, ``"cuda"``, or ``None`` for a GPU when there is one.
     """
 
-    def __init__(self, network: HeadedVGG16, checksum: str, batch_size: int = 32) -> None:
+    def __init__(self, network: HeadedVGG16, checksum: str, batch_size: int = 32, precision: str = "auto",
+                 device: str | torch.device | None = None) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size must be positive, got {batch_size}")
-        self.network = network.eval()
+        if precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+        self.device = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.precision = fast_precision(self.device) if precision == "auto" else precision
+        self.network = network.eval().to(self.device, memory_format=torch.channels_last)
         self.checksum = checksum
         self.batch_size = batch_size
         self.input_size = int(network.input_size)
 
+    @property
+    def identity(self) -> str:
+        """The weights and the precision: both change the scores, so both enter output UIDs."""
+        return f"{self.checksum}/{self.precision}"
+
     @classmethod
-    def load(cls, path: str | Path | None = None, network: HeadedVGG16 | None = None, batch_size: int = 32) -> "TileScorer":
+    def load(cls, path: str | Path | None = None, network: HeadedVGG16 | None = None, batch_size: int = 32,
+             precision: str = "auto", device: str | torch.device | None = None) -> "TileScorer":
         """Load a model file (a state dict of :class:`HeadedVGG16`, or a training checkpoint).
 
         Args:
@@ -62,6 +100,8 @@ class TileScorer:
             network: a network to load the weights into (the bundle's ``network_def``);
                 by default one of the shape the state dict describes.
             batch_size: tiles per forward pass.
+            precision: one of :data:`PRECISIONS`.
+            device: ``"cpu"``, ``"cuda"``, or ``None`` for a GPU when there is one.
         """
         path = Path(path) if path is not None else DEFAULT_MODEL_PATH
         if not path.is_file():
@@ -82,7 +122,7 @@ class TileScorer:
         except (ValueError, RuntimeError) as error:
             raise ModelError(path, f"the weights do not fit the 13-head VGG16 ({str(error).splitlines()[0]})") from None
         network.eval().fold_batch_norm()
-        return cls(network.to(memory_format=torch.channels_last), file_sha256(path), batch_size)
+        return cls(network, file_sha256(path), batch_size, precision, device)
 
     def _prepare(self, tiles: np.ndarray | Sequence[np.ndarray]) -> torch.Tensor:
         """uint8 tiles -> normalised (N, 3, S, S) float tensor at the network's size."""
@@ -96,7 +136,7 @@ class TileScorer:
             if x.shape[-2:] != (size, size):
                 x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
             resized.append(x)
-        batch = torch.cat(resized)
+        batch = torch.cat(resized).to(self.device)
         return self.network.normalize(batch).contiguous(memory_format=torch.channels_last)
 
     @torch.inference_mode()
@@ -110,8 +150,12 @@ class TileScorer:
         count = len(tiles)
         scores = np.empty(count, dtype=np.float32)
         layers = np.empty((count, self.network.num_layers), dtype=np.float32)
+        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.precision)
         for start in range(0, count, self.batch_size):
-            output = self.network(self._prepare(tiles[start : start + self.batch_size])).numpy()
+            x = self._prepare(tiles[start : start + self.batch_size])
+            with torch.autocast(self.device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+                pooled, _ = self.network.extract(x)
+            output = self.network.score_taps(pooled).cpu().numpy()
             scores[start : start + len(output)] = output[:, 0]
             layers[start : start + len(output)] = output[:, 1:]
         return TileScores(scores, layers)

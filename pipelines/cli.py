@@ -4,6 +4,7 @@
     dicom-heatmap demo [--out DIR]
     dicom-heatmap train --data labels.csv --out DIR [--test-fold K]
     dicom-heatmap evaluate --csv labels.csv [--folds 3] [--out DIR]
+    dicom-heatmap bench
 
 Errors print one line naming the input and the problem and exit with status 2; a
 failure of the program itself is reported the same way, with the traceback only under
@@ -47,6 +48,10 @@ def _add_analysis_options(parser: argparse.ArgumentParser) -> None:
     pre.add_argument("--zoom", type=float, default=1.0, help="resampling factor (default 1)")
     pre.add_argument("--rotate", type=float, default=0.0, metavar="DEG", help="counter-clockwise rotation in degrees")
     parser.add_argument("--model", type=Path, help="model file (default: the shipped models/model.pt)")
+    parser.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"], default="auto",
+                        help="precision of the conv layers: auto = bf16 on CPUs with bf16 instructions, fp16 on a GPU, "
+                             "else fp32 (the reference); it enters the output UIDs")
+    parser.add_argument("--backend", choices=["torch"], default="torch", help="inference runtime (only torch so far)")
     parser.add_argument("--tissue-threshold", type=float, default=0.25, help="least tissue share of an analysed tile (default 0.25)")
     parser.add_argument("--threshold", type=float, default=0.5, help="score at or above which a tile counts as tumour (default 0.5)")
     parser.add_argument("--series", metavar="UID", help="Series Instance UID to analyse from a folder holding several")
@@ -76,12 +81,17 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--test-fold", type=int, default=3, help="patient fold held out for testing (default 3, the shipped model)")
     train.add_argument("--input-size", type=int, default=48, help="tile side the network sees")
     train.add_argument("--max-tiles", type=int, help="cap every split (smoke runs)")
+    bench = commands.add_parser("bench", help="tile-scoring speed: fast path against the naive loop and the machine's peak")
+    bench.add_argument("--model", type=Path, help="model file (default: the shipped model)")
+    bench.add_argument("--seconds", type=float, default=4.0, help="time per measurement (default 4)")
+
     evaluate = commands.add_parser("evaluate", help="metrics of a model on labelled tiles, with a ROC plot")
     evaluate.add_argument("--csv", type=Path, required=True, help="labels.csv (columns path, patient_id, label, fold)")
     evaluate.add_argument("--root", type=Path, help="folder the csv paths are relative to (default: the csv's folder)")
     evaluate.add_argument("--model", type=Path, help="model file (default: the shipped model)")
     evaluate.add_argument("--folds", type=lambda t: [int(v) for v in t.split(",")], help="only these patient folds, e.g. 3")
     evaluate.add_argument("--out", type=Path, default=Path("evaluation"), help="folder for metrics.json and roc.png")
+    evaluate.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"], default="auto", help="as for analyze")
     return parser
 
 
@@ -110,7 +120,7 @@ def run_analyze(args: argparse.Namespace) -> int:
     from dicom_heatmap.scorer import TileScorer
 
     settings = _settings(args)
-    scorer = TileScorer.load(args.model)
+    scorer = TileScorer.load(args.model, precision=args.precision)
     failed = 0
     for path in args.inputs:
         try:
@@ -151,9 +161,16 @@ def run_train(args: argparse.Namespace) -> int:
 def run_evaluate(args: argparse.Namespace) -> int:
     from pipelines.evaluate import evaluate, format_report, write_outputs
 
-    result = evaluate(args.csv, args.root, args.model, args.folds)
+    result = evaluate(args.csv, args.root, args.model, args.folds, precision=args.precision)
     print(format_report(result))
     print(f"-> {write_outputs(result, args.out)}/ (metrics.json, roc.png)")
+    return 0
+
+
+def run_bench(args: argparse.Namespace) -> int:
+    from pipelines.bench import run_bench as bench
+
+    bench(args.model, args.seconds)
     return 0
 
 
@@ -161,7 +178,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(name)s: %(message)s")  # highdicom chats at INFO
     log.setLevel(logging.INFO)
-    handlers = {"analyze": run_analyze, "demo": run_demo, "train": run_train, "evaluate": run_evaluate}
+    handlers = {"analyze": run_analyze, "demo": run_demo, "train": run_train, "evaluate": run_evaluate, "bench": run_bench}
     try:
         return handlers[args.command](args)
     except DicomHeatmapError as error:

@@ -17,7 +17,7 @@ __all__ = ["evaluate", "draw_roc", "format_report"]
 
 
 def evaluate(csv_path: str | Path, root: str | Path | None = None, model: str | Path | None = None,
-             folds: list[int] | None = None, threshold: float = 0.5) -> dict:
+             folds: list[int] | None = None, threshold: float = 0.5, precision: str = "auto") -> dict:
     """Score every tile of the table (or of ``folds``) and compute the metrics.
 
     Returns a dictionary with ``tiles``, ``patients``, ``auc``, ``median_patient_auc``,
@@ -26,7 +26,7 @@ def evaluate(csv_path: str | Path, root: str | Path | None = None, model: str | 
     table = load_tile_table(csv_path, root)
     if folds is not None:
         table = table.subset(np.isin(table.folds, folds))
-    scorer = TileScorer.load(model)
+    scorer = TileScorer.load(model, precision=precision)
     scores = np.empty(len(table), dtype=np.float32)
     layers = np.empty((len(table), 13), dtype=np.float32)
     for start in tqdm(range(0, len(table), 256), desc="scoring", unit="batch", leave=False):
@@ -38,6 +38,7 @@ def evaluate(csv_path: str | Path, root: str | Path | None = None, model: str | 
     fpr, tpr = roc_curve(table.labels, scores)
     return {
         "model_sha256": scorer.checksum,
+        "precision": scorer.precision,
         "folds": folds,
         "tiles": int(len(table)),
         "patients": int(len(np.unique(table.patients))),
@@ -56,7 +57,8 @@ def evaluate(csv_path: str | Path, root: str | Path | None = None, model: str | 
 def format_report(result: dict) -> str:
     """The metrics as a few lines of text."""
     lines = [
-        f"{result['tiles']} tiles of {result['patients']} patients ({result['positive_share']:.1%} tumour)",
+        f"{result['tiles']} tiles of {result['patients']} patients ({result['positive_share']:.1%} tumour), "
+        f"scored in {result['precision']}",
         f"AUC {result['auc']:.3f}   median per-patient AUC {result['median_patient_auc']:.3f} "
         f"({result['patients_with_both_classes']} patients with both classes)",
         f"at threshold {result['threshold']}: sensitivity {result['sensitivity']:.3f}, specificity {result['specificity']:.3f}, "

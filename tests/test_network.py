@@ -84,3 +84,27 @@ def test_shipped_model_separates_real_tumour_tiles(scorer, data_dir):
     assert roc_auc(layout.ravel(), scores) >= 0.85
     # the full-width VGG16 is what ships
     assert scorer.network.conv_widths == VGG16_CONV_WIDTHS
+
+
+def test_fast_path_keeps_the_scores_of_the_reference(data_dir):
+    """Accuracy guard: bf16 against fp32 on real tiles of held-out patients (the mosaic's 96)."""
+    import json
+
+    from PIL import Image
+
+    from pipelines.metrics import roc_auc
+
+    mosaic = np.asarray(Image.open(data_dir / "idc_mosaic_tail.png").convert("RGB"))
+    labels = np.array(json.loads((data_dir / "idc_mosaic_tail.json").read_text())["layout"]).ravel()
+    tiles = np.stack([mosaic[r * 50 : (r + 1) * 50, c * 50 : (c + 1) * 50] for r in range(8) for c in range(12)])
+    reference = TileScorer.load(precision="fp32").score(tiles)
+    fast = TileScorer.load(precision="bf16").score(tiles)
+    assert np.abs(fast - reference).max() <= 0.02
+    assert abs(roc_auc(labels, fast) - roc_auc(labels, reference)) <= 0.005
+
+
+def test_precision_enters_the_identity():
+    assert TileScorer.load(precision="fp32").identity.endswith("/fp32")
+    assert TileScorer.load(precision="bf16").identity != TileScorer.load(precision="fp32").identity
+    with pytest.raises(ValueError, match="precision"):
+        TileScorer.load(precision="int4")

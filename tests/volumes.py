@@ -87,6 +87,7 @@ class MeanIntensityScorer(TileScorer):
     def __init__(self) -> None:
         self.network = SimpleNamespace(num_layers=13)
         self.checksum = "stand-in-mean-intensity"
+        self.precision = "fp32"
         self.batch_size = 64
         self.input_size = 48
 

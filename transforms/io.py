@@ -80,7 +80,10 @@ def _read_dicom(path: Path, pixels: bool = True) -> Dataset:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            return pydicom.dcmread(path, stop_before_pixels=not pixels)
+            ds = pydicom.dcmread(path, stop_before_pixels=not pixels)
+            for _ in ds.iterall():  # pydicom parses lazily: surface a damaged element here, not later
+                pass
+            return ds
     except InvalidDicomError:
         raise InputError(path, "not a DICOM file (no DICM preamble and no readable DICOM header)") from None
     except Exception as error:  # pydicom raises many kinds on a damaged file
