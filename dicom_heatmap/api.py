@@ -154,9 +154,11 @@ class AnalysisResult:
         tiles = grid.table()
         scores = self.tile_map.scores.ravel()
         layers = self.tile_map.layer_probabilities.reshape(-1, self.tile_map.layer_probabilities.shape[-1])
-        for record, score, layer in zip(tiles, scores, layers):
+        flows = self.spread.flow.reshape(-1, 3) if self.spread.flow is not None else np.zeros((len(tiles), 3))
+        for record, score, layer, flow in zip(tiles, scores, layers, flows):
             record["score"] = None if not np.isfinite(score) else round(float(score), 6)
             record["layer_probabilities"] = clean(layer) if np.isfinite(score) else None
+            record["flow"] = [round(float(v), 6) for v in flow]  # outgoing flow (slice, row, col), the patent's S9
         return {
             "software": {"name": "dicom-heatmap", "version": __version__, "model_sha256": self.model_checksum,
                          "precision": self.precision},

@@ -98,7 +98,8 @@ class TileScorer:
         Args:
             path: the model file; the shipped ``models/model.pt`` when ``None``.
             network: a network to load the weights into (the bundle's ``network_def``);
-                by default one of the shape the state dict describes.
+                by default one of the shape the state dict describes. Its batch norm is
+                folded in place, so it is for inference from then on.
             batch_size: tiles per forward pass.
             precision: one of :data:`PRECISIONS`.
             device: ``"cpu"``, ``"cuda"``, or ``None`` for a GPU when there is one.

@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import itertools
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
@@ -82,6 +82,8 @@ class SpreadSummary:
         lesion_ellipsoid: the lesion as an ellipsoid in the frame - ``centre`` and three
             semi-axis vectors ``axes`` (from the principal axes of its tile centres, each
             at least half a tile long) - or None without a lesion of two tiles or more.
+        flow: (slices, rows, cols, 3) the patent's per-tile outgoing flow in index axes
+            (slice, row, col), each flow a unit step weighted by the larger value.
     """
 
     directed: bool
@@ -103,9 +105,13 @@ class SpreadSummary:
     unit: str
     lesion_tiles: int = 0
     lesion_ellipsoid: dict | None = None
+    flow: np.ndarray | None = field(default=None, repr=False, compare=False)
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        """Everything but the per-tile ``flow`` field (the result's tile table carries it)."""
+        summary = asdict(self)
+        del summary["flow"]
+        return summary
 
 
 def direction_words(vector: np.ndarray, frame: str, share: float = 0.3) -> str:
@@ -249,7 +255,7 @@ def analyze_spread(heatmap: Heatmap, threshold: float = 0.5) -> SpreadSummary:
         threshold: score at or above which a tile belongs to the extent.
     """
     scores = heatmap.scores.astype(np.float64)
-    _, pairs = flow_field(scores)
+    flow, pairs = flow_field(scores)
     histogram = np.zeros(len(COMPASS))
     flow_count = 0
     for offset, sign, weight in pairs:
@@ -270,6 +276,7 @@ def analyze_spread(heatmap: Heatmap, threshold: float = 0.5) -> SpreadSummary:
         words="none", frame=heatmap.frame, histogram={n: round(float(v), 4) for n, v in zip(COMPASS, histogram)},
         flow_count=flow_count, focus_tile=None, focus_index=None, focus_position=None, threshold=threshold,
         extent_tiles=int(extent.sum()), extent_area=round(float(extent.sum()) * tile_measure, 3), reach=0.0, unit=unit,
+        flow=flow,
     )
     if not analysed.any() or flow_count == 0:
         return SpreadSummary(**summary)  # nothing analysed, or a flat field: nothing to report

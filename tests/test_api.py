@@ -24,6 +24,7 @@ def test_analyze_a_picture_and_save(scorer, data_dir, tmp_path):
     assert saved["spread"] == json.loads(json.dumps(result.direction.to_dict()))
     tile = saved["tiles"][12]
     assert (tile["number"], tile["row"], tile["col"], tile["box"]) == (13, 1, 0, [50, 0, 100, 50])
+    assert len(tile["flow"]) == 3 and saved["tiles"][0]["flow"][0] == 0.0  # a 2D image has no through-plane flow
 
 
 def test_analyze_datasets_of_a_series(scorer, tmp_path, dciodvfy):
