@@ -58,6 +58,8 @@ class AnalysisSettings:
         rotate: degrees counter-clockwise on screen, applied before the split.
         series_uid: which series of a folder to analyse.
         resolution_mm: wanted pixel spacing when reading a slide level.
+        level: the SVS/TIFF pyramid level to read (0 = full resolution; large levels are
+            streamed tile by tile).
     """
 
     grid: tuple[int, int] | None = None
@@ -71,6 +73,7 @@ class AnalysisSettings:
     rotate: float = 0.0
     series_uid: str | None = None
     resolution_mm: float | None = None
+    level: int | None = None
 
     def __post_init__(self) -> None:
         if self.crop not in (None, "foreground", "template"):
@@ -93,7 +96,8 @@ class AnalysisResult:
     """What :func:`analyze` found for one input.
 
     Attributes:
-        image: (slices, rows, cols, 3) uint8, the preprocessed image the grid lies on.
+        image: (slices, rows, cols, 3) uint8, the preprocessed image the grid lies on - or,
+            for a slide level too large to hold, a :class:`transforms.io.StreamedSlide`.
         meta: the loader's metadata, updated by preprocessing (``affine`` etc.).
         tile_map: scores, per-layer probabilities and the tile grid.
         spread: the spread analysis.
@@ -239,7 +243,8 @@ class AnalysisResult:
         frame_numbers = self.meta.get("frame_numbers")  # a multi-frame source: which frame each slice is
         for slice_index in range(slices):
             caption = f"dicom-heatmap {__version__} - research only, not for diagnostic use - {self._direction_caption(slice_index)}"
-            picture, scale = render_slice(self.image[slice_index], self.tile_map, self.spread, slice_index, caption)
+            shown = self.image[slice_index] if isinstance(self.image, np.ndarray) else self.image  # a streamed slide: one slice
+            picture, scale = render_slice(shown, self.tile_map, self.spread, slice_index, caption)
             spacing = None
             if spatial:
                 spacing = (float(np.linalg.norm(affine[:3, 1]) / scale), float(np.linalg.norm(affine[:3, 2]) / scale))
@@ -324,7 +329,8 @@ def preprocessing(settings: AnalysisSettings, key: str = "image", max_values: in
     ``max_values`` is the loader's size guard (it does not change results, so it is no setting).
     """
     steps: list = [
-        LoadInputd(key, series_uid=settings.series_uid, resolution_mm=settings.resolution_mm, max_values=max_values),
+        LoadInputd(key, series_uid=settings.series_uid, resolution_mm=settings.resolution_mm, max_values=max_values,
+                   level=settings.level),
         NormalizeIntensityd(key),
     ]
     if settings.crop == "foreground":

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
@@ -16,6 +17,9 @@ __all__ = ["TileGridInferer"]
 
 class TileGridInferer(Inferer):
     """Score every tissue tile of a :class:`TileGrid`; background tiles are skipped.
+
+    Reading and scoring overlap: a reader thread fetches the next batch of tiles (from an
+    array, or region by region from a streamed slide) while the current one is scored.
 
     Args:
         progress: show a progress bar (only for more than two batches).
@@ -36,12 +40,23 @@ class TileGridInferer(Inferer):
         scores = np.empty(len(numbers), dtype=np.float32)
         layers = np.empty((len(numbers), network.network.num_layers), dtype=np.float32)
         batch = network.batch_size
-        with tqdm(total=len(numbers), desc="scoring tiles", unit="tile", leave=False,
-                  disable=not self.progress or len(numbers) <= 2 * batch) as bar:
-            for start in range(0, len(numbers), batch):
-                chunk = numbers[start : start + batch]
-                result = network.score_details([grid.tile(image, int(n)) for n in chunk])
+        chunks = [numbers[start : start + batch] for start in range(0, len(numbers), batch)]
+
+        def read(chunk: np.ndarray) -> list[np.ndarray]:
+            return [grid.tile(image, int(n)) for n in chunk]
+
+        # the next batch is read (openslide and numpy release the GIL) while this one is scored
+        with ThreadPoolExecutor(max_workers=1) as reader, tqdm(
+            total=len(numbers), desc="scoring tiles", unit="tile", leave=False, disable=not self.progress or len(numbers) <= 2 * batch
+        ) as bar:
+            pending = reader.submit(read, chunks[0]) if chunks else None
+            start = 0
+            for index, chunk in enumerate(chunks):
+                tiles = pending.result()
+                pending = reader.submit(read, chunks[index + 1]) if index + 1 < len(chunks) else None
+                result = network.score_details(tiles)
                 scores[start : start + len(chunk)] = result.scores
                 layers[start : start + len(chunk)] = result.layer_probabilities
+                start += len(chunk)
                 bar.update(len(chunk))
         return numbers, TileScores(scores, layers)

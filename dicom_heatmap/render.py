@@ -34,11 +34,12 @@ def _font(size: int) -> ImageFont.ImageFont:
         return ImageFont.load_default()
 
 
-def render_slice(image: np.ndarray, heatmap: Heatmap, summary: SpreadSummary, slice_index: int, caption: str) -> tuple[np.ndarray, float]:
+def render_slice(image, heatmap: Heatmap, summary: SpreadSummary, slice_index: int, caption: str) -> tuple[np.ndarray, float]:
     """The Secondary Capture picture of one slice.
 
     Args:
-        image: (rows, cols, 3) uint8 slice the grid was laid on.
+        image: (rows, cols, 3) uint8 slice the grid was laid on, or a streamed slide
+            (anything with ``thumbnail(max_side)``), which is shown from its thumbnail.
         heatmap: the scores.
         summary: the spread summary (its arrow is drawn on the focus slice; other slices
             name the direction in the caption only).
@@ -48,11 +49,15 @@ def render_slice(image: np.ndarray, heatmap: Heatmap, summary: SpreadSummary, sl
     Returns:
         the picture (rows', cols' + colour bar, 3) uint8 and the scale applied to the image.
     """
-    height, width = image.shape[:2]
-    scale = min(1.0, MAX_SIDE / max(height, width))
-    picture = Image.fromarray(image)
-    if scale < 1.0:
-        picture = picture.resize((max(1, round(width * scale)), max(1, round(height * scale))), Image.BILINEAR)
+    if hasattr(image, "thumbnail"):
+        thumbnail, scale = image.thumbnail(MAX_SIDE)
+        picture = Image.fromarray(thumbnail)
+    else:
+        height, width = image.shape[:2]
+        scale = min(1.0, MAX_SIDE / max(height, width))
+        picture = Image.fromarray(image)
+        if scale < 1.0:
+            picture = picture.resize((max(1, round(width * scale)), max(1, round(height * scale))), Image.BILINEAR)
     # tiles are upsampled by nearest neighbour onto the picture: one colour per tile
     scores = heatmap.scores[slice_index]
     analysed = np.isfinite(scores)

@@ -126,19 +126,25 @@ class TileScorer:
         return cls(network, file_sha256(path), batch_size, precision, device)
 
     def _prepare(self, tiles: np.ndarray | Sequence[np.ndarray]) -> torch.Tensor:
-        """uint8 tiles -> normalised (N, 3, S, S) float tensor at the network's size."""
+        """uint8 tiles -> normalised (N, 3, S, S) float tensor at the network's size.
+
+        Tiles of one shape are resized together (one interpolation per shape, not per tile).
+        """
         size = self.input_size
-        resized = []
+        tiles = [np.asarray(tile) for tile in tiles]
         for tile in tiles:
-            tile = np.asarray(tile)
             if tile.ndim != 3 or tile.shape[2] != 3:
                 raise ValueError(f"tiles must be (H, W, 3) RGB, got shape {tile.shape}")
-            x = torch.from_numpy(np.ascontiguousarray(tile)).permute(2, 0, 1)[None].float()
-            if x.shape[-2:] != (size, size):
-                x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
-            resized.append(x)
-        batch = torch.cat(resized).to(self.device)
-        return self.network.normalize(batch).contiguous(memory_format=torch.channels_last)
+        batch = torch.empty(len(tiles), 3, size, size)
+        by_shape: dict[tuple[int, ...], list[int]] = {}
+        for index, tile in enumerate(tiles):
+            by_shape.setdefault(tile.shape, []).append(index)
+        for shape, indices in by_shape.items():
+            group = torch.from_numpy(np.stack([tiles[i] for i in indices])).permute(0, 3, 1, 2).float()  # a copy
+            if shape[:2] != (size, size):
+                group = F.interpolate(group, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
+            batch[indices] = group
+        return self.network.normalize(batch.to(self.device)).contiguous(memory_format=torch.channels_last)
 
     @torch.inference_mode()
     def score_details(self, tiles: np.ndarray | Sequence[np.ndarray]) -> TileScores:

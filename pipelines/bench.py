@@ -13,6 +13,7 @@ The machine is shared and noisy: read the ratios, not the absolute numbers.
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 
@@ -66,8 +67,8 @@ def _tiles(count: int) -> np.ndarray:
     return np.stack([tiles[i % len(tiles)] for i in range(count)])
 
 
-def run_bench(model: str | Path | None = None, seconds: float = 4.0) -> list[dict]:
-    """Measure and print the table; return its rows."""
+def run_bench(model: str | Path | None = None, seconds: float = 4.0, large_side: int = 40000, tile: int = 224) -> list[dict]:
+    """Measure and print both tables; return the model rows and the large-slide row."""
     torch.set_grad_enabled(False)
     fast = TileScorer.load(model)
     reference = TileScorer.load(model, precision="fp32")
@@ -108,4 +109,71 @@ def run_bench(model: str | Path | None = None, seconds: float = 4.0) -> list[dic
     for row in rows:
         print(f"| {row['size']} | {row['naive_tiles_s']:.1f} | {row['fast_tiles_s']:.1f} ({row['precision']}) | {row['speedup']:.2f}x | "
               f"{row['naive_gflops']:.0f} ({row['naive_of_peak']:.0%}) | {row['fast_gflops']:.0f} ({row['fast_of_peak']:.0%}) |")
+    if large_side:
+        rows.append(_large_slide(fast, large_side, tile, seconds))
     return rows
+
+
+def _large_slide(fast: TileScorer, side: int, tile: int, seconds: float) -> dict:
+    """End to end on a synthetic slide of side x side pixels, half glass, streamed at level 0,
+    in a child process (its peak memory is its own), against model-only speed on the same tiles."""
+    import resource
+    import subprocess
+    import sys
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="dicom-heatmap-bench-") as folder:
+        started = time.perf_counter()
+        slide = make_synthetic_slide(Path(folder) / "slide.tif", side)
+        written = time.perf_counter() - started
+        command = [sys.executable, "-m", "pipelines.cli", "analyze", str(slide), "--level", "0", "--tile-size", str(tile),
+                   "--out", str(Path(folder) / "out"), "--quiet"]
+        started = time.perf_counter()
+        done = subprocess.run(command, capture_output=True, text=True, cwd=Path(__file__).resolve().parent.parent)
+        wall = time.perf_counter() - started
+        if done.returncode != 0:
+            raise RuntimeError(done.stderr)
+        peak_mb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+        result = json.loads(next((Path(folder) / "out").glob("*/result.json")).read_text())
+    analysed = result["statistics"]["analysed_tiles"]
+    total = result["grid"]["rows"] * result["grid"]["cols"]
+    tiles = _tiles(fast.batch_size)
+    big = np.stack([np.asarray(Image.fromarray(t).resize((tile, tile))) for t in tiles])
+    model_rate = _timed(lambda: fast.score(big), seconds) * len(big)
+    end_to_end = analysed / wall
+    print(f"\nlarge slide: {side} x {side} px, half glass, level 0 streamed, tiles of {tile} px "
+          f"({total} tiles, {analysed} with tissue scored; slide written in {written:.0f} s)")
+    print("| end-to-end tiles/s | model-only tiles/s | end-to-end / model-only | wall s | peak RSS MB |")
+    print("| --- | --- | --- | --- | --- |")
+    print(f"| {end_to_end:.1f} | {model_rate:.1f} | {end_to_end / model_rate:.0%} | {wall:.0f} | {peak_mb:.0f} |")
+    return {"side": side, "tiles": total, "analysed": analysed, "end_to_end_tiles_s": end_to_end, "model_tiles_s": model_rate,
+            "ratio": end_to_end / model_rate, "wall_s": wall, "peak_rss_mb": peak_mb}
+
+
+def make_synthetic_slide(path: str | Path, side: int, tile: int = 256, levels: int = 3) -> Path:
+    """Write a tiled pyramidal TIFF (openslide reads it) of ``side`` x ``side`` RGB pixels:
+    the left half real H&E texture (the embedded IDC mosaic, repeated), the right half
+    blank glass. Written tile by tile, so memory stays small whatever ``side`` is."""
+    import tifffile
+
+    texture = np.asarray(Image.open(DATA / "idc_mosaic_tail.png").convert("RGB"))
+    glass = np.full((tile, tile, 3), 242, dtype=np.uint8)
+
+    def tiles(level_side: int, step: int):
+        for top in range(0, level_side, tile):
+            for left in range(0, level_side, tile):
+                if left * step >= side // 2:
+                    yield glass
+                    continue
+                rows = (np.arange(top, top + tile) * step) % texture.shape[0]
+                cols = (np.arange(left, left + tile) * step) % texture.shape[1]
+                yield texture[rows][:, cols]
+
+    path = Path(path)
+    with tifffile.TiffWriter(path, bigtiff=True) as writer:
+        for level in range(levels):
+            step = 4**level
+            level_side = side // step
+            writer.write(tiles(level_side, step), shape=(level_side, level_side, 3), dtype=np.uint8, tile=(tile, tile),
+                         photometric="rgb", subfiletype=0 if level == 0 else 1, metadata=None)
+    return path

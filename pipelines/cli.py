@@ -56,6 +56,8 @@ def _add_analysis_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threshold", type=float, default=0.5, help="score at or above which a tile counts as tumour (default 0.5)")
     parser.add_argument("--series", metavar="UID", help="Series Instance UID to analyse from a folder holding several")
     parser.add_argument("--resolution-um", type=float, metavar="UM", help="slide pixel spacing to read (nearest level)")
+    parser.add_argument("--level", type=int, metavar="N", help="SVS/TIFF pyramid level to read (0 = full resolution; "
+                                                               "levels over 64 megapixels are streamed tile by tile)")
     parser.add_argument("--max-megavalues", type=float, default=512, metavar="M",
                         help="refuse inputs that would decode to more than M million pixel values (default 512)")
 
@@ -84,6 +86,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench = commands.add_parser("bench", help="tile-scoring speed: fast path against the naive loop and the machine's peak")
     bench.add_argument("--model", type=Path, help="model file (default: the shipped model)")
     bench.add_argument("--seconds", type=float, default=4.0, help="time per measurement (default 4)")
+    bench.add_argument("--large-side", type=int, default=40000, help="side of the synthetic slide run end to end (0: skip)")
+    bench.add_argument("--tile", type=int, default=224, help="tile side on the large slide (default 224)")
 
     evaluate = commands.add_parser("evaluate", help="metrics of a model on labelled tiles, with a ROC plot")
     evaluate.add_argument("--csv", type=Path, required=True, help="labels.csv (columns path, patient_id, label, fold)")
@@ -112,6 +116,7 @@ def _settings(args: argparse.Namespace):
         rotate=args.rotate,
         series_uid=args.series,
         resolution_mm=args.resolution_um / 1000 if args.resolution_um else None,
+        level=args.level,
     )
 
 
@@ -170,7 +175,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
 def run_bench(args: argparse.Namespace) -> int:
     from pipelines.bench import run_bench as bench
 
-    bench(args.model, args.seconds)
+    bench(args.model, args.seconds, args.large_side, args.tile)
     return 0
 
 

@@ -90,6 +90,24 @@ class TileGrid:
         return records
 
 
+#: Longest side of the thumbnail a streamed slide's tissue map is made from (at least).
+THUMBNAIL_SIDE = 2048
+
+
+def _box_means(mask: np.ndarray, row_edges: np.ndarray, col_edges: np.ndarray) -> np.ndarray:
+    """Mean of ``mask`` (slices, rows, cols) over each tile, edges in ``mask`` pixels
+    (rounded; every tile covers at least one pixel), from a summed-area table."""
+    table = np.zeros((mask.shape[0], mask.shape[1] + 1, mask.shape[2] + 1))
+    table[:, 1:, 1:] = mask.astype(np.float64).cumsum(1).cumsum(2)
+    top = np.clip(np.floor(row_edges[:-1] + 1e-9).astype(int), 0, mask.shape[1] - 1)
+    bottom = np.maximum(np.clip(np.ceil(row_edges[1:] - 1e-9).astype(int), 0, mask.shape[1]), top + 1)
+    left = np.clip(np.floor(col_edges[:-1] + 1e-9).astype(int), 0, mask.shape[2] - 1)
+    right = np.maximum(np.clip(np.ceil(col_edges[1:] - 1e-9).astype(int), 0, mask.shape[2]), left + 1)
+    sums = (table[:, bottom][:, :, right] - table[:, top][:, :, right]
+            - table[:, bottom][:, :, left] + table[:, top][:, :, left])
+    return sums / ((bottom - top)[:, None] * (right - left)[None, :])
+
+
 def _edges(length: int, parts: int) -> np.ndarray:
     return np.round(np.linspace(0, length, parts + 1)).astype(np.int64)
 
@@ -152,12 +170,12 @@ class GridSplit(Transform):
         slices, height, width = image.shape[:3]
         rows, cols = self._grid_shape(height, width, meta)
         row_edges, col_edges = _edges(height, rows), _edges(width, cols)
-        mask = tissue_mask(image, meta["tissue_rule"]).astype(np.float64)
-        # tissue share per tile: sums over the row bands, then over the column bands
-        band = np.add.reduceat(mask, row_edges[:-1], axis=1)
-        sums = np.add.reduceat(band, col_edges[:-1], axis=2)
-        areas = np.diff(row_edges)[:, None] * np.diff(col_edges)[None, :]
-        fraction = sums / areas
+        if isinstance(image, np.ndarray):
+            mask, scale = tissue_mask(image, meta["tissue_rule"]), 1.0
+        else:  # a streamed slide: the tissue map comes from its thumbnail, a few pixels per tile
+            thumbnail, scale = image.thumbnail(max(THUMBNAIL_SIDE, 8 * max(rows, cols)))
+            mask = tissue_mask(thumbnail[None], meta["tissue_rule"])
+        fraction = _box_means(mask, row_edges * scale, col_edges * scale)
         is_tissue = fraction >= self.tissue_threshold if self.tissue_threshold > 0 else np.ones_like(fraction, dtype=bool)
         return TileGrid(row_edges, col_edges, slices, fraction, is_tissue)
 

@@ -37,7 +37,7 @@ from pydicom.errors import InvalidDicomError
 
 from transforms.errors import InputError
 
-__all__ = ["LoadInput", "LoadInputd", "load_dicom_series", "load_dicom_image", "load_slide", "load_picture"]
+__all__ = ["LoadInput", "LoadInputd", "StreamedSlide", "load_dicom_series", "load_dicom_image", "load_slide", "load_picture"]
 
 # pydicom warns about every over-long value of real-world headers (a 66-character UID,
 # say); the loaders judge what matters and raise InputError for it
@@ -414,12 +414,70 @@ def _load_dicom_wsi(ds: Dataset, path: Path) -> tuple[np.ndarray, dict]:
     return matrix[None], meta
 
 
-def load_slide(path: Path, resolution_mm: float | None = None, max_values: int = DEFAULT_MAX_VALUES) -> tuple[np.ndarray, dict]:
-    """Read one level of an SVS/TIFF slide with openslide.
+#: Slide levels of more pixels than this are streamed tile by tile instead of read whole.
+STREAM_ABOVE_PIXELS = 64 * 1024 * 1024
+
+
+class StreamedSlide:
+    """One level of a slide read tile by tile with openslide, never whole.
+
+    It stands in for the (1, rows, cols, 3) uint8 array the loaders give: ``shape``,
+    ``dtype`` and indexing ``[0, top:bottom, left:right]`` read just that region;
+    :meth:`thumbnail` gives a small picture of the whole level (from the slide's own
+    pyramid) for the tissue map and the Secondary Capture.
+
+    Args:
+        path: the slide file.
+        level: the pyramid level.
+    """
+
+    dtype = np.dtype(np.uint8)
+    ndim = 4
+
+    def __init__(self, path: Path, level: int) -> None:
+        import openslide
+
+        self.path, self.level = Path(path), level
+        self._slide = openslide.OpenSlide(str(path))
+        width, height = self._slide.level_dimensions[level]
+        self.shape = (1, height, width, 3)
+        self._downsample = self._slide.level_downsamples[level]
+
+    def __getitem__(self, key) -> np.ndarray:
+        import openslide
+
+        if isinstance(key, int) or not (isinstance(key, tuple) and len(key) == 3 and key[0] == 0):
+            raise TypeError("a streamed slide is read as [0, rows, cols] regions only")
+        rows, cols = key[1], key[2]
+        top, bottom = rows.start or 0, rows.stop if rows.stop is not None else self.shape[1]
+        left, right = cols.start or 0, cols.stop if cols.stop is not None else self.shape[2]
+        location = (int(round(left * self._downsample)), int(round(top * self._downsample)))
+        try:
+            region = self._slide.read_region(location, self.level, (right - left, bottom - top))
+        except openslide.OpenSlideError as error:
+            raise InputError(self.path, f"cannot read a region of level {self.level} ({error})") from None
+        return np.asarray(region.convert("RGB"))
+
+    def thumbnail(self, max_side: int) -> tuple[np.ndarray, float]:
+        """(rows', cols', 3) uint8 picture of the level no larger than ``max_side``, and its scale."""
+        height, width = self.shape[1:3]
+        scale = min(1.0, max_side / max(height, width))
+        size = (max(1, round(width * scale)), max(1, round(height * scale)))
+        picture = np.asarray(self._slide.get_thumbnail(size).convert("RGB").resize(size))
+        return picture, picture.shape[0] / height
+
+
+def load_slide(path: Path, resolution_mm: float | None = None, max_values: int = DEFAULT_MAX_VALUES,
+               stream_above: int | None = None, level: int | None = None) -> tuple[np.ndarray | StreamedSlide, dict]:
+    """Read one level of an SVS/TIFF slide with openslide; large levels are streamed.
 
     Args:
         resolution_mm: wanted pixel spacing; the level closest to it is read. By default
             the finest level whose larger side is at most 4096 pixels.
+        max_values: the size guard for a level read whole.
+        stream_above: a level of more pixels is returned as a :class:`StreamedSlide`
+            (default :data:`STREAM_ABOVE_PIXELS`).
+        level: read this pyramid level (0 = full resolution) instead of choosing one.
     """
     import openslide
 
@@ -431,18 +489,24 @@ def load_slide(path: Path, resolution_mm: float | None = None, max_values: int =
         mpp = slide.properties.get(openslide.PROPERTY_NAME_MPP_X)
         base_mm = float(mpp) / 1000 if mpp else None
         downsamples = slide.level_downsamples
-        if resolution_mm is not None and base_mm:
+        if level is not None:
+            if not 0 <= level < slide.level_count:
+                raise InputError(path, f"the slide has levels 0..{slide.level_count - 1}, not {level}")
+        elif resolution_mm is not None and base_mm:
             level = int(np.argmin([abs(np.log(base_mm * d / resolution_mm)) for d in downsamples]))
         else:
             fitting = [i for i, (w, h) in enumerate(slide.level_dimensions) if max(w, h) <= DEFAULT_SLIDE_SIDE]
             level = fitting[0] if fitting else slide.level_count - 1
         width, height = slide.level_dimensions[level]
-        _check_size(path, width * height * 3, f"level {level} of the slide", max_values)
-        try:
-            region = np.asarray(slide.read_region((0, 0), level, (width, height)).convert("RGB"))
-        except openslide.OpenSlideError as error:
-            raise InputError(path, f"cannot read level {level} of the slide ({error})") from None
         spacing = base_mm * downsamples[level] if base_mm else None
+        if width * height > (STREAM_ABOVE_PIXELS if stream_above is None else stream_above):
+            region = None
+        else:
+            _check_size(path, width * height * 3, f"level {level} of the slide", max_values)
+            try:
+                region = np.asarray(slide.read_region((0, 0), level, (width, height)).convert("RGB"))[None]
+            except openslide.OpenSlideError as error:
+                raise InputError(path, f"cannot read level {level} of the slide ({error})") from None
     meta = {
         "kind": "slide",
         "modality": "SM",
@@ -452,7 +516,7 @@ def load_slide(path: Path, resolution_mm: float | None = None, max_values: int =
         "source_datasets": [],
         "frame_of_reference_uid": None,
     }
-    return region[None], meta
+    return (StreamedSlide(path, level) if region is None else region), meta
 
 
 def load_picture(path: Path, max_values: int = DEFAULT_MAX_VALUES) -> tuple[np.ndarray, dict]:
@@ -486,17 +550,19 @@ class LoadInput(Transform):
         resolution_mm: wanted pixel spacing for slides (the nearest level is read).
         max_values: most pixel values the input may decode to, checked on its header
             before decoding.
+        level: for SVS/TIFF slides, the pyramid level to read (instead of choosing one).
 
     Returns ``(image, meta)``; see the module docstring.
     """
 
     def __init__(self, series_uid: str | None = None, resolution_mm: float | None = None,
-                 max_values: int = DEFAULT_MAX_VALUES) -> None:
+                 max_values: int = DEFAULT_MAX_VALUES, level: int | None = None) -> None:
         if max_values < 1:
             raise ValueError(f"max_values must be positive, got {max_values}")
         self.series_uid = series_uid
         self.resolution_mm = resolution_mm
         self.max_values = max_values
+        self.level = level
 
     def __call__(self, path: str | Path) -> tuple[np.ndarray, dict]:
         path = Path(path)
@@ -511,7 +577,7 @@ class LoadInput(Transform):
         if suffix in PICTURE_SUFFIXES:
             return load_picture(path, self.max_values)
         if suffix in SLIDE_SUFFIXES:
-            return load_slide(path, self.resolution_mm, self.max_values)
+            return load_slide(path, self.resolution_mm, self.max_values, level=self.level)
         if path.stat().st_size == 0:
             raise InputError(path, "the file is empty")
         return load_dicom_image(path, self.max_values)
@@ -522,9 +588,9 @@ class LoadInputd(MapTransform):
     its metadata goes to ``data[f"{key}_meta_dict"]``."""
 
     def __init__(self, keys: str | Sequence[str], series_uid: str | None = None, resolution_mm: float | None = None,
-                 max_values: int = DEFAULT_MAX_VALUES, allow_missing_keys: bool = False) -> None:
+                 max_values: int = DEFAULT_MAX_VALUES, level: int | None = None, allow_missing_keys: bool = False) -> None:
         super().__init__(keys, allow_missing_keys)
-        self.loader = LoadInput(series_uid, resolution_mm, max_values)
+        self.loader = LoadInput(series_uid, resolution_mm, max_values, level)
 
     def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
         d = dict(data)

@@ -13,7 +13,7 @@ from monai.transforms import Transform
 from PIL import Image
 
 from transforms._dictionary import dictionary_form
-from transforms.errors import InputError
+from transforms.errors import ConfigurationError, InputError
 from transforms.intensity import tissue_mask
 
 __all__ = [
@@ -32,6 +32,13 @@ def _index_map(row_scale: float = 1.0, col_scale: float = 1.0, row_offset: float
         m[1, 1], m[2, 2] = row_scale, col_scale
     m[1, 3], m[2, 3] = row_offset, col_offset
     return m
+
+
+def _require_array(image, what: str, meta: dict) -> None:
+    """Streamed slides are read tile by tile: whole-image operations cannot apply to them."""
+    if not isinstance(image, np.ndarray):
+        raise ConfigurationError(f"{meta.get('source_path', 'input')}: {what} is not available for a slide level streamed "
+                                 "tile by tile; read a coarser level with --resolution-um, or leave it out")
 
 
 def _crop(image: np.ndarray, meta: dict, top: int, left: int, height: int, width: int) -> tuple[np.ndarray, dict]:
@@ -57,6 +64,7 @@ class CropForeground(Transform):
         self.margin = margin
 
     def __call__(self, image: np.ndarray, meta: dict) -> tuple[np.ndarray, dict]:
+        _require_array(image, "cropping", meta)
         mask = tissue_mask(image, meta["tissue_rule"]).any(axis=0)
         rows, cols = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
         if rows.size == 0:
@@ -80,6 +88,7 @@ class CropTemplate(Transform):
         self.size = (int(size[0]), int(size[1]))
 
     def __call__(self, image: np.ndarray, meta: dict, weights: np.ndarray | None = None) -> tuple[np.ndarray, dict]:
+        _require_array(image, "cropping", meta)
         height, width = min(self.size[0], image.shape[1]), min(self.size[1], image.shape[2])
         if weights is None:
             weights = tissue_mask(image, meta["tissue_rule"]).sum(axis=0)
@@ -104,6 +113,7 @@ class Zoom(Transform):
     def __call__(self, image: np.ndarray, meta: dict) -> tuple[np.ndarray, dict]:
         if self.factor == 1.0:
             return image, meta
+        _require_array(image, "zooming", meta)
         rows = max(1, int(round(image.shape[1] * self.factor)))
         cols = max(1, int(round(image.shape[2] * self.factor)))
         out = np.stack([np.asarray(Image.fromarray(s).resize((cols, rows), Image.BILINEAR)) for s in image])
@@ -132,6 +142,7 @@ class Rotate(Transform):
             k = int(round(quarter)) % 4
             if k == 0:
                 return image, meta
+            _require_array(image, "rotation", meta)
             out = np.ascontiguousarray(np.rot90(image, k, axes=(1, 2)))
             # new (r', c') -> old (r, c), for one counter-clockwise quarter turn applied k times
             index = np.eye(4)
@@ -143,6 +154,7 @@ class Rotate(Transform):
                 h, w = w, h
             meta["affine"] = meta["affine"] @ index
             return out, meta
+        _require_array(image, "rotation", meta)
         theta = np.deg2rad(self.angle)
         centre_r, centre_c = (height - 1) / 2, (width - 1) / 2
         fill = (_background(meta),) * 3

@@ -1,0 +1,41 @@
+"""Large slide levels are streamed tile by tile, with the same results as reading them whole."""
+
+import numpy as np
+import pytest
+
+import transforms.io as slide_io
+from dicom_heatmap import analyze
+from dicom_heatmap.errors import ConfigurationError
+from pipelines.bench import make_synthetic_slide
+from transforms.io import StreamedSlide
+
+
+@pytest.fixture
+def stream_everything(monkeypatch):
+    monkeypatch.setattr(slide_io, "STREAM_ABOVE_PIXELS", 1000)
+
+
+def test_streamed_slide_gives_the_in_memory_result(scorer, data_dir, tmp_path, dciodvfy, monkeypatch):
+    whole = analyze(data_dir / "cmu_small_region.svs", scorer, progress=False, tile_size=128)
+    monkeypatch.setattr(slide_io, "STREAM_ABOVE_PIXELS", 1000)
+    streamed = analyze(data_dir / "cmu_small_region.svs", scorer, progress=False, tile_size=128)
+    assert isinstance(streamed.image, StreamedSlide) and isinstance(whole.image, np.ndarray)
+    np.testing.assert_array_equal(streamed.tile_map.grid.is_tissue, whole.tile_map.grid.is_tissue)
+    np.testing.assert_allclose(streamed.heatmap, whole.heatmap, atol=1e-6, equal_nan=True)
+    folder = streamed.save(tmp_path)
+    for name in ("sc-0001.dcm", "pm.dcm", "sr.dcm"):
+        assert dciodvfy(folder / name) == [], name
+
+
+def test_background_of_a_streamed_slide_is_never_scored(scorer, tmp_path, stream_everything):
+    slide = make_synthetic_slide(tmp_path / "slide.tif", 4096)
+    result = analyze(slide, scorer, progress=False, level=0, tile_size=256)
+    assert isinstance(result.image, StreamedSlide)
+    analysed = np.isfinite(result.heatmap)
+    cols = analysed.shape[1]
+    assert analysed[:, : cols // 2].all() and not analysed[:, cols // 2 :].any()
+
+
+def test_whole_image_operations_are_refused_on_a_streamed_slide(scorer, data_dir, stream_everything):
+    with pytest.raises(ConfigurationError, match="streamed"):
+        analyze(data_dir / "cmu_small_region.svs", scorer, progress=False, zoom=0.5)
