@@ -39,3 +39,15 @@ def test_background_of_a_streamed_slide_is_never_scored(scorer, tmp_path, stream
 def test_whole_image_operations_are_refused_on_a_streamed_slide(scorer, data_dir, stream_everything):
     with pytest.raises(ConfigurationError, match="streamed"):
         analyze(data_dir / "cmu_small_region.svs", scorer, progress=False, zoom=0.5)
+
+
+def test_streamed_tiles_come_from_a_coarser_level_when_that_is_enough(tmp_path, stream_everything):
+    slide = make_synthetic_slide(tmp_path / "slide.tif", 4096)
+    image, _ = slide_io.LoadInput(level=0)(slide)
+    full = image[0, 0:256, 0:256]
+    coarse = image.region(0, 0, 256, 256, min_side=48)
+    assert full.shape == (256, 256, 3) and coarse.shape == (64, 64, 3)  # level 1 (/4) still gives 64 >= 48 px
+    assert image.region(0, 0, 256, 256, min_side=100).shape == (256, 256, 3)  # level 1 would be too small
+    # the same picture, only smaller
+    shrunk = np.asarray(__import__("PIL.Image", fromlist=["Image"]).fromarray(full).resize((64, 64)))
+    assert np.abs(shrunk.astype(int) - coarse.astype(int)).mean() < 20

@@ -71,10 +71,16 @@ class TileGrid:
         _, row, col = self.position(number)
         return (int(self.row_edges[row]), int(self.col_edges[col]), int(self.row_edges[row + 1]), int(self.col_edges[col + 1]))
 
-    def tile(self, image: np.ndarray, number: int) -> np.ndarray:
-        """The pixels of tile ``number`` from an image (slices, rows, cols, channels)."""
+    def tile(self, image: np.ndarray, number: int, min_side: int | None = None) -> np.ndarray:
+        """The pixels of tile ``number`` from an image (slices, rows, cols, channels).
+
+        With ``min_side``, a streamed slide may give the tile from a coarser pyramid level,
+        at least ``min_side`` pixels a side (the network shrinks it anyway).
+        """
         slice_index = int(self.position(number)[0])
         top, left, bottom, right = self.box(number)
+        if min_side is not None and hasattr(image, "region"):
+            return image.region(top, left, bottom, right, min_side)
         return image[slice_index, top:bottom, left:right]
 
     def table(self) -> list[dict[str, Any]]:

@@ -458,6 +458,29 @@ class StreamedSlide:
             raise InputError(self.path, f"cannot read a region of level {self.level} ({error})") from None
         return np.asarray(region.convert("RGB"))
 
+    def region(self, top: int, left: int, bottom: int, right: int, min_side: int) -> np.ndarray:
+        """The region [top:bottom, left:right] of this level, read from the coarsest level of
+        the slide's pyramid that still gives it at least ``min_side`` pixels a side - a
+        tile that will be shrunk for the network need not be read at full resolution."""
+        import openslide
+
+        finer = self._downsample
+        best, best_downsample = self.level, finer
+        for level, downsample in enumerate(self._slide.level_downsamples):
+            factor = downsample / finer
+            if factor > best_downsample / finer and min(bottom - top, right - left) / factor >= min_side:
+                best, best_downsample = level, downsample
+        if best == self.level:
+            return self[0, top:bottom, left:right]
+        factor = best_downsample / finer
+        size = (max(1, int(round((right - left) / factor))), max(1, int(round((bottom - top) / factor))))
+        location = (int(round(left * finer)), int(round(top * finer)))
+        try:
+            region = self._slide.read_region(location, best, size)
+        except openslide.OpenSlideError as error:
+            raise InputError(self.path, f"cannot read a region of level {best} ({error})") from None
+        return np.asarray(region.convert("RGB"))
+
     def thumbnail(self, max_side: int) -> tuple[np.ndarray, float]:
         """(rows', cols', 3) uint8 picture of the level no larger than ``max_side``, and its scale."""
         height, width = self.shape[1:3]
