@@ -14,6 +14,9 @@ __all__ = ["colorize", "render_slice", "MAX_SIDE"]
 
 #: Longest side of a rendered picture; larger images are shown downscaled.
 MAX_SIDE = 2048
+#: Smaller images (a 64 px MR slice) are shown enlarged to this longest side, so that
+#: grid, arrow and text stay readable.
+MIN_SIDE = 512
 #: Colour ramp from 0 (dark blue) over cyan, yellow to 1 (red).
 _RAMP = np.array([[0, 0, 140], [0, 120, 255], [0, 230, 230], [255, 230, 0], [255, 60, 0], [180, 0, 0]], dtype=np.float64)
 _ALPHA = 0.45
@@ -32,6 +35,19 @@ def _font(size: int) -> ImageFont.ImageFont:
         return ImageFont.load_default(size=size)
     except TypeError:  # Pillow without scalable default font
         return ImageFont.load_default()
+
+
+def _wrap(text: str, font: ImageFont.ImageFont, width: float) -> list[str]:
+    """Break ``text`` at spaces into lines no wider than ``width`` pixels."""
+    lines, line = [], ""
+    for word in text.split(" "):
+        candidate = f"{line} {word}".strip()
+        if line and font.getlength(candidate) > width:
+            lines.append(line)
+            line = word
+        else:
+            line = candidate
+    return lines + [line]
 
 
 def render_slice(image, heatmap: Heatmap, summary: SpreadSummary, slice_index: int, caption: str) -> tuple[np.ndarray, float]:
@@ -55,9 +71,12 @@ def render_slice(image, heatmap: Heatmap, summary: SpreadSummary, slice_index: i
     else:
         height, width = image.shape[:2]
         scale = min(1.0, MAX_SIDE / max(height, width))
+        if max(height, width) < MIN_SIDE:
+            scale = float(MIN_SIDE // max(height, width))  # whole pixels, shown as blocks
         picture = Image.fromarray(image)
-        if scale < 1.0:
-            picture = picture.resize((max(1, round(width * scale)), max(1, round(height * scale))), Image.BILINEAR)
+        if scale != 1.0:
+            resample = Image.NEAREST if scale > 1 else Image.BILINEAR
+            picture = picture.resize((max(1, round(width * scale)), max(1, round(height * scale))), resample)
     # tiles are upsampled by nearest neighbour onto the picture: one colour per tile
     scores = heatmap.scores[slice_index]
     analysed = np.isfinite(scores)
@@ -71,11 +90,12 @@ def render_slice(image, heatmap: Heatmap, summary: SpreadSummary, slice_index: i
 
     unit = max(12, round(min(picture.width, picture.height) / 40))
     bar_width = 5 * unit
-    caption_height = 2 * unit
+    font = _font(unit)
+    lines = _wrap(caption, font, picture.width + bar_width - unit)
+    caption_height = round((len(lines) + 0.6) * unit * 1.25)
     canvas = Image.new("RGB", (picture.width + bar_width, picture.height + caption_height), (0, 0, 0))
     canvas.paste(Image.fromarray(blended), (0, 0))
     draw = ImageDraw.Draw(canvas)
-    font = _font(unit)
     for edge in grid.row_edges[1:-1]:
         draw.line([(0, edge * scale), (picture.width - 1, edge * scale)], fill=(255, 255, 255), width=1)
     for edge in grid.col_edges[1:-1]:
@@ -91,12 +111,14 @@ def render_slice(image, heatmap: Heatmap, summary: SpreadSummary, slice_index: i
         draw.text((picture.width + 2.2 * unit, y - unit / 2), f"{value:.1f}", fill=(255, 255, 255), font=font)
 
     if summary.directed and summary.focus_index is not None and summary.focus_index[0] == slice_index:
-        _draw_arrow(draw, heatmap, summary, scale, unit)
-    draw.text((unit // 2, picture.height + unit // 3), caption, fill=(255, 255, 255), font=font)
+        _draw_arrow(draw, heatmap, summary, scale, unit, picture.size)
+    for index, line in enumerate(lines):
+        draw.text((unit // 2, picture.height + unit // 3 + index * unit * 1.25), line, fill=(255, 255, 255), font=font)
     return np.asarray(canvas), scale
 
 
-def _draw_arrow(draw: ImageDraw.ImageDraw, heatmap: Heatmap, summary: SpreadSummary, scale: float, unit: int) -> None:
+def _draw_arrow(draw: ImageDraw.ImageDraw, heatmap: Heatmap, summary: SpreadSummary, scale: float, unit: int,
+                picture_size: tuple[int, int]) -> None:
     """Arrow from the focus tile along the in-plane direction, as far as the lesion reaches."""
     _, row, col = summary.focus_index
     grid = heatmap.grid
@@ -110,7 +132,17 @@ def _draw_arrow(draw: ImageDraw.ImageDraw, heatmap: Heatmap, summary: SpreadSumm
     # the in-plane direction covers |tile_affine @ step| of them
     step = np.array([0.0, direction[1], direction[0]])
     reach_tiles = max(summary.reach / np.linalg.norm(heatmap.tile_affine[:3, :3] @ step), 1.0)
-    end = start + direction * tile * reach_tiles
+    vector = direction * tile * reach_tiles  # on screen: tiles may be wider than high
+    length = float(np.linalg.norm(vector))
+    direction = vector / length
+    # keep the arrow inside the picture
+    limits = np.array(picture_size, dtype=float) - 1
+    for axis in range(2):
+        if direction[axis] > 1e-9:
+            length = min(length, (limits[axis] - start[axis]) / direction[axis])
+        elif direction[axis] < -1e-9:
+            length = min(length, -start[axis] / direction[axis])
+    end = start + direction * max(length, 0.0)
     width = max(2, unit // 4)
     draw.line([tuple(start), tuple(end)], fill=(255, 255, 255), width=width + 2)
     draw.line([tuple(start), tuple(end)], fill=(0, 0, 0), width=width)

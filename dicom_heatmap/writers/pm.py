@@ -28,7 +28,7 @@ def geometry_carrier(image: Dataset, pixel_affine: np.ndarray, scale: float, ide
     Args:
         image: the Secondary Capture the map is laid over.
         pixel_affine: 4x4 map of the analysed image's pixel index to position.
-        scale: how much the Secondary Capture is downscaled against the analysed image.
+        scale: the Secondary Capture's pixels per analysed-image pixel.
         identity: gives the frame of reference UID.
     """
     carrier = copy.deepcopy(image)

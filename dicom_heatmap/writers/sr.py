@@ -82,7 +82,8 @@ def build_structured_report(
         model_checksum: sha256 of the model, named in the algorithm identification.
         evidence_sources: the DICOM source instances (empty for slide files and pictures).
         secondary_captures: the SC of each analysed slice, in slice order.
-        sc_scale: downscale of the SC pictures against the analysed image.
+        sc_scale: scale of the SC pictures against the analysed image (below 1 when
+            shown smaller, above 1 when enlarged).
         parametric_map: the Parametric Map of the scores.
         frame_of_reference_uid: the source's, for 3D coordinates; None places the focus
             on the Secondary Capture instead.
@@ -90,8 +91,8 @@ def build_structured_report(
     # Argument checks
     if len(secondary_captures) != heatmap.scores.shape[0]:
         raise ValueError(f"secondary_captures must hold one SC per slice ({heatmap.scores.shape[0]}), got {len(secondary_captures)}")
-    if not 0 < sc_scale <= 1:
-        raise ValueError(f"sc_scale must lie in (0, 1], got {sc_scale}")
+    if not sc_scale > 0:
+        raise ValueError(f"sc_scale must be positive, got {sc_scale}")
 
     stats = heatmap.statistics(summary.threshold)
     spatial = summary.unit == "mm"
