@@ -229,15 +229,19 @@ class AnalysisResult:
         return text
 
     def _write(self, folder: Path) -> None:
-        sources = self.meta["source_datasets"]
-        reference = _evidence_header(sources[0]) if sources else synthetic_reference(self.identity, self.meta["modality"])
+        evidence = [_evidence_header(s) for s in self.meta["source_datasets"]]
+        reference = evidence[0] if evidence else synthetic_reference(self.identity, self.meta["modality"])
         affine = self.meta["affine"]
         spatial = self.meta["frame"] != "IMAGE"
         row_dir = affine[:3, 1] / np.linalg.norm(affine[:3, 1])
         col_dir = affine[:3, 2] / np.linalg.norm(affine[:3, 2])
         patient = self.meta["frame"] == "PATIENT"
-        files = []
-        secondary_captures = []
+
+        def save(ds: Dataset, name: str) -> None:
+            check_encodable(ds, self.meta["source_path"])
+            ds.save_as(folder / name, enforce_file_format=True)
+
+        sc_files, secondary_captures = [], []
         scale = 1.0
         slices = self.image.shape[0]
         frame_numbers = self.meta.get("frame_numbers")  # a multi-frame source: which frame each slice is
@@ -249,39 +253,29 @@ class AnalysisResult:
             if spatial:
                 spacing = (float(np.linalg.norm(affine[:3, 1]) / scale), float(np.linalg.norm(affine[:3, 2]) / scale))
             source, source_frame = None, None
-            if len(sources) == slices:
-                source = sources[slice_index]
-            elif len(sources) == 1 and frame_numbers:
-                source, source_frame = sources[0], frame_numbers[slice_index]
+            if len(evidence) == slices:
+                source = evidence[slice_index]
+            elif len(evidence) == 1 and frame_numbers:
+                source, source_frame = evidence[0], frame_numbers[slice_index]
             sc = build_secondary_capture(
                 picture, reference, self.identity, slice_index + 1, spacing,
-                row_dir if patient else None, col_dir if patient else None,
-                _evidence_header(source) if source is not None else None, source_frame,
+                row_dir if patient else None, col_dir if patient else None, source, source_frame,
             )
-            name = f"sc-{slice_index + 1:04d}.dcm"
-            check_encodable(sc, self.meta["source_path"])
-            sc.save_as(folder / name, enforce_file_format=True)
+            sc_files.append(f"sc-{slice_index + 1:04d}.dcm")
+            save(sc, sc_files[-1])
             secondary_captures.append(sc)
-            files.append(name)
             if slice_index == (self.spread.focus_index or [0])[0]:
                 Image.fromarray(picture).save(folder / "preview.png")
-        for_uid = self.meta.get("frame_of_reference_uid") if patient and sources else None
-        if for_uid:
-            pm_sources = [_evidence_header(s) for s in sources]
-        else:
-            pm_sources = [geometry_carrier(secondary_captures[0], affine, scale, self.identity)]
+        for_uid = self.meta.get("frame_of_reference_uid") if patient and evidence else None
+        pm_sources = evidence if for_uid else [geometry_carrier(secondary_captures[0], affine, scale, self.identity)]
         pm = build_parametric_map(self.tile_map, pm_sources, self.identity)
-        check_encodable(pm, self.meta["source_path"])
-        pm.save_as(folder / "pm.dcm", enforce_file_format=True)
+        save(pm, "pm.dcm")
         sr = build_structured_report(
-            self.tile_map, self.spread, self.identity, self.model_checksum,
-            [_evidence_header(s) for s in sources], secondary_captures, scale, pm, for_uid,
+            self.tile_map, self.spread, self.identity, self.model_checksum, evidence, secondary_captures, scale, pm, for_uid,
         )
-        check_encodable(sr, self.meta["source_path"])
-        sr.save_as(folder / "sr.dcm", enforce_file_format=True)
-        files += ["pm.dcm", "sr.dcm", "preview.png"]
+        save(sr, "sr.dcm")
         result = self.to_dict()
-        result["outputs"] = {"secondary_captures": files[:-3], "parametric_map": "pm.dcm", "structured_report": "sr.dcm",
+        result["outputs"] = {"secondary_captures": sc_files, "parametric_map": "pm.dcm", "structured_report": "sr.dcm",
                              "preview": "preview.png",
                              "uids": {"sc_series": str(secondary_captures[0].SeriesInstanceUID),
                                       "pm": str(pm.SOPInstanceUID), "sr": str(sr.SOPInstanceUID)}}

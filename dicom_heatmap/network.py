@@ -164,8 +164,12 @@ class HeadedVGG16(nn.Module):
         except KeyError as missing:
             raise ValueError(f"not a HeadedVGG16 state dict: key {missing} is missing") from None
         net = cls(input_size=input_size, width_multiplier=first_width / VGG16_CONV_WIDTHS[0], batch_norm=batch_norm)
-        net.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in state.items()})
-        return net
+        return net.load_weights(state)
+
+    def load_weights(self, state: dict[str, torch.Tensor]) -> "HeadedVGG16":
+        """Load a state dict, stored weights in any float precision (the shipped one is fp16)."""
+        self.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in state.items()})
+        return self
 
     def fold_batch_norm(self) -> "HeadedVGG16":
         """Fold each batch norm into the conv before it (inference only; in place)."""

@@ -119,7 +119,7 @@ class TileScorer:
             if network is None:
                 network = HeadedVGG16.from_state_dict(state)
             else:
-                network.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in state.items()})
+                network.load_weights(state)
         except (ValueError, RuntimeError) as error:
             raise ModelError(path, f"the weights do not fit the 13-head VGG16 ({str(error).splitlines()[0]})") from None
         network.eval().fold_batch_norm()

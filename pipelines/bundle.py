@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 from pathlib import Path
 from typing import Sequence
 
@@ -88,5 +87,4 @@ class EvaluateWorkflow:
     def run(self) -> dict:
         result = evaluate(self.data_csv, None, self.model_path, self.folds)
         print(format_report(result))
-        write_outputs(result, self.output_dir)
-        return json.loads((Path(self.output_dir) / "metrics.json").read_text())
+        return write_outputs(result, self.output_dir)

@@ -168,7 +168,8 @@ def run_evaluate(args: argparse.Namespace) -> int:
 
     result = evaluate(args.csv, args.root, args.model, args.folds, precision=args.precision)
     print(format_report(result))
-    print(f"-> {write_outputs(result, args.out)}/ (metrics.json, roc.png)")
+    write_outputs(result, args.out)
+    print(f"-> {args.out}/ (metrics.json, roc.png)")
     return 0
 
 

@@ -99,11 +99,12 @@ def draw_roc(result: dict, path: str | Path, size: int = 560) -> None:
     canvas.save(path)
 
 
-def write_outputs(result: dict, out_dir: str | Path) -> Path:
-    """``metrics.json`` and ``roc.png`` in ``out_dir``."""
+def write_outputs(result: dict, out_dir: str | Path) -> dict:
+    """Write ``metrics.json`` (the metrics without the ROC points) and ``roc.png`` in
+    ``out_dir``; return what ``metrics.json`` holds."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     summary = {k: v for k, v in result.items() if k not in ("roc", "head_roc")}
     (out_dir / "metrics.json").write_text(json.dumps(summary, indent=1))
     draw_roc(result, out_dir / "roc.png")
-    return out_dir
+    return summary

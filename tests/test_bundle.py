@@ -72,7 +72,7 @@ def test_torchscript_export_gives_the_eager_scores(tmp_path):
     parser.read_config(ROOT / "configs/inference.json")
     network = parser.get_parsed_content("network_def")
     state = torch.load(ROOT / "models/model.pt", weights_only=True)
-    network.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in state.items()})
+    network.load_weights(state)
     network.eval()
     scripted = torch.jit.load(exported)
     tiles = torch.rand(16, 3, 48, 48) * 4 - 2

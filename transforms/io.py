@@ -317,7 +317,7 @@ def load_dicom_series(paths: Sequence[Path], source: Path, series_uid: str | Non
         "affine": _affine_2d(spacing[0], spacing[1], row_dir, col_dir, positions[order[0]], slice_step=step),
         "frame": "PATIENT",
         "source_path": str(source),
-        "source_datasets": [_header(_read_dicom(path, pixels=False)) for path, _ in ordered],
+        "source_datasets": [_header(ds) for _, ds in ordered],  # the headers read above
         "frame_of_reference_uid": str(first.get("FrameOfReferenceUID", "")) or None,
     }
     return np.stack(volume)[..., None], meta
@@ -341,8 +341,8 @@ def load_dicom_image(path: Path, max_values: int = DEFAULT_MAX_VALUES) -> tuple[
         path: the file.
         max_values: the size guard, checked on the header before decoding.
     """
-    _check_size(path, _declared_values(_read_dicom(path, pixels=False), path), "the image", max_values)
-    ds = _read_dicom(path)
+    ds = _read_dicom(path)  # reads the stored (possibly compressed) bytes; nothing is decoded yet
+    _check_size(path, _declared_values(ds, path), "the image", max_values)
     if ds.get("SOPClassUID") == WSI_SOP_CLASS:
         return _load_dicom_wsi(ds, path)
     frames = int(ds.get("NumberOfFrames", 1) or 1)
