@@ -5,6 +5,7 @@
     dicom-heatmap train --data labels.csv --out DIR [--test-fold K]
     dicom-heatmap evaluate --csv labels.csv [--folds 3] [--out DIR]
     dicom-heatmap bench
+    dicom-heatmap pacs poll|listen|status --config pacs.yaml
 
 Errors print one line naming the input and the problem and exit with status 2; a
 failure of the program itself is reported the same way, with the traceback only under
@@ -88,6 +89,23 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--seconds", type=float, default=4.0, help="time per measurement (default 4)")
     bench.add_argument("--large-side", type=int, default=40000, help="side of the synthetic slide run end to end (0: skip)")
     bench.add_argument("--tile", type=int, default=224, help="tile side on the large slide (default 224)")
+
+    pacs = commands.add_parser("pacs", help="run next to a PACS: poll it, or receive series as a DICOM node")
+    pacs_commands = pacs.add_subparsers(dest="pacs_command", required=True)
+    poll = pacs_commands.add_parser("poll", help="find new series in the archive, analyse them, store the results back")
+    listen = pacs_commands.add_parser("listen", help="a storage SCP: analyse each received series once it is complete")
+    status = pacs_commands.add_parser("status", help="list the ledger: every series and its state")
+    for sub in (poll, listen, status):
+        sub.add_argument("--config", type=Path, required=True, help="the pacs.yaml file")
+    for sub in (poll, listen):
+        sub.add_argument("--workers", type=int, default=1, metavar="N", help="analyse N series in parallel processes")
+        sub.add_argument("--dask-scheduler", metavar="ADDRESS",
+                         help="send the analyses to an existing Dask cluster (e.g. tcp://10.0.0.5:8786)")
+    poll.add_argument("--every", metavar="DURATION", help="keep polling, e.g. 60s or 5m (default: one round)")
+    poll.add_argument("--force", action="store_true", help="analyse and store again series already done or failed")
+    poll.add_argument("--quiet", action="store_true", help="no progress bar")
+    status.add_argument("--state", choices=["seen", "receiving", "retrieving", "analysing", "storing", "stored", "failed"],
+                        help="only series in this state")
 
     evaluate = commands.add_parser("evaluate", help="metrics of a model on labelled tiles, with a ROC plot")
     evaluate.add_argument("--csv", type=Path, required=True, help="labels.csv (columns path, patient_id, label, fold)")
@@ -180,11 +198,18 @@ def run_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_pacs(args: argparse.Namespace) -> int:
+    from pipelines.pacs.commands import listen, poll, status
+
+    return {"poll": poll, "listen": listen, "status": status}[args.pacs_command](args)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(name)s: %(message)s")  # highdicom chats at INFO
     log.setLevel(logging.INFO)
-    handlers = {"analyze": run_analyze, "demo": run_demo, "train": run_train, "evaluate": run_evaluate, "bench": run_bench}
+    handlers = {"analyze": run_analyze, "demo": run_demo, "train": run_train, "evaluate": run_evaluate, "bench": run_bench,
+                "pacs": run_pacs}
     try:
         return handlers[args.command](args)
     except DicomHeatmapError as error:

@@ -63,7 +63,7 @@ def dciodvfy():
 
 
 def write_series(folder: Path, slices: int = 4, spacing: float = 2.5, series_uid: str | None = None,
-                 reverse_files: bool = True, photometric: str = "MONOCHROME2") -> list[Path]:
+                 reverse_files: bool = True, photometric: str = "MONOCHROME2", study_uid: str | None = None) -> list[Path]:
     """Write a CT series built from pydicom's CT_small: real pixels, new positions and UIDs.
 
     Files are written in reverse order of position so a loader must sort them.
@@ -78,6 +78,8 @@ def write_series(folder: Path, slices: int = 4, spacing: float = 2.5, series_uid
     for index in order:
         ds = copy.deepcopy(template)
         ds.SeriesInstanceUID = series_uid
+        if study_uid:
+            ds.StudyInstanceUID = study_uid
         ds.SOPInstanceUID = generate_uid()
         ds.InstanceNumber = index + 1
         position = np.array(template.ImagePositionPatient, dtype=float) + [0, 0, index * spacing]

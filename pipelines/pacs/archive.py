@@ -1,0 +1,87 @@
+"""What the job needs from an archive, whatever the protocol: find, retrieve, store.
+
+:func:`open_archive` gives a :class:`~pipelines.pacs.dimse.DimseArchive` (C-FIND,
+C-GET or C-MOVE, C-STORE) or a :class:`~pipelines.pacs.dicomweb.DicomwebArchive`
+(QIDO-RS, WADO-RS, STOW-RS). Both raise :class:`ArchiveUnavailable` for faults that may
+pass (the archive is down, refuses the association, times out) and
+:class:`ArchiveRefused` when the archive answers that it will not take or give an object.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Protocol
+
+from dicom_heatmap.errors import DicomHeatmapError, InputError
+from dicom_heatmap.writers.common import SERIES_DESCRIPTION_SUFFIX
+
+from pipelines.pacs.config import PacsConfig, Query
+from pipelines.pacs.ledger import SeriesRef
+
+__all__ = ["Archive", "ArchiveUnavailable", "ArchiveRefused", "open_archive", "checked_uid",
+           "is_our_output", "write_instance"]
+
+_UID = re.compile(r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*$")
+
+
+class ArchiveUnavailable(DicomHeatmapError):
+    """The archive cannot be reached or does not answer now; trying later may work."""
+
+
+class ArchiveRefused(DicomHeatmapError):
+    """The archive answered, and refused (an object it will not store, a failed retrieve)."""
+
+
+def checked_uid(value: object, what: str) -> str:
+    """A UID fit to name a file: digits and dots only, at most 64 characters.
+
+    Files are named by UID, and UIDs come from headers and peers; anything else (a path
+    separator, ``..``, a patient name) is refused here.
+    """
+    text = str(value or "").strip().rstrip("\x00")
+    if len(text) > 64 or not _UID.match(text):
+        raise InputError(what, "not a valid DICOM UID (digits and dots, at most 64 characters)")
+    return text
+
+
+def is_our_output(series: SeriesRef) -> bool:
+    """Series that hold dicom-heatmap results (never analysed again)."""
+    return series.series_description.endswith(f"({SERIES_DESCRIPTION_SUFFIX})")
+
+
+def write_instance(folder: Path, sop_uid: str, encoded: bytes) -> Path:
+    """Write one received instance as ``folder/<SOP Instance UID>.dcm``, whole or not at all."""
+    name = checked_uid(sop_uid, "a received instance's SOP Instance UID")
+    folder.mkdir(parents=True, exist_ok=True)
+    final = folder / f"{name}.dcm"
+    partial = folder / f".{name}.partial"
+    partial.write_bytes(encoded)
+    partial.replace(final)
+    return final
+
+
+class Archive(Protocol):
+    """The three things the job asks of an archive."""
+
+    name: str
+
+    def find_series(self, query: Query) -> list[SeriesRef]:
+        """Series matching the query's modalities, date range and description pattern."""
+
+    def retrieve(self, series: SeriesRef, folder: Path) -> int:
+        """Fetch every instance of the series into ``folder`` (named by SOP Instance UID)."""
+
+    def store(self, paths: list[Path]) -> int:
+        """Store the files; an instance the archive already holds counts as stored."""
+
+
+def open_archive(config: PacsConfig) -> Archive:
+    """The archive the configuration names, speaking its protocol."""
+    if config.pacs.protocol == "dicomweb":
+        from pipelines.pacs.dicomweb import DicomwebArchive
+
+        return DicomwebArchive(config)
+    from pipelines.pacs.dimse import DimseArchive
+
+    return DimseArchive(config)

@@ -1,0 +1,458 @@
+"""The PACS job's configuration file (YAML), read and checked in one place.
+
+Every key is checked when the file is read, and a wrong one is reported with the file and
+the key's dotted name, so a typo never surfaces as a failure hours into a batch. Secrets
+never live in the file: the DICOMweb password comes from an environment variable or a
+file of its own, and no ``repr`` or message ever shows it.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import fnmatch
+import os
+import re
+import ssl
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from dicom_heatmap.api import AnalysisSettings
+from dicom_heatmap.errors import ConfigurationError
+
+__all__ = ["PacsConfig", "RemoteNode", "Query", "SelectionRule", "RetryPolicy", "TlsSettings", "load_config"]
+
+_AE_TITLE = re.compile(r"^[\x21-\x5b\x5d-\x7e]([\x20-\x5b\x5d-\x7e]{0,14}[\x21-\x5b\x5d-\x7e])?$")
+_DATE_RANGE = re.compile(r"^(\d{8})?-?(\d{8})?$")
+_LAST_DAYS = re.compile(r"^last (\d+) days?$")
+_DURATION = re.compile(r"^(\d+(?:\.\d+)?)\s*(s|m|h)?$")
+
+
+def _where(path: Path, key: str) -> str:
+    return f"{path}: {key}"
+
+
+def parse_duration(text: str | float | int, what: str = "duration") -> float:
+    """Seconds from ``60``, ``"60s"``, ``"5m"`` or ``"2h"``."""
+    match = _DURATION.match(str(text).strip())
+    if not match:
+        raise ConfigurationError(f"{what}: expected seconds or a duration such as 60s, 5m or 2h, got {text!r}")
+    return float(match.group(1)) * {"s": 1, None: 1, "m": 60, "h": 3600}[match.group(2)]
+
+
+def _ae_title(value: Any, where: str) -> str:
+    if not isinstance(value, str) or not _AE_TITLE.match(value):
+        raise ConfigurationError(f"{where}: an AE title is 1 to 16 printable characters without backslash, got {value!r}")
+    return value
+
+
+def _port(value: Any, where: str) -> int:
+    if not isinstance(value, int) or not 1 <= value <= 65535:
+        raise ConfigurationError(f"{where}: a TCP port is a whole number 1..65535, got {value!r}")
+    return value
+
+
+@dataclass(frozen=True)
+class TlsSettings:
+    """TLS for DIMSE associations (both directions).
+
+    Attributes:
+        ca_file: certificates that peers must present (verification is always on).
+        cert_file: our certificate (PEM).
+        key_file: its private key (PEM).
+    """
+
+    ca_file: Path
+    cert_file: Path
+    key_file: Path
+
+    def context(self, server: bool) -> ssl.SSLContext:
+        """An SSL context for our SCP (``server``) or our SCU, with peer verification."""
+        purpose = ssl.Purpose.CLIENT_AUTH if server else ssl.Purpose.SERVER_AUTH
+        context = ssl.create_default_context(purpose, cafile=str(self.ca_file))
+        context.verify_mode = ssl.CERT_REQUIRED
+        context.check_hostname = False  # DICOM peers are named by AE title and certificate, not host name
+        context.load_cert_chain(str(self.cert_file), str(self.key_file))
+        return context
+
+
+@dataclass(frozen=True)
+class RemoteNode:
+    """The archive the job queries, retrieves from and stores to.
+
+    Attributes:
+        protocol: ``dimse`` or ``dicomweb``.
+        ae_title, host, port: the archive's DIMSE address.
+        retrieve: ``c-get`` or ``c-move`` (DIMSE); DICOMweb always uses WADO-RS.
+        url: the DICOMweb root, e.g. ``http://pacs:8042/dicom-web``.
+        username: DICOMweb user name (the password comes from ``password_env`` or ``password_file``).
+        timeout_s: seconds to wait for a connection or an answer.
+    """
+
+    protocol: str
+    ae_title: str | None = None
+    host: str | None = None
+    port: int | None = None
+    retrieve: str = "c-get"
+    url: str | None = None
+    username: str | None = None
+    password_env: str | None = None
+    password_file: Path | None = None
+    timeout_s: float = 30.0
+
+    def password(self) -> str | None:
+        """The DICOMweb password, read when needed (never stored on the object)."""
+        if self.password_env:
+            value = os.environ.get(self.password_env)
+            if value is None:
+                raise ConfigurationError(f"pacs.password_env: the environment variable {self.password_env} is not set")
+            return value
+        if self.password_file:
+            try:
+                return self.password_file.read_text().strip()
+            except OSError as error:
+                raise ConfigurationError(f"pacs.password_file: {self.password_file}: cannot read ({error.strerror})") from None
+        return None
+
+    @property
+    def name(self) -> str:
+        """How logs name the archive (no credentials)."""
+        if self.protocol == "dicomweb":
+            return self.url or "?"
+        return f"{self.ae_title}@{self.host}:{self.port}"
+
+
+@dataclass(frozen=True)
+class SelectionRule:
+    """One rule of a selection-rule file: a series is taken when it matches every given key.
+
+    Attributes:
+        modalities: allowed Modality values.
+        series_description: shell-style pattern (``*``, ``?``), case-insensitive.
+        body_part: pattern for Body Part Examined.
+        min_instances: least number of instances.
+        exclude: a matching series is refused instead of taken.
+    """
+
+    modalities: tuple[str, ...] = ()
+    series_description: str | None = None
+    body_part: str | None = None
+    min_instances: int = 0
+    exclude: bool = False
+
+    def matches(self, series) -> bool:
+        """Whether a :class:`~pipelines.pacs.ledger.SeriesRef` meets every key of the rule."""
+        if self.modalities and series.modality not in self.modalities:
+            return False
+        if self.series_description is not None and not fnmatch.fnmatchcase(
+                series.series_description.lower(), self.series_description.lower()):
+            return False
+        if self.body_part is not None and not fnmatch.fnmatchcase(series.body_part.lower(), self.body_part.lower()):
+            return False
+        count = series.instances
+        return not (self.min_instances and count is not None and count < self.min_instances)
+
+
+@dataclass(frozen=True)
+class Query:
+    """Which series a poll looks for.
+
+    Attributes:
+        modalities: one C-FIND / QIDO query per modality.
+        study_date: a DICOM date range ``YYYYMMDD-YYYYMMDD`` (either end may be open),
+            ``today``, or ``last N days``; ``None`` for any date.
+        series_description: a pattern the archive matches (``*`` wildcards).
+        rules: from a selection-rule file; the first rule that matches decides, and a
+            series no rule matches is not taken. Empty: every found series is taken.
+    """
+
+    modalities: tuple[str, ...] = ("CT", "MR", "SM")
+    study_date: str | None = None
+    series_description: str | None = None
+    rules: tuple[SelectionRule, ...] = ()
+
+    def date_range(self, today: dt.date | None = None) -> str | None:
+        """The study date as a DICOM range, ``last N days`` resolved against ``today``."""
+        if self.study_date is None:
+            return None
+        today = today or dt.date.today()
+        if self.study_date == "today":
+            return today.strftime("%Y%m%d")
+        match = _LAST_DAYS.match(self.study_date)
+        if match:
+            start = today - dt.timedelta(days=int(match.group(1)))
+            return f"{start:%Y%m%d}-{today:%Y%m%d}"
+        return self.study_date
+
+    def selects(self, series) -> bool:
+        if not self.rules:
+            return True
+        for rule in self.rules:
+            if rule.matches(series):
+                return not rule.exclude
+        return False
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """Retries of transient faults (archive down, association rejected, timeout).
+
+    Attributes:
+        max_attempts: attempts before a series is marked failed for good.
+        backoff_s: wait after the first failure; doubles with every further one.
+        backoff_max_s: the longest wait.
+    """
+
+    max_attempts: int = 5
+    backoff_s: float = 60.0
+    backoff_max_s: float = 3600.0
+
+    def delay(self, attempts: int) -> float:
+        return min(self.backoff_s * 2 ** max(attempts - 1, 0), self.backoff_max_s)
+
+
+@dataclass(frozen=True)
+class PacsConfig:
+    """The whole configuration of ``dicom-heatmap pacs``.
+
+    Attributes:
+        source: the file it was read from (for messages).
+        ae_title: our AE title.
+        bind: the address our SCP listens on (``127.0.0.1`` unless told otherwise).
+        port: our SCP's port (``pacs listen``, and the C-MOVE destination).
+        allowed_peers: calling AE titles our SCP accepts; all others are rejected.
+        pacs: the archive.
+        query: what ``pacs poll`` looks for.
+        quiet_s: ``pacs listen`` treats a series as complete after this long without a new instance.
+        work_dir: the job's own folder: ledger, received and retrieved instances, results
+            in progress. Nothing in it is named by a header value other than a checked UID.
+        ledger: the SQLite ledger (default ``work_dir/ledger.sqlite``).
+        retry: the retry policy.
+        tls: TLS for DIMSE, or ``None``.
+        model: model file (``None``: the shipped model).
+        precision: conv-layer precision, as for ``analyze``.
+        settings: the analysis settings.
+    """
+
+    source: Path
+    ae_title: str
+    pacs: RemoteNode
+    work_dir: Path
+    bind: str = "127.0.0.1"
+    port: int = 11112
+    allowed_peers: tuple[str, ...] = ()
+    query: Query = field(default_factory=Query)
+    quiet_s: float = 30.0
+    ledger: Path | None = None
+    retry: RetryPolicy = field(default_factory=RetryPolicy)
+    tls: TlsSettings | None = None
+    model: Path | None = None
+    precision: str = "auto"
+    settings: AnalysisSettings = field(default_factory=AnalysisSettings)
+
+    @property
+    def ledger_path(self) -> Path:
+        return self.ledger or self.work_dir / "ledger.sqlite"
+
+
+_TOP_KEYS = {"ae_title", "bind", "port", "allowed_peers", "pacs", "query", "quiet", "work_dir", "ledger", "retry",
+             "tls", "analysis"}
+_PACS_KEYS = {"protocol", "ae_title", "host", "port", "retrieve", "url", "username", "password_env", "password_file",
+              "timeout"}
+_QUERY_KEYS = {"modalities", "study_date", "series_description", "rules"}
+_RULE_KEYS = {"modalities", "series_description", "body_part", "min_instances", "exclude"}
+_RETRY_KEYS = {"max_attempts", "backoff", "backoff_max"}
+_TLS_KEYS = {"ca_file", "cert_file", "key_file"}
+_ANALYSIS_KEYS = {"model", "precision", "grid", "tile_size", "tile_size_um", "tissue_threshold", "threshold", "crop",
+                  "crop_size", "zoom", "rotate", "resolution_um", "level"}
+
+
+def _mapping(value: Any, where: str, allowed: set[str]) -> dict:
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise ConfigurationError(f"{where}: expected a mapping of keys, got {type(value).__name__}")
+    unknown = sorted(set(map(str, value)) - allowed)
+    if unknown:
+        raise ConfigurationError(f"{where}: unknown key {unknown[0]!r} (known: {', '.join(sorted(allowed))})")
+    return value
+
+
+def _path(value: Any, base: Path, where: str) -> Path:
+    if not isinstance(value, str) or not value:
+        raise ConfigurationError(f"{where}: expected a path, got {value!r}")
+    path = Path(value).expanduser()
+    return path if path.is_absolute() else base / path
+
+
+def _strings(value: Any, where: str) -> tuple[str, ...]:
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
+        raise ConfigurationError(f"{where}: expected a list of names, got {value!r}")
+    return tuple(value)
+
+
+def _number(value: Any, where: str, minimum: float = 0) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value < minimum:
+        raise ConfigurationError(f"{where}: expected a number >= {minimum}, got {value!r}")
+    return float(value)
+
+
+def _read_yaml(path: Path, what: str) -> Any:
+    try:
+        text = path.read_text()
+    except OSError as error:
+        raise ConfigurationError(f"{path}: cannot read the {what} ({error.strerror})") from None
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        place = f" at line {mark.line + 1}" if mark else ""
+        raise ConfigurationError(f"{path}: not valid YAML{place}") from None
+
+
+def _remote(raw: Any, path: Path) -> RemoteNode:
+    raw = _mapping(raw, _where(path, "pacs"), _PACS_KEYS)
+    protocol = raw.get("protocol", "dimse")
+    if protocol not in ("dimse", "dicomweb"):
+        raise ConfigurationError(f"{_where(path, 'pacs.protocol')}: 'dimse' or 'dicomweb', got {protocol!r}")
+    timeout = parse_duration(raw.get("timeout", 30), _where(path, "pacs.timeout"))
+    if protocol == "dicomweb":
+        url = raw.get("url")
+        if not isinstance(url, str) or not re.match(r"^https?://", url):
+            raise ConfigurationError(f"{_where(path, 'pacs.url')}: the DICOMweb root URL (http:// or https://) is required")
+        if raw.get("password_env") and raw.get("password_file"):
+            raise ConfigurationError(f"{_where(path, 'pacs')}: give password_env or password_file, not both")
+        if re.match(r"^https?://[^/]*@", url):
+            raise ConfigurationError(f"{_where(path, 'pacs.url')}: put no credentials in the URL; use username and "
+                                     "password_env or password_file")
+        return RemoteNode(
+            protocol, ae_title=raw.get("ae_title"), url=url.rstrip("/"), username=raw.get("username"),
+            password_env=raw.get("password_env"),
+            password_file=_path(raw["password_file"], path.parent, _where(path, "pacs.password_file"))
+            if raw.get("password_file") else None,
+            timeout_s=timeout,
+        )
+    for key in ("ae_title", "host", "port"):
+        if key not in raw:
+            raise ConfigurationError(f"{_where(path, 'pacs.' + key)}: required for protocol dimse")
+    retrieve = raw.get("retrieve", "c-get")
+    if retrieve not in ("c-get", "c-move"):
+        raise ConfigurationError(f"{_where(path, 'pacs.retrieve')}: 'c-get' or 'c-move', got {retrieve!r}")
+    return RemoteNode(
+        protocol, ae_title=_ae_title(raw["ae_title"], _where(path, "pacs.ae_title")), host=str(raw["host"]),
+        port=_port(raw["port"], _where(path, "pacs.port")), retrieve=retrieve, timeout_s=timeout,
+    )
+
+
+def _rules(value: Any, path: Path) -> tuple[SelectionRule, ...]:
+    rules_path = _path(value, path.parent, _where(path, "query.rules"))
+    raw = _read_yaml(rules_path, "selection-rule file")
+    if isinstance(raw, dict) and "rules" in raw:
+        raw = raw["rules"]
+    if not isinstance(raw, list) or not raw:
+        raise ConfigurationError(f"{rules_path}: expected a list of rules (each a mapping such as "
+                                 "{{modalities: [CT], series_description: '*chest*'}})")
+    rules = []
+    for index, item in enumerate(raw):
+        where = _where(rules_path, f"rule {index + 1}")
+        item = _mapping(item, where, _RULE_KEYS)
+        rules.append(SelectionRule(
+            modalities=_strings(item["modalities"], where + ".modalities") if "modalities" in item else (),
+            series_description=item.get("series_description"),
+            body_part=item.get("body_part"),
+            min_instances=int(_number(item.get("min_instances", 0), where + ".min_instances")),
+            exclude=bool(item.get("exclude", False)),
+        ))
+    return tuple(rules)
+
+
+def _query(raw: Any, path: Path) -> Query:
+    raw = _mapping(raw, _where(path, "query"), _QUERY_KEYS)
+    modalities = _strings(raw.get("modalities", ["CT", "MR", "SM"]), _where(path, "query.modalities"))
+    study_date = raw.get("study_date")
+    if study_date is not None:
+        study_date = str(study_date).strip()
+        if study_date != "today" and not _LAST_DAYS.match(study_date) and not (
+                _DATE_RANGE.match(study_date) and study_date.strip("-")):
+            raise ConfigurationError(f"{_where(path, 'query.study_date')}: expected YYYYMMDD, YYYYMMDD-YYYYMMDD, "
+                                     f"'today' or 'last N days', got {study_date!r}")
+    return Query(modalities, study_date, raw.get("series_description"),
+                 _rules(raw["rules"], path) if "rules" in raw else ())
+
+
+def _analysis(raw: Any, path: Path) -> tuple[Path | None, str, AnalysisSettings]:
+    raw = dict(_mapping(raw, _where(path, "analysis"), _ANALYSIS_KEYS))
+    model = raw.pop("model", None)
+    model = _path(model, path.parent, _where(path, "analysis.model")) if model else None
+    precision = raw.pop("precision", "auto")
+    if precision not in ("auto", "fp32", "bf16", "fp16"):
+        raise ConfigurationError(f"{_where(path, 'analysis.precision')}: auto, fp32, bf16 or fp16, got {precision!r}")
+    for pair in ("grid", "crop_size"):
+        if pair in raw:
+            value = raw[pair]
+            if not (isinstance(value, list) and len(value) == 2 and all(isinstance(v, int) and v > 0 for v in value)):
+                raise ConfigurationError(f"{_where(path, 'analysis.' + pair)}: expected [rows, cols], got {value!r}")
+            raw[pair] = tuple(value)
+    if "tile_size_um" in raw:
+        raw["tile_size_mm"] = _number(raw.pop("tile_size_um"), _where(path, "analysis.tile_size_um")) / 1000
+    if "resolution_um" in raw:
+        raw["resolution_mm"] = _number(raw.pop("resolution_um"), _where(path, "analysis.resolution_um")) / 1000
+    try:
+        settings = AnalysisSettings(**raw)
+    except ConfigurationError as error:
+        raise ConfigurationError(f"{_where(path, 'analysis')}: {error}") from None
+    except TypeError:
+        raise ConfigurationError(f"{_where(path, 'analysis')}: a value has the wrong type") from None
+    return model, precision, settings
+
+
+def load_config(path: str | Path) -> PacsConfig:
+    """Read and check a ``pacs.yaml``; relative paths in it are relative to the file.
+
+    Raises:
+        ConfigurationError: naming the file and the key that is wrong.
+    """
+    path = Path(path).resolve()
+    raw = _mapping(_read_yaml(path, "PACS configuration"), str(path), _TOP_KEYS)
+    for key in ("ae_title", "pacs", "work_dir"):
+        if key not in raw:
+            raise ConfigurationError(f"{_where(path, key)}: required")
+    retry = _mapping(raw.get("retry"), _where(path, "retry"), _RETRY_KEYS)
+    tls = _mapping(raw.get("tls"), _where(path, "tls"), _TLS_KEYS) if raw.get("tls") else None
+    if tls is not None:
+        missing = sorted(_TLS_KEYS - set(tls))
+        if missing:
+            raise ConfigurationError(f"{_where(path, 'tls.' + missing[0])}: required when tls is given")
+        tls = TlsSettings(*(_path(tls[k], path.parent, _where(path, 'tls.' + k)) for k in ("ca_file", "cert_file", "key_file")))
+        for file in (tls.ca_file, tls.cert_file, tls.key_file):
+            if not file.is_file():
+                raise ConfigurationError(f"{_where(path, 'tls')}: {file} does not exist")
+    model, precision, settings = _analysis(raw.get("analysis"), path)
+    bind = str(raw.get("bind", "127.0.0.1"))
+    return PacsConfig(
+        source=path,
+        ae_title=_ae_title(raw["ae_title"], _where(path, "ae_title")),
+        pacs=_remote(raw["pacs"], path),
+        work_dir=_path(raw["work_dir"], path.parent, _where(path, "work_dir")),
+        bind=bind,
+        port=_port(raw.get("port", 11112), _where(path, "port")),
+        allowed_peers=tuple(_ae_title(p, _where(path, "allowed_peers")) for p in
+                            _strings(raw.get("allowed_peers", []), _where(path, "allowed_peers")))
+        if raw.get("allowed_peers") else (),
+        query=_query(raw.get("query"), path),
+        quiet_s=parse_duration(raw.get("quiet", 30), _where(path, "quiet")),
+        ledger=_path(raw["ledger"], path.parent, _where(path, "ledger")) if raw.get("ledger") else None,
+        retry=RetryPolicy(
+            max_attempts=int(_number(retry.get("max_attempts", 5), _where(path, "retry.max_attempts"), 1)),
+            backoff_s=parse_duration(retry.get("backoff", 60), _where(path, "retry.backoff")),
+            backoff_max_s=parse_duration(retry.get("backoff_max", 3600), _where(path, "retry.backoff_max")),
+        ),
+        tls=tls,
+        model=model,
+        precision=precision,
+        settings=settings,
+    )

@@ -1,0 +1,323 @@
+"""The PACS batch job and DICOM node against a real Orthanc on loopback.
+
+Every test starts its own Orthanc (Debian's orthanc + orthanc-dicomweb) on free ports with
+its own storage, runs ``dicom-heatmap pacs ...`` in a child process as hospital IT would,
+and checks what Orthanc holds afterwards through its REST API.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pytest
+from pydicom.uid import generate_uid
+
+from conftest import ROOT, write_series
+from orthanc import ORTHANC, Orthanc, free_port
+
+pytestmark = pytest.mark.skipif(not Path(ORTHANC).exists(), reason="needs Debian's orthanc (make test installs it)")
+
+OUR_AE = "DHEATMAP"
+OUTPUTS_PER_CT = 6  # 4 SC slices + PM + SR
+OUTPUTS_PER_SLIDE = 3
+
+
+@pytest.fixture
+def our_port() -> int:
+    return free_port()
+
+
+@pytest.fixture
+def orthanc(tmp_path, our_port):
+    server = Orthanc(tmp_path / "orthanc", OUR_AE, our_port).start()
+    yield server
+    server.stop(kill=True)
+
+
+def write_config(path: Path, orthanc: Orthanc, our_port: int, protocol: str = "dimse", retrieve: str = "c-get",
+                 work_dir: str = "work", extra: str = "") -> Path:
+    if protocol == "dimse":
+        pacs = (f"  protocol: dimse\n  ae_title: ORTHANC\n  host: 127.0.0.1\n  port: {orthanc.dicom_port}\n"
+                f"  retrieve: {retrieve}\n  timeout: 10s\n")
+    else:
+        pacs = f"  protocol: dicomweb\n  url: {orthanc.url}/dicom-web\n  username: heatmap\n  password_env: DHM_TEST_PASSWORD\n"
+    path.write_text(f"ae_title: {OUR_AE}\nport: {our_port}\nallowed_peers: [ORTHANC]\npacs:\n{pacs}"
+                    f"work_dir: {work_dir}\nquiet: 1s\nretry:\n  backoff: 0\n  max_attempts: 3\n{extra}")
+    return path
+
+
+def run_pacs(*args: str, env: dict | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "pipelines.cli", "pacs", *map(str, args)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=timeout, env={**os.environ, **(env or {})})
+
+
+def start_pacs(*args: str, env: dict | None = None) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "pipelines.cli", "pacs", *map(str, args)], cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+                            env={**os.environ, **(env or {})})
+
+
+def ct_study(folder: Path) -> tuple[str, list[Path]]:
+    """A 4-slice CT series in a study of its own."""
+    study = generate_uid()
+    return study, write_series(folder, study_uid=study)
+
+
+def ledger_states(work_dir: Path) -> dict[str, str]:
+    path = work_dir / "ledger.sqlite"
+    if not path.exists():
+        return {}
+    try:
+        with sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=5) as db:
+            return dict(db.execute("SELECT series_uid, state FROM series").fetchall())
+    except sqlite3.OperationalError:  # the schema is not written yet
+        return {}
+
+
+def wait_for(condition, timeout: float = 120, what: str = "condition") -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def result_counts(orthanc: Orthanc) -> dict[str, int]:
+    return {study: len(items) for study, items in orthanc.results_by_source().items()}
+
+
+def test_poll_over_dimse_stores_results_once_in_each_source_study(tmp_path, orthanc, our_port, dciodvfy):
+    ct_uid, ct_files = ct_study(tmp_path / "ct")
+    slide = ROOT / "tests" / "data" / "wsi_lymph_node.dcm"
+    slide_study = str(pydicom.dcmread(slide, stop_before_pixels=True).StudyInstanceUID)
+    orthanc.upload(*ct_files, slide)
+    config = write_config(tmp_path / "pacs.yaml", orthanc, our_port)
+
+    first = run_pacs("poll", "--config", config)
+    assert first.returncode == 0, first.stderr
+    assert "2 analysed and stored" in first.stdout
+    assert result_counts(orthanc) == {ct_uid: OUTPUTS_PER_CT, slide_study: OUTPUTS_PER_SLIDE}
+    results = orthanc.results_by_source()[ct_uid]
+    assert {r["Modality"] for r in results} == {"OT", "SR"}
+    sr_id = next(i for i in orthanc.get("/instances")
+                 if orthanc.get(f"/instances/{i}/simplified-tags")["Modality"] == "SR")
+    sr_path = tmp_path / "sr.dcm"
+    sr_path.write_bytes(orthanc.raw(f"/instances/{sr_id}/file"))
+    assert dciodvfy(sr_path) == []
+    total = len(orthanc.get("/instances"))
+
+    again = run_pacs("poll", "--config", config)
+    assert again.returncode == 0, again.stderr
+    assert "0 analysed and stored, 2 already done" in again.stdout
+    assert len(orthanc.get("/instances")) == total
+
+    # forced, and retrieved by C-MOVE to our own SCP this time: same UIDs, so nothing new
+    write_config(config, orthanc, our_port, retrieve="c-move")
+    forced = run_pacs("poll", "--config", config, "--force")
+    assert forced.returncode == 0, forced.stderr
+    assert "2 analysed and stored" in forced.stdout
+    assert len(orthanc.get("/instances")) == total
+
+    status = run_pacs("status", "--config", config)
+    assert status.returncode == 0
+    assert status.stdout.count(" stored ") == 2 and "total: 2 stored" in status.stdout
+    assert not any((tmp_path / "work" / "tmp").glob("*")), "temporary files left behind"
+
+
+def test_poll_over_dicomweb_keeps_the_password_out_of_everything(tmp_path, orthanc, our_port):
+    ct_uid, ct_files = ct_study(tmp_path / "ct")
+    orthanc.upload(*ct_files)
+    config = write_config(tmp_path / "pacs.yaml", orthanc, our_port, protocol="dicomweb")
+
+    missing = run_pacs("poll", "--config", config)
+    assert missing.returncode == 2 and "DHM_TEST_PASSWORD is not set" in missing.stderr
+    wrong = run_pacs("poll", "--config", config, env={"DHM_TEST_PASSWORD": "wrong"})
+    assert wrong.returncode == 2 and "refused our credentials (HTTP 401)" in wrong.stderr
+
+    done = run_pacs("poll", "--config", config, env={"DHM_TEST_PASSWORD": orthanc.password})
+    assert done.returncode == 0, done.stderr
+    assert result_counts(orthanc) == {ct_uid: OUTPUTS_PER_CT}
+    for text in (missing.stdout + missing.stderr, wrong.stdout + wrong.stderr, done.stdout + done.stderr,
+                 (tmp_path / "work" / "ledger.sqlite").read_bytes().decode("latin-1")):
+        assert orthanc.password not in text
+
+
+def test_a_job_killed_mid_batch_finishes_every_series_exactly_once(tmp_path, orthanc, our_port):
+    studies = []
+    for index in range(4):
+        study, files = ct_study(tmp_path / f"ct{index}")
+        orthanc.upload(*files)
+        studies.append(study)
+    config = write_config(tmp_path / "pacs.yaml", orthanc, our_port)
+    work = tmp_path / "work"
+
+    job = start_pacs("poll", "--config", config, "--quiet")
+    wait_for(lambda: "stored" in ledger_states(work).values() or job.poll() is not None, what="a first stored series")
+    os.killpg(job.pid, signal.SIGKILL)
+    job.wait()
+    states = ledger_states(work)
+    assert list(states.values()).count("stored") < 4, "the batch finished before the kill; nothing was tested"
+
+    resumed = run_pacs("poll", "--config", config)
+    assert resumed.returncode == 0, resumed.stderr
+    assert set(ledger_states(work).values()) == {"stored"}
+    assert result_counts(orthanc) == {study: OUTPUTS_PER_CT for study in studies}
+    assert not any((work / "tmp").glob("*")), "temporary files left behind"
+
+
+def test_archive_down_mid_run_is_retried_and_completes_when_back(tmp_path, orthanc, our_port):
+    studies = []
+    for index in range(2):
+        study, files = ct_study(tmp_path / f"ct{index}")
+        orthanc.upload(*files)
+        studies.append(study)
+    config = write_config(tmp_path / "pacs.yaml", orthanc, our_port)
+    work = tmp_path / "work"
+
+    job = start_pacs("poll", "--config", config, "--quiet")
+    wait_for(lambda: "analysing" in ledger_states(work).values() or job.poll() is not None, what="an analysis")
+    orthanc.stop(kill=True)
+    stdout, stderr = job.communicate(timeout=120)
+    assert job.returncode == 2, stderr
+    assert "Traceback" not in stderr
+    assert "error: PACS ORTHANC@127.0.0.1" in stderr and "tried again by the next run" in stderr
+    assert "stored" not in ledger_states(work).values()
+
+    orthanc.start()
+    again = run_pacs("poll", "--config", config)
+    assert again.returncode == 0, again.stderr
+    assert set(ledger_states(work).values()) == {"stored"}
+    assert result_counts(orthanc) == {study: OUTPUTS_PER_CT for study in studies}
+    with sqlite3.connect(work / "ledger.sqlite") as db:
+        attempts = dict(db.execute("SELECT series_uid, attempts FROM series").fetchall())
+    assert max(attempts.values()) == 1  # the outage counted once, for the series it hit
+
+
+def test_a_corrupt_series_is_recorded_as_failed_and_the_batch_completes(tmp_path, orthanc, our_port):
+    good_study, good_files = ct_study(tmp_path / "good")
+    bad_study, bad_files = ct_study(tmp_path / "bad")
+    for path in bad_files:  # pixel data cut in half: Orthanc stores it, a reader cannot use it
+        ds = pydicom.dcmread(path)
+        ds.PixelData = ds.PixelData[: len(ds.PixelData) // 2]
+        ds.save_as(path)
+    orthanc.upload(*good_files, *bad_files)
+    config = write_config(tmp_path / "pacs.yaml", orthanc, our_port)
+
+    first = run_pacs("poll", "--config", config)
+    assert first.returncode == 2
+    assert "1 analysed and stored" in first.stdout and "1 failed" in first.stdout
+    assert "Traceback" not in first.stderr
+    assert result_counts(orthanc) == {good_study: OUTPUTS_PER_CT}
+    status = run_pacs("status", "--config", config, "--state", "failed")
+    assert "pixel data" in status.stdout.lower() and "total: 1 failed, 1 stored" in status.stdout
+
+    second = run_pacs("poll", "--config", config)
+    assert "1 already done" in second.stdout and "1 failed earlier (not retried)" in second.stdout
+
+
+def test_listen_analyses_a_received_series_and_refuses_strangers(tmp_path, orthanc, our_port):
+    from pynetdicom import AE
+    from pynetdicom.sop_class import CTImageStorage, Verification
+
+    study, files = ct_study(tmp_path / "ct")
+    config = write_config(tmp_path / "pacs.yaml", orthanc, our_port)
+    node = start_pacs("listen", "--config", config)
+    try:
+        def associate(calling: str, called: str = OUR_AE):
+            ae = AE(ae_title=calling)
+            ae.add_requested_context(CTImageStorage)
+            ae.add_requested_context(Verification)
+            return ae.associate("127.0.0.1", our_port, ae_title=called)
+
+        def answers() -> bool:
+            assoc = associate("ORTHANC")
+            if assoc.is_established:
+                assoc.release()
+                return True
+            return False
+
+        wait_for(answers, what="the listener to accept associations")
+        stranger = associate("STRANGER")
+        assert stranger.is_rejected
+        wrong_called = associate("ORTHANC", "SOMEONE")
+        assert wrong_called.is_rejected
+
+        assoc = associate("ORTHANC")
+        statuses = [assoc.send_c_store(pydicom.dcmread(path)).Status for path in files]
+        assoc.release()
+        assert statuses == [0] * len(files)
+        wait_for(lambda: result_counts(orthanc).get(study) == OUTPUTS_PER_CT, what="the results in Orthanc")
+    finally:
+        node.send_signal(signal.SIGTERM)
+        stdout, stderr = node.communicate(timeout=60)
+    assert node.returncode == 0, stderr
+    assert "refused an association" in stderr and "STRANGER" in stderr
+    assert not any((tmp_path / "work" / "received").glob("*")), "received instances left after their results were stored"
+
+
+def test_a_dask_cluster_gives_the_same_results_as_one_process(tmp_path, orthanc, our_port):
+    from distributed import LocalCluster
+
+    studies = []
+    for index in range(2):
+        study, files = ct_study(tmp_path / f"ct{index}")
+        orthanc.upload(*files)
+        studies.append(study)
+    single = run_pacs("poll", "--config", write_config(tmp_path / "single.yaml", orthanc, our_port, work_dir="single"))
+    assert single.returncode == 0, single.stderr
+    expected = parametric_maps(orthanc)
+    for tags in orthanc.instances():  # take the results out again; the sources stay
+        if tags.get("Manufacturer") == "dicom-heatmap":
+            orthanc.delete_instance(tags["SOPInstanceUID"])
+    assert result_counts(orthanc) == {}
+
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cluster:
+        config = write_config(tmp_path / "dask.yaml", orthanc, our_port, work_dir="dask")
+        spread = run_pacs("poll", "--config", config, "--dask-scheduler", cluster.scheduler_address)
+    assert spread.returncode == 0, spread.stderr
+    assert result_counts(orthanc) == {study: OUTPUTS_PER_CT for study in studies}
+    found = parametric_maps(orthanc)
+    assert found.keys() == expected.keys()
+    for uid, scores in expected.items():
+        np.testing.assert_array_equal(found[uid], scores)
+
+
+def parametric_maps(orthanc: Orthanc) -> dict[str, np.ndarray]:
+    """The score arrays of every Parametric Map in Orthanc, by SOP Instance UID."""
+    from io import BytesIO
+
+    maps = {}
+    for instance_id in orthanc.get("/instances"):
+        tags = orthanc.get(f"/instances/{instance_id}/simplified-tags")
+        if tags["SOPClassUID"] == "1.2.840.10008.5.1.4.1.1.30":
+            ds = pydicom.dcmread(BytesIO(orthanc.raw(f"/instances/{instance_id}/file")))
+            maps[tags["SOPInstanceUID"]] = ds.pixel_array
+    return maps
+
+
+@pytest.mark.parametrize("text, message", [
+    ("ae_title: DHEATMAP\nwork_dir: w\npacs: {protocol: dimse, host: h, port: 104}\n", "pacs.ae_title: required"),
+    ("ae_title: DHEATMAP\nwork_dir: w\npacs: {ae_title: PACS, host: h, port: 70000}\n", "pacs.port: a TCP port"),
+    ("ae_title: WAY_TOO_LONG_AE_TITLE\nwork_dir: w\npacs: {ae_title: PACS, host: h, port: 104}\n", "ae_title: an AE title"),
+    ("ae_title: DHEATMAP\nwork_dir: w\npacs: {ae_title: PACS, host: h, port: 104}\nquery: {modality: CT}\n",
+     "unknown key 'modality'"),
+    ("ae_title: DHEATMAP\nwork_dir: w\npacs: {protocol: dicomweb, url: 'http://u:p@h/dicom-web'}\n",
+     "put no credentials in the URL"),
+    ("ae_title: [unclosed\n", "not valid YAML at line"),
+])
+def test_a_wrong_configuration_is_named_by_file_and_key(tmp_path, text, message):
+    config = tmp_path / "pacs.yaml"
+    config.write_text(text)
+    done = run_pacs("status", "--config", config)
+    assert done.returncode == 2
+    assert str(config) in done.stderr and message in done.stderr
+    assert "Traceback" not in done.stderr
