@@ -12,9 +12,14 @@ $(STAMP): setup.cfg pyproject.toml
 	$(BIN)/pip install --quiet -e '.[test]'
 	touch $@
 
-# dciodvfy (dicom3tools) validates every DICOM output in the tests
+# dciodvfy (dicom3tools) validates every DICOM output in the tests; Orthanc with its
+# DICOMweb plugin is the real PACS the PACS tests run against (started on loopback by pytest)
+APT_PACKAGES := $(if $(shell command -v dciodvfy),,dicom3tools) \
+                $(if $(wildcard /usr/sbin/Orthanc),,orthanc) \
+                $(if $(wildcard /usr/share/orthanc/plugins/libOrthancDicomWeb.so),,orthanc-dicomweb)
 tools:
-	@command -v dciodvfy >/dev/null || { $(SUDO) apt-get update -q && $(SUDO) apt-get install -y -q dicom3tools; }
+	@if [ -n "$(strip $(APT_PACKAGES))" ]; then \
+	  $(SUDO) apt-get update -q && $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -q $(APT_PACKAGES); fi
 
 demo: $(STAMP)
 	$(BIN)/dicom-heatmap demo --out demo-output

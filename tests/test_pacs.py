@@ -23,8 +23,6 @@ from pydicom.uid import generate_uid
 from conftest import ROOT, write_series
 from orthanc import ORTHANC, Orthanc, free_port
 
-pytestmark = pytest.mark.skipif(not Path(ORTHANC).exists(), reason="needs Debian's orthanc (make test installs it)")
-
 OUR_AE = "DHEATMAP"
 OUTPUTS_PER_CT = 6  # 4 SC slices + PM + SR
 OUTPUTS_PER_SLIDE = 3
@@ -37,6 +35,8 @@ def our_port() -> int:
 
 @pytest.fixture
 def orthanc(tmp_path, our_port):
+    if not Path(ORTHANC).exists():
+        pytest.fail("Orthanc is not installed; `make test` installs Debian's orthanc and orthanc-dicomweb")
     server = Orthanc(tmp_path / "orthanc", OUR_AE, our_port).start()
     yield server
     server.stop(kill=True)
@@ -151,6 +151,24 @@ def test_poll_over_dicomweb_keeps_the_password_out_of_everything(tmp_path, ortha
         assert orthanc.password not in text
 
 
+def test_poll_every_picks_up_new_series_and_stops_cleanly_on_sigterm(tmp_path, orthanc, our_port):
+    first_study, first_files = ct_study(tmp_path / "ct0")
+    orthanc.upload(*first_files)
+    config = write_config(tmp_path / "pacs.yaml", orthanc, our_port)
+    job = start_pacs("poll", "--config", config, "--every", "1s")
+    try:
+        wait_for(lambda: result_counts(orthanc).get(first_study) == OUTPUTS_PER_CT, what="the first series' results")
+        second_study, second_files = ct_study(tmp_path / "ct1")
+        orthanc.upload(*second_files)
+        wait_for(lambda: result_counts(orthanc).get(second_study) == OUTPUTS_PER_CT, what="the second series' results")
+    finally:
+        job.send_signal(signal.SIGTERM)
+        stdout, stderr = job.communicate(timeout=60)
+    assert job.returncode == 0, stderr
+    assert "found 2 series: 1 analysed and stored, 1 already done" in stderr
+    assert set(ledger_states(tmp_path / "work").values()) == {"stored"}
+
+
 def test_a_job_killed_mid_batch_finishes_every_series_exactly_once(tmp_path, orthanc, our_port):
     studies = []
     for index in range(4):
@@ -166,12 +184,16 @@ def test_a_job_killed_mid_batch_finishes_every_series_exactly_once(tmp_path, ort
     job.wait()
     states = ledger_states(work)
     assert list(states.values()).count("stored") < 4, "the batch finished before the kill; nothing was tested"
+    assert {"retrieving", "analysing", "storing"} & set(states.values()), "no series was in progress at the kill"
 
     resumed = run_pacs("poll", "--config", config)
     assert resumed.returncode == 0, resumed.stderr
     assert set(ledger_states(work).values()) == {"stored"}
     assert result_counts(orthanc) == {study: OUTPUTS_PER_CT for study in studies}
     assert not any((work / "tmp").glob("*")), "temporary files left behind"
+    with sqlite3.connect(work / "ledger.sqlite") as db:
+        resumed_events = db.execute("SELECT COUNT(*) FROM events WHERE detail = 'interrupted; resumed'").fetchone()[0]
+    assert resumed_events >= 1
 
 
 def test_archive_down_mid_run_is_retried_and_completes_when_back(tmp_path, orthanc, our_port):
@@ -212,7 +234,7 @@ def test_a_corrupt_series_is_recorded_as_failed_and_the_batch_completes(tmp_path
     orthanc.upload(*good_files, *bad_files)
     config = write_config(tmp_path / "pacs.yaml", orthanc, our_port)
 
-    first = run_pacs("poll", "--config", config)
+    first = run_pacs("poll", "--config", config, "--workers", "2")
     assert first.returncode == 2
     assert "1 analysed and stored" in first.stdout and "1 failed" in first.stdout
     assert "Traceback" not in first.stderr
@@ -262,6 +284,47 @@ def test_listen_analyses_a_received_series_and_refuses_strangers(tmp_path, ortha
     assert node.returncode == 0, stderr
     assert "refused an association" in stderr and "STRANGER" in stderr
     assert not any((tmp_path / "work" / "received").glob("*")), "received instances left after their results were stored"
+
+
+def test_listen_over_tls_accepts_only_tls_peers(tmp_path, orthanc, our_port):
+    import ssl
+
+    from pynetdicom import AE
+    from pynetdicom.sop_class import CTImageStorage
+
+    key, cert = tmp_path / "node.key", tmp_path / "node.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", key, "-out", cert,
+                    "-days", "2", "-subj", "/CN=dicom-heatmap-test"], check=True, capture_output=True)
+    study, files = ct_study(tmp_path / "ct")
+    config = write_config(tmp_path / "pacs.yaml", orthanc, our_port,
+                          extra=f"tls:\n  ca_file: {cert}\n  cert_file: {cert}\n  key_file: {key}\n")
+    node = start_pacs("listen", "--config", config)
+    client = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(cert))
+    client.check_hostname = False
+    client.load_cert_chain(str(cert), str(key))
+    try:
+        def associate(tls: bool):
+            ae = AE(ae_title="ORTHANC")
+            ae.add_requested_context(CTImageStorage)
+            return ae.associate("127.0.0.1", our_port, ae_title=OUR_AE, tls_args=(client, None) if tls else None)
+
+        def answers() -> bool:
+            assoc = associate(tls=True)
+            if assoc.is_established:
+                assoc.release()
+                return True
+            return False
+
+        wait_for(answers, what="the listener to accept TLS associations")
+        assert not associate(tls=False).is_established
+        assoc = associate(tls=True)
+        assert [assoc.send_c_store(pydicom.dcmread(path)).Status for path in files] == [0] * len(files)
+        assoc.release()
+        wait_for(lambda: result_counts(orthanc).get(study) == OUTPUTS_PER_CT, what="the results in Orthanc")
+    finally:
+        node.send_signal(signal.SIGTERM)
+        stdout, stderr = node.communicate(timeout=60)
+    assert node.returncode == 0, stderr
 
 
 def test_a_dask_cluster_gives_the_same_results_as_one_process(tmp_path, orthanc, our_port):
@@ -314,10 +377,55 @@ def parametric_maps(orthanc: Orthanc) -> dict[str, np.ndarray]:
      "put no credentials in the URL"),
     ("ae_title: [unclosed\n", "not valid YAML at line"),
 ])
-def test_a_wrong_configuration_is_named_by_file_and_key(tmp_path, text, message):
+def test_a_wrong_configuration_is_named_by_file_and_key(tmp_path, capsys, text, message):
+    from pipelines.cli import main
+
     config = tmp_path / "pacs.yaml"
     config.write_text(text)
-    done = run_pacs("status", "--config", config)
-    assert done.returncode == 2
-    assert str(config) in done.stderr and message in done.stderr
-    assert "Traceback" not in done.stderr
+    assert main(["pacs", "status", "--config", str(config)]) == 2
+    stderr = capsys.readouterr().err
+    assert str(config) in stderr and message in stderr
+    assert "Traceback" not in stderr
+
+
+def test_the_ledger_backs_off_transient_faults_and_gives_up_after_max_attempts(tmp_path):
+    from pipelines.pacs.config import RetryPolicy
+    from pipelines.pacs.ledger import FAILED, SEEN, Ledger, SeriesRef
+
+    ledger = Ledger(tmp_path / "ledger.sqlite")
+    policy = RetryPolicy(max_attempts=3, backoff_s=10, backoff_max_s=25)
+    assert [policy.delay(n) for n in (1, 2, 3, 4)] == [10, 20, 25, 25]
+    ledger.add(SeriesRef("1.2", "1.2.3", "CT", 4), "poll")
+    assert ledger.record_failure("1.2.3", "PACS down", False, 3, policy.delay(1)) == SEEN
+    assert ledger.due() == []  # waiting for its retry time
+    assert [row.series_uid for row in ledger.due(time.time() + 11)] == ["1.2.3"]
+    assert ledger.record_failure("1.2.3", "PACS down", False, 3, policy.delay(2)) == SEEN
+    assert ledger.record_failure("1.2.3", "PACS down", False, 3, policy.delay(3)) == FAILED
+    ledger.add(SeriesRef("1.2", "1.2.4", "CT", 4), "poll")
+    assert ledger.record_failure("1.2.4", "pixel data too short", True, 3, 0) == FAILED  # permanent: at once
+    assert ledger.get("1.2.4").attempts == 1 and ledger.get("1.2.4").last_error == "pixel data too short"
+
+
+def test_the_readme_example_configuration_and_rules_work(tmp_path):
+    import datetime as dt
+    import re
+
+    from pipelines.pacs.config import load_config
+    from pipelines.pacs.ledger import SeriesRef
+
+    section = (ROOT / "README.md").read_text().split("## Run next to a PACS")[1].split("\n## ")[0]
+    config_text, rules_text = re.findall(r"```yaml\n(.*?)```", section, re.S)
+    assert config_text == (ROOT / "docs" / "pacs.example.yaml").read_text()
+    (tmp_path / "rules.yaml").write_text(rules_text)
+    (tmp_path / "pacs.yaml").write_text(re.sub(r"# rules: \S+", "rules: rules.yaml", config_text))
+    config = load_config(tmp_path / "pacs.yaml")
+    assert config.bind == "127.0.0.1" and config.allowed_peers == ("ORTHANC",)
+    assert config.query.date_range(dt.date(2026, 3, 3)) == "20260224-20260303"
+    cases = {
+        SeriesRef("1", "2", "SM"): True,
+        SeriesRef("1", "2", "CT", 40, "Scout 0.5", "BREAST"): False,
+        SeriesRef("1", "2", "CT", 40, "Axial", "breast"): True,
+        SeriesRef("1", "2", "CT", 5, "Axial", "BREAST"): False,
+        SeriesRef("1", "2", "MR", 40, "T1", "HEAD"): False,
+    }
+    assert {series: config.query.selects(series) for series in cases} == cases

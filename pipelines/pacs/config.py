@@ -56,7 +56,7 @@ def _port(value: Any, where: str) -> int:
 
 @dataclass(frozen=True)
 class TlsSettings:
-    """TLS for DIMSE associations (both directions).
+    """Certificates for DIMSE over TLS.
 
     Attributes:
         ca_file: certificates that peers must present (verification is always on).
@@ -89,6 +89,7 @@ class RemoteNode:
         url: the DICOMweb root, e.g. ``http://pacs:8042/dicom-web``.
         username: DICOMweb user name (the password comes from ``password_env`` or ``password_file``).
         timeout_s: seconds to wait for a connection or an answer.
+        tls: use TLS (the configuration's ``tls`` certificates) for associations to the archive.
     """
 
     protocol: str
@@ -101,6 +102,7 @@ class RemoteNode:
     password_env: str | None = None
     password_file: Path | None = None
     timeout_s: float = 30.0
+    tls: bool = False
 
     def password(self) -> str | None:
         """The DICOMweb password, read when needed (never stored on the object)."""
@@ -230,7 +232,8 @@ class PacsConfig:
             in progress. Nothing in it is named by a header value other than a checked UID.
         ledger: the SQLite ledger (default ``work_dir/ledger.sqlite``).
         retry: the retry policy.
-        tls: TLS for DIMSE, or ``None``.
+        tls: certificates for DIMSE over TLS: our SCP always uses them when given; the
+            associations we open to the archive use them when ``pacs.tls`` is true.
         model: model file (``None``: the shipped model).
         precision: conv-layer precision, as for ``analyze``.
         settings: the analysis settings.
@@ -260,7 +263,7 @@ class PacsConfig:
 _TOP_KEYS = {"ae_title", "bind", "port", "allowed_peers", "pacs", "query", "quiet", "work_dir", "ledger", "retry",
              "tls", "analysis"}
 _PACS_KEYS = {"protocol", "ae_title", "host", "port", "retrieve", "url", "username", "password_env", "password_file",
-              "timeout"}
+              "timeout", "tls"}
 _QUERY_KEYS = {"modalities", "study_date", "series_description", "rules"}
 _RULE_KEYS = {"modalities", "series_description", "body_part", "min_instances", "exclude"}
 _RETRY_KEYS = {"max_attempts", "backoff", "backoff_max"}
@@ -342,9 +345,12 @@ def _remote(raw: Any, path: Path) -> RemoteNode:
     retrieve = raw.get("retrieve", "c-get")
     if retrieve not in ("c-get", "c-move"):
         raise ConfigurationError(f"{_where(path, 'pacs.retrieve')}: 'c-get' or 'c-move', got {retrieve!r}")
+    if not isinstance(raw.get("tls", False), bool):
+        raise ConfigurationError(f"{_where(path, 'pacs.tls')}: true or false, got {raw['tls']!r}")
     return RemoteNode(
         protocol, ae_title=_ae_title(raw["ae_title"], _where(path, "pacs.ae_title")), host=str(raw["host"]),
         port=_port(raw["port"], _where(path, "pacs.port")), retrieve=retrieve, timeout_s=timeout,
+        tls=raw.get("tls", False),
     )
 
 
@@ -431,12 +437,15 @@ def load_config(path: str | Path) -> PacsConfig:
         for file in (tls.ca_file, tls.cert_file, tls.key_file):
             if not file.is_file():
                 raise ConfigurationError(f"{_where(path, 'tls')}: {file} does not exist")
+    pacs = _remote(raw["pacs"], path)
+    if pacs.tls and tls is None:
+        raise ConfigurationError(f"{_where(path, 'pacs.tls')}: needs the certificates of the top-level tls section")
     model, precision, settings = _analysis(raw.get("analysis"), path)
     bind = str(raw.get("bind", "127.0.0.1"))
     return PacsConfig(
         source=path,
         ae_title=_ae_title(raw["ae_title"], _where(path, "ae_title")),
-        pacs=_remote(raw["pacs"], path),
+        pacs=pacs,
         work_dir=_path(raw["work_dir"], path.parent, _where(path, "work_dir")),
         bind=bind,
         port=_port(raw.get("port", 11112), _where(path, "port")),

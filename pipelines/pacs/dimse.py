@@ -78,7 +78,7 @@ class DimseArchive:
         self.name = self.node.name
 
     def _associate(self, ae: AE, ext_neg: list | None = None, handlers: list | None = None) -> Association:
-        tls_args = (self.config.tls.context(server=False), None) if self.config.tls else None
+        tls_args = (self.config.tls.context(server=False), None) if self.node.tls else None
         try:
             assoc = ae.associate(self.node.host, self.node.port, ae_title=self.node.ae_title, ext_neg=ext_neg,
                                  evt_handlers=handlers, tls_args=tls_args)

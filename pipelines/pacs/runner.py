@@ -152,14 +152,11 @@ class SeriesRunner:
                     row = pending.popleft()
                     try:
                         request = self._fetch(row, fetch)
-                    except ArchiveUnavailable as error:
-                        outage = str(error)
-                        self._fail(row, outage, False, summary)
-                        done += 1
-                        bar.update()
-                        continue
-                    except (ArchiveRefused, InputError) as error:
+                    except (ArchiveUnavailable, ArchiveRefused, InputError) as error:
+                        if isinstance(error, ArchiveUnavailable):
+                            outage = str(error)
                         self._fail(row, str(error), False, summary)
+                        shutil.rmtree(self.scratch / row.series_uid, ignore_errors=True)
                         done += 1
                         bar.update()
                         continue
