@@ -11,8 +11,9 @@ import torch
 import torch.nn.functional as F
 
 from dicom_heatmap.checksum import file_sha256
-from dicom_heatmap.errors import ModelError
+from dicom_heatmap.errors import ConfigurationError, ModelError
 from dicom_heatmap.network import HeadedVGG16
+from dicom_heatmap.runtime import BACKENDS, OpenVinoExtractor, openvino_available
 
 __all__ = ["TileScorer", "TileScores", "DEFAULT_MODEL_PATH", "PRECISIONS", "fast_precision"]
 
@@ -61,8 +62,9 @@ class TileScorer:
     Build one with :meth:`load`. ``network`` is the eval-mode network with batch norm
     folded; ``checksum`` is the sha256 of the model file (it enters output UIDs).
 
-    The conv layers run in ``precision`` (bf16 or fp16 through autocast, channels-last);
-    the 13 heads and the fusion always run in fp32. ``fp32`` is the reference path.
+    The conv layers run in ``precision`` on ``backend``: torch (bf16 or fp16 through
+    autocast, channels-last) or OpenVINO (CPU; see :mod:`dicom_heatmap.runtime`); the 13
+    heads and the fusion always run in fp32 torch. ``fp32`` on torch is the reference path.
 
     Args:
         network: a :class:`HeadedVGG16`.
@@ -70,16 +72,32 @@ class TileScorer:
         batch_size: tiles per forward pass.
         precision: one of :data:`PRECISIONS`.
         device: ``"cpu"``, ``"cuda"``, or ``None`` for a GPU when there is one.
+        backend: one of :data:`~dicom_heatmap.runtime.BACKENDS`; ``auto`` is OpenVINO
+            for bf16 on a CPU where it is installed, torch otherwise (fp32 stays on torch,
+            the reference, unless ``openvino`` is asked for).
     """
 
     def __init__(self, network: HeadedVGG16, checksum: str, batch_size: int = 32, precision: str = "auto",
-                 device: str | torch.device | None = None) -> None:
+                 device: str | torch.device | None = None, backend: str = "auto") -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size must be positive, got {batch_size}")
         if precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+        if backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
         self.device = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self.precision = fast_precision(self.device) if precision == "auto" else precision
+        if backend == "auto":
+            backend = ("openvino" if self.device.type == "cpu" and self.precision == "bf16" and openvino_available()
+                       else "torch")
+        if backend == "openvino":
+            if self.device.type != "cpu" or self.precision not in ("fp32", "bf16"):
+                raise ConfigurationError(f"the openvino backend runs on the CPU in fp32 or bf16, not {self.precision} "
+                                         f"on {self.device.type}")
+            if not openvino_available():
+                raise ConfigurationError("the openvino backend needs the openvino package (pip install openvino)")
+        self.backend = backend
+        self._openvino: OpenVinoExtractor | None = None
         self.network = network.eval().to(self.device, memory_format=torch.channels_last)
         self.checksum = checksum
         self.batch_size = batch_size
@@ -87,12 +105,12 @@ class TileScorer:
 
     @property
     def identity(self) -> str:
-        """The weights and the precision: both change the scores, so both enter output UIDs."""
-        return f"{self.checksum}/{self.precision}"
+        """The weights, the precision and the runtime: all change the scores, so all enter output UIDs."""
+        return f"{self.checksum}/{self.precision}" + ("/openvino" if self.backend == "openvino" else "")
 
     @classmethod
     def load(cls, path: str | Path | None = None, network: HeadedVGG16 | None = None, batch_size: int = 32,
-             precision: str = "auto", device: str | torch.device | None = None) -> "TileScorer":
+             precision: str = "auto", device: str | torch.device | None = None, backend: str = "auto") -> "TileScorer":
         """Load a model file (a state dict of :class:`HeadedVGG16`, or a training checkpoint).
 
         Args:
@@ -103,6 +121,7 @@ class TileScorer:
             batch_size: tiles per forward pass.
             precision: one of :data:`PRECISIONS`.
             device: ``"cpu"``, ``"cuda"``, or ``None`` for a GPU when there is one.
+            backend: ``auto``, ``torch`` or ``openvino`` (see the class).
         """
         path = Path(path) if path is not None else DEFAULT_MODEL_PATH
         if not path.is_file():
@@ -123,7 +142,7 @@ class TileScorer:
         except (ValueError, RuntimeError) as error:
             raise ModelError(path, f"the weights do not fit the 13-head VGG16 ({str(error).splitlines()[0]})") from None
         network.eval().fold_batch_norm()
-        return cls(network, file_sha256(path), batch_size, precision, device)
+        return cls(network, file_sha256(path), batch_size, precision, device, backend)
 
     def _prepare(self, tiles: np.ndarray | Sequence[np.ndarray]) -> torch.Tensor:
         """uint8 tiles -> normalised (N, 3, S, S) float tensor at the network's size.
@@ -160,12 +179,20 @@ class TileScorer:
         dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.precision)
         for start in range(0, count, self.batch_size):
             x = self._prepare(tiles[start : start + self.batch_size])
-            with torch.autocast(self.device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
-                pooled, _ = self.network.extract(x)
+            if self.backend == "openvino":
+                pooled = self._openvino_extractor()(x)
+            else:
+                with torch.autocast(self.device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+                    pooled, _ = self.network.extract(x)
             output = self.network.score_taps(pooled).cpu().numpy()
             scores[start : start + len(output)] = output[:, 0]
             layers[start : start + len(output)] = output[:, 1:]
         return TileScores(scores, layers)
+
+    def _openvino_extractor(self) -> OpenVinoExtractor:
+        if self._openvino is None:  # converted on first use: loading a scorer stays cheap
+            self._openvino = OpenVinoExtractor(self.network, self.precision)
+        return self._openvino
 
     def score(self, tiles: np.ndarray | Sequence[np.ndarray]) -> np.ndarray:
         """(N,) float32 tumour scores in [0, 1] of uint8 RGB tiles (see :meth:`score_details`)."""

@@ -52,7 +52,9 @@ def _add_analysis_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"], default="auto",
                         help="precision of the conv layers: auto = bf16 on CPUs with bf16 instructions, fp16 on a GPU, "
                              "else fp32 (the reference); it enters the output UIDs")
-    parser.add_argument("--backend", choices=["torch"], default="torch", help="inference runtime (only torch so far)")
+    parser.add_argument("--backend", choices=["auto", "torch", "openvino"], default="auto",
+                        help="runtime of the conv layers: auto = OpenVINO for bf16 on a CPU, torch otherwise; "
+                             "it enters the output UIDs")
     parser.add_argument("--tissue-threshold", type=float, default=0.25, help="least tissue share of an analysed tile (default 0.25)")
     parser.add_argument("--threshold", type=float, default=0.5, help="score at or above which a tile counts as tumour (default 0.5)")
     parser.add_argument("--series", metavar="UID", help="Series Instance UID to analyse from a folder holding several")
@@ -114,6 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--folds", type=lambda t: [int(v) for v in t.split(",")], help="only these patient folds, e.g. 3")
     evaluate.add_argument("--out", type=Path, default=Path("evaluation"), help="folder for metrics.json and roc.png")
     evaluate.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"], default="auto", help="as for analyze")
+    evaluate.add_argument("--backend", choices=["auto", "torch", "openvino"], default="auto", help="as for analyze")
     return parser
 
 
@@ -143,7 +146,7 @@ def run_analyze(args: argparse.Namespace) -> int:
     from dicom_heatmap.scorer import TileScorer
 
     settings = _settings(args)
-    scorer = TileScorer.load(args.model, precision=args.precision)
+    scorer = TileScorer.load(args.model, precision=args.precision, backend=args.backend)
     failed = 0
     for path in args.inputs:
         try:
@@ -184,7 +187,7 @@ def run_train(args: argparse.Namespace) -> int:
 def run_evaluate(args: argparse.Namespace) -> int:
     from pipelines.evaluate import evaluate, format_report, write_outputs
 
-    result = evaluate(args.csv, args.root, args.model, args.folds, precision=args.precision)
+    result = evaluate(args.csv, args.root, args.model, args.folds, precision=args.precision, backend=args.backend)
     print(format_report(result))
     write_outputs(result, args.out)
     print(f"-> {args.out}/ (metrics.json, roc.png)")

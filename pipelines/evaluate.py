@@ -17,7 +17,7 @@ __all__ = ["evaluate", "draw_roc", "format_report"]
 
 
 def evaluate(csv_path: str | Path, root: str | Path | None = None, model: str | Path | None = None,
-             folds: list[int] | None = None, threshold: float = 0.5, precision: str = "auto") -> dict:
+             folds: list[int] | None = None, threshold: float = 0.5, precision: str = "auto", backend: str = "auto") -> dict:
     """Score every tile of the table (or of ``folds``) and compute the metrics.
 
     Returns a dictionary with ``tiles``, ``patients``, ``auc``, ``median_patient_auc``,
@@ -26,7 +26,7 @@ def evaluate(csv_path: str | Path, root: str | Path | None = None, model: str | 
     table = load_tile_table(csv_path, root)
     if folds is not None:
         table = table.subset(np.isin(table.folds, folds))
-    scorer = TileScorer.load(model, precision=precision)
+    scorer = TileScorer.load(model, precision=precision, backend=backend)
     scores = np.empty(len(table), dtype=np.float32)
     layers = np.empty((len(table), 13), dtype=np.float32)
     for start in tqdm(range(0, len(table), 256), desc="scoring", unit="batch", leave=False):

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from dicom_heatmap import TileScorer
-from dicom_heatmap.errors import ModelError
+from dicom_heatmap.errors import ConfigurationError, ModelError
 from dicom_heatmap.network import VGG16_CONV_WIDTHS, HeadedVGG16
 
 
@@ -86,8 +86,11 @@ def test_shipped_model_separates_real_tumour_tiles(scorer, data_dir):
     assert scorer.network.conv_widths == VGG16_CONV_WIDTHS
 
 
-def test_fast_path_keeps_the_scores_of_the_reference(data_dir):
-    """Accuracy guard: bf16 against fp32 on real tiles of held-out patients (the mosaic's 96)."""
+@pytest.mark.parametrize("backend, precision", [("torch", "bf16"), ("openvino", "bf16"), ("openvino", "fp32"),
+                                                ("auto", "auto")])
+def test_fast_path_keeps_the_scores_of_the_reference(data_dir, backend, precision):
+    """Accuracy guard: each fast path against the fp32 torch reference on real tiles of
+    held-out patients (the mosaic's 96)."""
     import json
 
     from PIL import Image
@@ -97,14 +100,21 @@ def test_fast_path_keeps_the_scores_of_the_reference(data_dir):
     mosaic = np.asarray(Image.open(data_dir / "idc_mosaic_tail.png").convert("RGB"))
     labels = np.array(json.loads((data_dir / "idc_mosaic_tail.json").read_text())["layout"]).ravel()
     tiles = np.stack([mosaic[r * 50 : (r + 1) * 50, c * 50 : (c + 1) * 50] for r in range(8) for c in range(12)])
-    reference = TileScorer.load(precision="fp32").score(tiles)
-    fast = TileScorer.load(precision="bf16").score(tiles)
+    reference = TileScorer.load(precision="fp32", backend="torch").score(tiles)
+    fast = TileScorer.load(precision=precision, backend=backend).score(tiles)
     assert np.abs(fast - reference).max() <= 0.02
     assert abs(roc_auc(labels, fast) - roc_auc(labels, reference)) <= 0.005
 
 
-def test_precision_enters_the_identity():
+def test_precision_and_backend_enter_the_identity():
     assert TileScorer.load(precision="fp32").identity.endswith("/fp32")
+    assert TileScorer.load(precision="fp32").backend == "torch"  # fp32 stays the torch reference unless asked
     assert TileScorer.load(precision="bf16").identity != TileScorer.load(precision="fp32").identity
+    assert (TileScorer.load(precision="bf16", backend="openvino").identity
+            != TileScorer.load(precision="bf16", backend="torch").identity)
     with pytest.raises(ValueError, match="precision"):
         TileScorer.load(precision="int4")
+    with pytest.raises(ValueError, match="backend"):
+        TileScorer.load(backend="tensorrt")
+    with pytest.raises(ConfigurationError, match="openvino backend runs on the CPU in fp32 or bf16"):
+        TileScorer.load(precision="fp16", backend="openvino")

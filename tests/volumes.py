@@ -88,6 +88,7 @@ class MeanIntensityScorer(TileScorer):
         self.network = SimpleNamespace(num_layers=13)
         self.checksum = "stand-in-mean-intensity"
         self.precision = "fp32"
+        self.backend = "torch"
         self.batch_size = 64
         self.input_size = 48
 

@@ -442,6 +442,7 @@ class StreamedSlide:
         width, height = self._slide.level_dimensions[level]
         self.shape = (1, height, width, 3)
         self._downsample = self._slide.level_downsamples[level]
+        self._thumbnails: dict[int, tuple[np.ndarray, float]] = {}
 
     def __getitem__(self, key) -> np.ndarray:
         import openslide
@@ -482,12 +483,19 @@ class StreamedSlide:
         return np.asarray(region.convert("RGB"))
 
     def thumbnail(self, max_side: int) -> tuple[np.ndarray, float]:
-        """(rows', cols', 3) uint8 picture of the level no larger than ``max_side``, and its scale."""
-        height, width = self.shape[1:3]
-        scale = min(1.0, max_side / max(height, width))
-        size = (max(1, round(width * scale)), max(1, round(height * scale)))
-        picture = np.asarray(self._slide.get_thumbnail(size).convert("RGB").resize(size))
-        return picture, picture.shape[0] / height
+        """(rows', cols', 3) uint8 picture of the level no larger than ``max_side``, and its scale.
+
+        Kept once made: the tissue map and the rendered heatmap ask for the same one, and
+        making it reads a whole pyramid level (about a second on a 40k slide).
+        """
+        if max_side not in self._thumbnails:
+            height, width = self.shape[1:3]
+            scale = min(1.0, max_side / max(height, width))
+            size = (max(1, round(width * scale)), max(1, round(height * scale)))
+            picture = np.asarray(self._slide.get_thumbnail(size).convert("RGB").resize(size))
+            picture.flags.writeable = False
+            self._thumbnails[max_side] = (picture, picture.shape[0] / height)
+        return self._thumbnails[max_side]
 
 
 def load_slide(path: Path, resolution_mm: float | None = None, max_values: int = DEFAULT_MAX_VALUES,

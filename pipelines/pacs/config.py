@@ -236,6 +236,7 @@ class PacsConfig:
             associations we open to the archive use them when ``pacs.tls`` is true.
         model: model file (``None``: the shipped model).
         precision: conv-layer precision, as for ``analyze``.
+        backend: conv-layer runtime, as for ``analyze``.
         settings: the analysis settings.
     """
 
@@ -253,6 +254,7 @@ class PacsConfig:
     tls: TlsSettings | None = None
     model: Path | None = None
     precision: str = "auto"
+    backend: str = "auto"
     settings: AnalysisSettings = field(default_factory=AnalysisSettings)
 
     @property
@@ -268,7 +270,7 @@ _QUERY_KEYS = {"modalities", "study_date", "series_description", "rules"}
 _RULE_KEYS = {"modalities", "series_description", "body_part", "min_instances", "exclude"}
 _RETRY_KEYS = {"max_attempts", "backoff", "backoff_max"}
 _TLS_KEYS = {"ca_file", "cert_file", "key_file"}
-_ANALYSIS_KEYS = {"model", "precision", "grid", "tile_size", "tile_size_um", "tissue_threshold", "threshold", "crop",
+_ANALYSIS_KEYS = {"model", "precision", "backend", "grid", "tile_size", "tile_size_um", "tissue_threshold", "threshold", "crop",
                   "crop_size", "zoom", "rotate", "resolution_um", "level"}
 
 
@@ -390,13 +392,16 @@ def _query(raw: Any, path: Path) -> Query:
                  _rules(raw["rules"], path) if "rules" in raw else ())
 
 
-def _analysis(raw: Any, path: Path) -> tuple[Path | None, str, AnalysisSettings]:
+def _analysis(raw: Any, path: Path) -> tuple[Path | None, str, str, AnalysisSettings]:
     raw = dict(_mapping(raw, _where(path, "analysis"), _ANALYSIS_KEYS))
     model = raw.pop("model", None)
     model = _path(model, path.parent, _where(path, "analysis.model")) if model else None
     precision = raw.pop("precision", "auto")
     if precision not in ("auto", "fp32", "bf16", "fp16"):
         raise ConfigurationError(f"{_where(path, 'analysis.precision')}: auto, fp32, bf16 or fp16, got {precision!r}")
+    backend = raw.pop("backend", "auto")
+    if backend not in ("auto", "torch", "openvino"):
+        raise ConfigurationError(f"{_where(path, 'analysis.backend')}: auto, torch or openvino, got {backend!r}")
     for pair in ("grid", "crop_size"):
         if pair in raw:
             value = raw[pair]
@@ -413,7 +418,7 @@ def _analysis(raw: Any, path: Path) -> tuple[Path | None, str, AnalysisSettings]
         raise ConfigurationError(f"{_where(path, 'analysis')}: {error}") from None
     except TypeError:
         raise ConfigurationError(f"{_where(path, 'analysis')}: a value has the wrong type") from None
-    return model, precision, settings
+    return model, precision, backend, settings
 
 
 def load_config(path: str | Path) -> PacsConfig:
@@ -440,7 +445,7 @@ def load_config(path: str | Path) -> PacsConfig:
     pacs = _remote(raw["pacs"], path)
     if pacs.tls and tls is None:
         raise ConfigurationError(f"{_where(path, 'pacs.tls')}: needs the certificates of the top-level tls section")
-    model, precision, settings = _analysis(raw.get("analysis"), path)
+    model, precision, backend, settings = _analysis(raw.get("analysis"), path)
     bind = str(raw.get("bind", "127.0.0.1"))
     return PacsConfig(
         source=path,
@@ -463,5 +468,6 @@ def load_config(path: str | Path) -> PacsConfig:
         tls=tls,
         model=model,
         precision=precision,
+        backend=backend,
         settings=settings,
     )

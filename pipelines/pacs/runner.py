@@ -189,7 +189,7 @@ class SeriesRunner:
         self.ledger.set_state(row.series_uid, ANALYSING, f"{count} instances")
         model = str(self.config.model) if self.config.model else None
         return AnalysisRequest(row.series_uid, str(source), str(folder / "results"), model, self.config.precision,
-                               self.config.settings)
+                               self.config.backend, self.config.settings)
 
     def _finish(self, row: LedgerRow, outcome: AnalysisOutcome, outage: str | None, summary: RoundSummary,
                 seconds: float, index: int, total: int) -> str | None:

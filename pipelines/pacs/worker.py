@@ -20,7 +20,7 @@ from dicom_heatmap.scorer import TileScorer
 
 __all__ = ["AnalysisRequest", "AnalysisOutcome", "analyse_series", "set_threads"]
 
-_SCORERS: dict[tuple[str | None, str], TileScorer] = {}
+_SCORERS: dict[tuple[str | None, str, str], TileScorer] = {}
 _SCORERS_LOCK = threading.Lock()
 
 
@@ -34,6 +34,7 @@ class AnalysisRequest:
         output_dir: where the result folder is written.
         model: the model file, ``None`` for the shipped one.
         precision: the conv-layer precision.
+        backend: the conv-layer runtime.
         settings: the analysis settings.
     """
 
@@ -42,6 +43,7 @@ class AnalysisRequest:
     output_dir: str
     model: str | None
     precision: str
+    backend: str
     settings: AnalysisSettings
 
 
@@ -71,18 +73,18 @@ def set_threads(threads: int) -> None:
     torch.set_num_threads(max(1, threads))
 
 
-def _scorer(model: str | None, precision: str) -> TileScorer:
+def _scorer(model: str | None, precision: str, backend: str) -> TileScorer:
     with _SCORERS_LOCK:
-        key = (model, precision)
+        key = (model, precision, backend)
         if key not in _SCORERS:
-            _SCORERS[key] = TileScorer.load(model, precision=precision)
+            _SCORERS[key] = TileScorer.load(model, precision=precision, backend=backend)
         return _SCORERS[key]
 
 
 def analyse_series(request: AnalysisRequest) -> AnalysisOutcome:
     """Analyse one series folder and save the results; never raises."""
     try:
-        scorer = _scorer(request.model, request.precision)
+        scorer = _scorer(request.model, request.precision, request.backend)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             result = analyze(Path(request.input_dir), scorer, request.settings, progress=False)
