@@ -103,7 +103,7 @@ def run_bench(model: str | Path | None = None, seconds: float = 4.0, large_side:
             "naive_gflops": naive_rate * gflop, "fast_gflops": fast_rate * gflop, "speedup": fast_rate / naive_rate,
             "naive_of_peak": naive_rate * gflop / peaks["fp32"], "fast_of_peak": fast_rate * gflop / peaks[fast.precision],
         })
-    print(f"matrix-product peak measured now: " + ", ".join(f"{k} {v:.0f} GFLOP/s" for k, v in peaks.items()))
+    print("matrix-product peak measured now: " + ", ".join(f"{k} {v:.0f} GFLOP/s" for k, v in peaks.items()))
     print(f"threads: {torch.get_num_threads()}; fast path: {fast.backend}, {fast.precision}, batch {fast.batch_size}")
     print("| tile px | naive fp32 tiles/s | torch bf16 tiles/s | fast tiles/s | fast / naive | naive GFLOP/s (of fp32 peak) "
           "| fast GFLOP/s (of its peak) |")

@@ -30,7 +30,7 @@ def run_demo(out_dir: str | Path) -> int:
     """Analyse every sample into ``out_dir``; return the exit status."""
     out_dir = Path(out_dir)
     scorer = TileScorer.load()
-    print(f"model: {scorer.checksum[:16]}... (input {scorer.input_size} px, {scorer.precision} on {scorer.device.type})")
+    print(f"model: {scorer.checksum[:16]}... (input {scorer.input_size} px, {scorer.precision} on {scorer.device.type}, {scorer.backend})")
     for name, settings, what in SAMPLES:
         started = time.perf_counter()
         result = analyze(DATA / name, scorer, settings)

@@ -133,9 +133,11 @@ def test_poll_over_dimse_stores_results_once_in_each_source_study(tmp_path, orth
     assert not any((tmp_path / "work" / "tmp").glob("*")), "temporary files left behind"
 
 
-def test_poll_over_dicomweb_keeps_the_password_out_of_everything(tmp_path, orthanc, our_port):
+def test_poll_over_dicomweb_stores_results_and_keeps_the_password_out_of_everything(tmp_path, orthanc, our_port):
     ct_uid, ct_files = ct_study(tmp_path / "ct")
-    orthanc.upload(*ct_files)
+    slide = ROOT / "tests" / "data" / "wsi_lymph_node.dcm"
+    slide_study = str(pydicom.dcmread(slide, stop_before_pixels=True).StudyInstanceUID)
+    orthanc.upload(*ct_files, slide)
     config = write_config(tmp_path / "pacs.yaml", orthanc, our_port, protocol="dicomweb")
 
     missing = run_pacs("poll", "--config", config)
@@ -145,7 +147,7 @@ def test_poll_over_dicomweb_keeps_the_password_out_of_everything(tmp_path, ortha
 
     done = run_pacs("poll", "--config", config, env={"DHM_TEST_PASSWORD": orthanc.password})
     assert done.returncode == 0, done.stderr
-    assert result_counts(orthanc) == {ct_uid: OUTPUTS_PER_CT}
+    assert result_counts(orthanc) == {ct_uid: OUTPUTS_PER_CT, slide_study: OUTPUTS_PER_SLIDE}
     for text in (missing.stdout + missing.stderr, wrong.stdout + wrong.stderr, done.stdout + done.stderr,
                  (tmp_path / "work" / "ledger.sqlite").read_bytes().decode("latin-1")):
         assert orthanc.password not in text

@@ -190,7 +190,7 @@ class DimseArchive:
                 final = status
         finally:
             assoc.release()
-        if final is None or final.Status not in (0x0000, 0xB000):
+        if final is None or final.Status != 0x0000:  # 0xB000: some instances failed - not a whole series
             code = f"0x{final.Status:04X}" if final is not None else "none"
             failed = int(final.get("NumberOfFailedSuboperations", 0) or 0) if final is not None else 0
             raise ArchiveRefused(f"PACS {self.name}: retrieve failed with status {code} ({failed} sub-operations failed)")
