@@ -91,6 +91,14 @@ def wait_for(condition, timeout: float = 120, what: str = "condition") -> None:
     raise AssertionError(f"timed out waiting for {what}")
 
 
+def accepts(assoc) -> bool:
+    """Whether an association was accepted (released again at once)."""
+    if assoc.is_established:
+        assoc.release()
+        return True
+    return False
+
+
 def result_counts(orthanc: Orthanc) -> dict[str, int]:
     return {study: len(items) for study, items in orthanc.results_by_source().items()}
 
@@ -262,14 +270,7 @@ def test_listen_analyses_a_received_series_and_refuses_strangers(tmp_path, ortha
             ae.add_requested_context(Verification)
             return ae.associate("127.0.0.1", our_port, ae_title=called)
 
-        def answers() -> bool:
-            assoc = associate("ORTHANC")
-            if assoc.is_established:
-                assoc.release()
-                return True
-            return False
-
-        wait_for(answers, what="the listener to accept associations")
+        wait_for(lambda: accepts(associate("ORTHANC")), what="the listener to accept associations")
         stranger = associate("STRANGER")
         assert stranger.is_rejected
         wrong_called = associate("ORTHANC", "SOMEONE")
@@ -310,14 +311,7 @@ def test_listen_over_tls_accepts_only_tls_peers(tmp_path, orthanc, our_port):
             ae.add_requested_context(CTImageStorage)
             return ae.associate("127.0.0.1", our_port, ae_title=OUR_AE, tls_args=(client, None) if tls else None)
 
-        def answers() -> bool:
-            assoc = associate(tls=True)
-            if assoc.is_established:
-                assoc.release()
-                return True
-            return False
-
-        wait_for(answers, what="the listener to accept TLS associations")
+        wait_for(lambda: accepts(associate(tls=True)), what="the listener to accept TLS associations")
         assert not associate(tls=False).is_established
         assoc = associate(tls=True)
         assert [assoc.send_c_store(pydicom.dcmread(path)).Status for path in files] == [0] * len(files)

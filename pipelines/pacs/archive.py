@@ -13,6 +13,8 @@ import re
 from pathlib import Path
 from typing import Protocol
 
+from pydicom.dataset import Dataset
+
 from dicom_heatmap.errors import DicomHeatmapError, InputError
 from dicom_heatmap.writers.common import SERIES_DESCRIPTION_SUFFIX
 
@@ -20,7 +22,7 @@ from pipelines.pacs.config import PacsConfig, Query
 from pipelines.pacs.ledger import SeriesRef
 
 __all__ = ["Archive", "ArchiveUnavailable", "ArchiveRefused", "open_archive", "checked_uid",
-           "is_our_output", "write_instance"]
+           "is_our_output", "series_from_answer", "write_instance"]
 
 _UID = re.compile(r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*$")
 
@@ -43,6 +45,19 @@ def checked_uid(value: object, what: str) -> str:
     if len(text) > 64 or not _UID.match(text):
         raise InputError(what, "not a valid DICOM UID (digits and dots, at most 64 characters)")
     return text
+
+
+def series_from_answer(answer: Dataset, modality: str, source: str) -> SeriesRef:
+    """A series-level query answer (C-FIND or QIDO-RS) as a :class:`SeriesRef`, its UIDs checked."""
+    count = answer.get("NumberOfSeriesRelatedInstances")
+    return SeriesRef(
+        study_uid=checked_uid(answer.get("StudyInstanceUID"), f"{source}: a study found"),
+        series_uid=checked_uid(answer.get("SeriesInstanceUID"), f"{source}: a series found"),
+        modality=str(answer.get("Modality") or modality),
+        instances=int(count) if count not in (None, "") else None,
+        series_description=str(answer.get("SeriesDescription") or ""),
+        body_part=str(answer.get("BodyPartExamined") or ""),
+    )
 
 
 def is_our_output(series: SeriesRef) -> bool:

@@ -15,7 +15,7 @@ from dicomweb_client import DICOMwebClient
 from pydicom.dataset import Dataset
 from pydicom.filebase import DicomBytesIO
 
-from pipelines.pacs.archive import ArchiveRefused, ArchiveUnavailable, checked_uid, write_instance
+from pipelines.pacs.archive import ArchiveRefused, ArchiveUnavailable, series_from_answer, write_instance
 from pipelines.pacs.config import PacsConfig, Query
 from pipelines.pacs.ledger import SeriesRef
 
@@ -68,17 +68,8 @@ class DicomwebArchive:
             answers = self._call("QIDO-RS", self._client.search_for_series, search_filters=filters, get_remaining=True,
                                  fields=["StudyInstanceUID", "NumberOfSeriesRelatedInstances", "BodyPartExamined",
                                          "SeriesDescription"])
-            for answer in answers:
-                ds = Dataset.from_json(answer)
-                count = ds.get("NumberOfSeriesRelatedInstances")
-                found.append(SeriesRef(
-                    study_uid=checked_uid(ds.get("StudyInstanceUID"), f"PACS {self.name}: a study found by QIDO-RS"),
-                    series_uid=checked_uid(ds.get("SeriesInstanceUID"), f"PACS {self.name}: a series found by QIDO-RS"),
-                    modality=str(ds.get("Modality") or modality),
-                    instances=int(count) if count not in (None, "") else None,
-                    series_description=str(ds.get("SeriesDescription") or ""),
-                    body_part=str(ds.get("BodyPartExamined") or ""),
-                ))
+            found += [series_from_answer(Dataset.from_json(answer), modality, f"PACS {self.name} (QIDO-RS)")
+                      for answer in answers]
         return found
 
     def retrieve(self, series: SeriesRef, folder: Path) -> int:

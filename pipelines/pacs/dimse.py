@@ -33,7 +33,7 @@ from pynetdicom.sop_class import (
     Verification,
 )
 
-from pipelines.pacs.archive import ArchiveRefused, ArchiveUnavailable, checked_uid, write_instance
+from pipelines.pacs.archive import ArchiveRefused, ArchiveUnavailable, series_from_answer, write_instance
 from pipelines.pacs.config import PacsConfig, Query
 from pipelines.pacs.ledger import SeriesRef
 
@@ -121,7 +121,7 @@ class DimseArchive:
             for keyword in ("StudyInstanceUID", "SeriesInstanceUID", "NumberOfSeriesRelatedInstances", "BodyPartExamined"):
                 setattr(identifier, keyword, "")
             for answer in self._find(identifier):
-                found.append(_series_ref(answer, modality, self.name))
+                found.append(series_from_answer(answer, modality, f"PACS {self.name} (C-FIND)"))
         return found
 
     def _sop_classes(self, series: SeriesRef) -> set[str]:
@@ -215,18 +215,6 @@ class DimseArchive:
         finally:
             assoc.release()
         return len(paths)
-
-
-def _series_ref(answer: Dataset, modality: str, archive: str) -> SeriesRef:
-    count = answer.get("NumberOfSeriesRelatedInstances")
-    return SeriesRef(
-        study_uid=checked_uid(answer.get("StudyInstanceUID"), f"PACS {archive}: a study found by C-FIND"),
-        series_uid=checked_uid(answer.get("SeriesInstanceUID"), f"PACS {archive}: a series found by C-FIND"),
-        modality=str(answer.get("Modality") or modality),
-        instances=int(count) if count not in (None, "") else None,
-        series_description=str(answer.get("SeriesDescription") or ""),
-        body_part=str(answer.get("BodyPartExamined") or ""),
-    )
 
 
 class StorageServer:
