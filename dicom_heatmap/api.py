@@ -8,6 +8,7 @@ import os
 import shutil
 import tempfile
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Sequence
@@ -279,7 +280,8 @@ class AnalysisResult:
                              "preview": "preview.png",
                              "uids": {"sc_series": str(secondary_captures[0].SeriesInstanceUID),
                                       "pm": str(pm.SOPInstanceUID), "sr": str(sr.SOPInstanceUID)}}
-        (folder / "result.json").write_text(json.dumps(result, indent=1))
+        # compact: the C encoder (indent forces the pure-Python one, seconds for a large slide)
+        (folder / "result.json").write_text(json.dumps(result, separators=(",", ":")))
 
 
 def _remove_stale_staging(out_dir: Path) -> None:
@@ -353,10 +355,15 @@ def analyze_prepared(data: dict, scorer: TileScorer, settings: AnalysisSettings,
     """
     image, meta, grid = data[key], data[meta_key(key)], data[f"{key}_grid"]
     inferer = inferer or TileGridInferer()
-    numbers, scored = inferer((image, grid), scorer)
+    # A slide file's key is the sha256 of its content (seconds for a multi-GB file): it is
+    # read in a thread of its own while the tiles are scored.
+    with ThreadPoolExecutor(1, thread_name_prefix="source-key") as background:
+        source_key = background.submit(_source_key, meta)
+        numbers, scored = inferer((image, grid), scorer)
+        source_key = source_key.result()
     tile_map = Heatmap.assemble(grid, numbers, scored.scores, scored.layer_probabilities, meta["affine"], meta["frame"], image.shape[1:3])
     spread = analyze_spread(tile_map, settings.threshold)
-    identity = OutputIdentity(_source_key(meta), scorer.identity, settings.canonical())
+    identity = OutputIdentity(source_key, scorer.identity, settings.canonical())
     return AnalysisResult(image, meta, tile_map, spread, settings, scorer.checksum, identity, scorer.precision)
 
 

@@ -7,15 +7,23 @@ and its scores stay within the accuracy guard of the fp32 reference (a test chec
 Only the conv layers and their pooled taps run there; the 13 heads and the fusion stay
 in fp32 torch, so both backends share one scoring code.
 
-The network is converted once per scorer (about a second) with a dynamic batch and
-tile size; a static-shape copy is compiled per batch shape on first use (tens of
-milliseconds) because dynamic shapes run several times slower.
+The network is converted with a dynamic batch and tile size (about 1.7 s, tracing the
+torch module) and the result is kept in a cache folder keyed by the weights' checksum and
+the versions involved, so later runs read it in a fraction of that; a static-shape copy
+is compiled per batch shape on first use (tens of milliseconds) because dynamic shapes
+run several times slower. The cache folder is ``$DICOM_HEATMAP_CACHE``, else
+``$XDG_CACHE_HOME/dicom-heatmap``, else ``~/.cache/dicom-heatmap``; when it cannot be
+written the network is simply converted every time.
 """
 
 from __future__ import annotations
 
+import hashlib
+import os
+import tempfile
 import threading
 import warnings
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -24,7 +32,7 @@ from torch import nn
 from dicom_heatmap.errors import ConfigurationError
 from dicom_heatmap.network import HeadedVGG16
 
-__all__ = ["BACKENDS", "openvino_available", "OpenVinoExtractor"]
+__all__ = ["BACKENDS", "openvino_available", "cache_dir", "OpenVinoExtractor"]
 
 #: What ``backend`` may be: ``auto`` is OpenVINO on a CPU where it is installed, else torch.
 BACKENDS = ("auto", "torch", "openvino")
@@ -36,6 +44,14 @@ def openvino_available() -> bool:
     except ImportError:
         return False
     return True
+
+
+def cache_dir() -> Path:
+    """Where converted networks are kept between runs."""
+    if os.environ.get("DICOM_HEATMAP_CACHE"):
+        return Path(os.environ["DICOM_HEATMAP_CACHE"])
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "dicom-heatmap"
 
 
 class _PooledTaps(nn.Module):
@@ -59,9 +75,12 @@ class OpenVinoExtractor:
             on these CPUs) or ``bf16``.
         threads: CPU threads for inference (``None``: torch's current setting, so worker
             processes that share the cores do not oversubscribe them).
+        weights_key: identifies the weights (the model file's checksum), so the converted
+            network can be cached; ``None``: convert without the cache.
     """
 
-    def __init__(self, network: HeadedVGG16, precision: str, threads: int | None = None) -> None:
+    def __init__(self, network: HeadedVGG16, precision: str, threads: int | None = None,
+                 weights_key: str | None = None) -> None:
         if precision not in ("fp32", "bf16"):
             raise ConfigurationError(f"the openvino backend runs fp32 or bf16, not {precision}")
         import openvino as ov
@@ -69,11 +88,7 @@ class OpenVinoExtractor:
         self._ov = ov
         self._core = ov.Core()
         self._widths = list(network.conv_widths)
-        size = int(network.input_size)
-        with torch.inference_mode(False), torch.no_grad(), warnings.catch_warnings():
-            warnings.simplefilter("ignore", DeprecationWarning)  # OpenVINO traces with torch.jit
-            module = _PooledTaps(network).eval()
-            self._model = ov.convert_model(module, example_input=torch.zeros(1, 3, size, size), input=[(-1, 3, -1, -1)])
+        self._model = self._cached_model(network, weights_key)
         self._config = {
             "INFERENCE_PRECISION_HINT": "bf16" if precision == "bf16" else "f32",
             "PERFORMANCE_HINT": "LATENCY",
@@ -81,6 +96,45 @@ class OpenVinoExtractor:
         }
         self._requests: dict[tuple[int, ...], object] = {}
         self._lock = threading.Lock()
+
+    def _convert(self, network: HeadedVGG16):
+        size = int(network.input_size)
+        with torch.inference_mode(False), torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)  # OpenVINO traces with torch.jit
+            module = _PooledTaps(network).eval()
+            return self._ov.convert_model(module, example_input=torch.zeros(1, 3, size, size), input=[(-1, 3, -1, -1)])
+
+    def _cached_model(self, network: HeadedVGG16, weights_key: str | None):
+        if weights_key is None:
+            return self._convert(network)
+        from dicom_heatmap._version import __version__
+
+        name = hashlib.sha256("|".join(map(str, (
+            weights_key, int(network.input_size), self._widths, self._ov.__version__, torch.__version__, __version__,
+        ))).encode()).hexdigest()[:32]
+        folder = cache_dir()
+        xml, binary = folder / f"openvino-{name}.xml", folder / f"openvino-{name}.bin"
+        if xml.is_file() and binary.is_file():
+            try:
+                return self._core.read_model(str(xml))
+            except Exception:  # a damaged cache entry: convert again and replace it
+                pass
+        model = self._convert(network)
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            staging = Path(tempfile.mkdtemp(prefix=".openvino-", dir=folder))
+            try:
+                # weights kept exact (the default would store them as fp16)
+                self._ov.save_model(model, str(staging / "model.xml"), compress_to_fp16=False)
+                os.replace(staging / "model.bin", binary)  # the .xml last: it marks the entry complete
+                os.replace(staging / "model.xml", xml)
+            finally:
+                for leftover in staging.glob("*"):
+                    leftover.unlink()
+                staging.rmdir()
+        except OSError:
+            pass  # no cache this time
+        return model
 
     def __call__(self, x: torch.Tensor) -> list[torch.Tensor]:
         """The 13 pooled taps, each (N, C_i) float32, of normalised input (N, 3, S, S)."""

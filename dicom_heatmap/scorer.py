@@ -191,7 +191,7 @@ class TileScorer:
 
     def _openvino_extractor(self) -> OpenVinoExtractor:
         if self._openvino is None:  # converted on first use: loading a scorer stays cheap
-            self._openvino = OpenVinoExtractor(self.network, self.precision)
+            self._openvino = OpenVinoExtractor(self.network, self.precision, weights_key=self.checksum)
         return self._openvino
 
     def score(self, tiles: np.ndarray | Sequence[np.ndarray]) -> np.ndarray:

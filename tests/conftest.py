@@ -24,6 +24,16 @@ class CliRun:
     stderr: str
 
 
+@pytest.fixture(scope="session", autouse=True)
+def converted_network_cache(tmp_path_factory) -> Path:
+    """The tests keep converted networks in a folder of their own (children inherit it)."""
+    import os
+
+    folder = tmp_path_factory.mktemp("cache")
+    os.environ["DICOM_HEATMAP_CACHE"] = str(folder)
+    return folder
+
+
 @pytest.fixture(scope="session")
 def data_dir() -> Path:
     return DATA

@@ -118,3 +118,18 @@ def test_precision_and_backend_enter_the_identity():
         TileScorer.load(backend="tensorrt")
     with pytest.raises(ConfigurationError, match="openvino backend runs on the CPU in fp32 or bf16"):
         TileScorer.load(precision="fp16", backend="openvino")
+
+
+def test_the_converted_network_is_cached_and_a_damaged_entry_is_replaced(tmp_path, monkeypatch, data_dir):
+    from PIL import Image
+
+    monkeypatch.setenv("DICOM_HEATMAP_CACHE", str(tmp_path))
+    mosaic = np.asarray(Image.open(data_dir / "idc_mosaic_tail.png").convert("RGB"))
+    tiles = np.stack([mosaic[:50, :50], mosaic[50:100, 50:100]])
+    first = TileScorer.load(backend="openvino", precision="bf16").score(tiles)
+    entries = sorted(tmp_path.glob("openvino-*"))
+    assert [p.suffix for p in entries] == [".bin", ".xml"]
+    np.testing.assert_array_equal(TileScorer.load(backend="openvino", precision="bf16").score(tiles), first)
+    entries[1].write_text("<damaged")
+    np.testing.assert_array_equal(TileScorer.load(backend="openvino", precision="bf16").score(tiles), first)
+    assert entries[1].read_text().startswith("<?xml")  # written again
