@@ -18,10 +18,14 @@ ORTHANC = shutil.which("Orthanc") or "/usr/sbin/Orthanc"
 DICOMWEB_PLUGIN = Path("/usr/share/orthanc/plugins/libOrthancDicomWeb.so")
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+def free_port(exclude: tuple[int, ...] = ()) -> int:
+    """A loopback port nothing listens on now, other than those in ``exclude``."""
+    while True:
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        if port not in exclude:
+            return port
 
 
 class Orthanc:
@@ -40,8 +44,8 @@ class Orthanc:
     def __init__(self, folder: Path, peer_ae: str, peer_port: int, password: str = "s3cret-Pa55") -> None:
         self.folder = folder
         self.password = password
-        self.http_port = free_port()
-        self.dicom_port = free_port()
+        self.http_port = free_port(exclude=(peer_port,))
+        self.dicom_port = free_port(exclude=(peer_port, self.http_port))
         self.process: subprocess.Popen | None = None
         folder.mkdir(parents=True, exist_ok=True)
         config = {

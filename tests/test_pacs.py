@@ -82,11 +82,15 @@ def ledger_states(work_dir: Path) -> dict[str, str]:
         return {}
 
 
-def wait_for(condition, timeout: float = 120, what: str = "condition") -> None:
+def wait_for(condition, timeout: float = 120, what: str = "condition", process: subprocess.Popen | None = None) -> None:
+    """Wait until ``condition()``; fail at once, with its output, if ``process`` ends first."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if condition():
             return
+        if process is not None and process.poll() is not None:
+            stdout, stderr = process.communicate()
+            raise AssertionError(f"{what}: the job ended (status {process.returncode}) first:\n{stdout}\n{stderr}")
         time.sleep(0.05)
     raise AssertionError(f"timed out waiting for {what}")
 
@@ -167,10 +171,10 @@ def test_poll_every_picks_up_new_series_and_stops_cleanly_on_sigterm(tmp_path, o
     config = write_config(tmp_path / "pacs.yaml", orthanc, our_port)
     job = start_pacs("poll", "--config", config, "--every", "1s")
     try:
-        wait_for(lambda: result_counts(orthanc).get(first_study) == OUTPUTS_PER_CT, what="the first series' results")
+        wait_for(lambda: result_counts(orthanc).get(first_study) == OUTPUTS_PER_CT, what="the first series' results", process=job)
         second_study, second_files = ct_study(tmp_path / "ct1")
         orthanc.upload(*second_files)
-        wait_for(lambda: result_counts(orthanc).get(second_study) == OUTPUTS_PER_CT, what="the second series' results")
+        wait_for(lambda: result_counts(orthanc).get(second_study) == OUTPUTS_PER_CT, what="the second series' results", process=job)
     finally:
         job.send_signal(signal.SIGTERM)
         stdout, stderr = job.communicate(timeout=60)
@@ -270,7 +274,7 @@ def test_listen_analyses_a_received_series_and_refuses_strangers(tmp_path, ortha
             ae.add_requested_context(Verification)
             return ae.associate("127.0.0.1", our_port, ae_title=called)
 
-        wait_for(lambda: accepts(associate("ORTHANC")), what="the listener to accept associations")
+        wait_for(lambda: accepts(associate("ORTHANC")), what="the listener to accept associations", process=node)
         stranger = associate("STRANGER")
         assert stranger.is_rejected
         wrong_called = associate("ORTHANC", "SOMEONE")
@@ -280,7 +284,7 @@ def test_listen_analyses_a_received_series_and_refuses_strangers(tmp_path, ortha
         statuses = [assoc.send_c_store(pydicom.dcmread(path)).Status for path in files]
         assoc.release()
         assert statuses == [0] * len(files)
-        wait_for(lambda: result_counts(orthanc).get(study) == OUTPUTS_PER_CT, what="the results in Orthanc")
+        wait_for(lambda: result_counts(orthanc).get(study) == OUTPUTS_PER_CT, what="the results in Orthanc", process=node)
     finally:
         node.send_signal(signal.SIGTERM)
         stdout, stderr = node.communicate(timeout=60)
@@ -311,12 +315,12 @@ def test_listen_over_tls_accepts_only_tls_peers(tmp_path, orthanc, our_port):
             ae.add_requested_context(CTImageStorage)
             return ae.associate("127.0.0.1", our_port, ae_title=OUR_AE, tls_args=(client, None) if tls else None)
 
-        wait_for(lambda: accepts(associate(tls=True)), what="the listener to accept TLS associations")
+        wait_for(lambda: accepts(associate(tls=True)), what="the listener to accept TLS associations", process=node)
         assert not associate(tls=False).is_established
         assoc = associate(tls=True)
         assert [assoc.send_c_store(pydicom.dcmread(path)).Status for path in files] == [0] * len(files)
         assoc.release()
-        wait_for(lambda: result_counts(orthanc).get(study) == OUTPUTS_PER_CT, what="the results in Orthanc")
+        wait_for(lambda: result_counts(orthanc).get(study) == OUTPUTS_PER_CT, what="the results in Orthanc", process=node)
     finally:
         node.send_signal(signal.SIGTERM)
         stdout, stderr = node.communicate(timeout=60)
