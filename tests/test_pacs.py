@@ -71,6 +71,16 @@ def ct_study(folder: Path) -> tuple[str, list[Path]]:
     return study, write_series(folder, study_uid=study)
 
 
+def upload_ct_studies(orthanc: Orthanc, folder: Path, count: int) -> list[str]:
+    """``count`` CT series, each in a study of its own, uploaded; their study UIDs."""
+    studies = []
+    for index in range(count):
+        study, files = ct_study(folder / f"ct{index}")
+        orthanc.upload(*files)
+        studies.append(study)
+    return studies
+
+
 def ledger_states(work_dir: Path) -> dict[str, str]:
     path = work_dir / "ledger.sqlite"
     if not path.exists():
@@ -184,11 +194,7 @@ def test_poll_every_picks_up_new_series_and_stops_cleanly_on_sigterm(tmp_path, o
 
 
 def test_a_job_killed_mid_batch_finishes_every_series_exactly_once(tmp_path, orthanc, our_port):
-    studies = []
-    for index in range(4):
-        study, files = ct_study(tmp_path / f"ct{index}")
-        orthanc.upload(*files)
-        studies.append(study)
+    studies = upload_ct_studies(orthanc, tmp_path, 4)
     config = write_config(tmp_path / "pacs.yaml", orthanc, our_port)
     work = tmp_path / "work"
 
@@ -211,11 +217,7 @@ def test_a_job_killed_mid_batch_finishes_every_series_exactly_once(tmp_path, ort
 
 
 def test_archive_down_mid_run_is_retried_and_completes_when_back(tmp_path, orthanc, our_port):
-    studies = []
-    for index in range(2):
-        study, files = ct_study(tmp_path / f"ct{index}")
-        orthanc.upload(*files)
-        studies.append(study)
+    studies = upload_ct_studies(orthanc, tmp_path, 2)
     config = write_config(tmp_path / "pacs.yaml", orthanc, our_port)
     work = tmp_path / "work"
 
@@ -330,11 +332,7 @@ def test_listen_over_tls_accepts_only_tls_peers(tmp_path, orthanc, our_port):
 def test_a_dask_cluster_gives_the_same_results_as_one_process(tmp_path, orthanc, our_port):
     from distributed import LocalCluster
 
-    studies = []
-    for index in range(2):
-        study, files = ct_study(tmp_path / f"ct{index}")
-        orthanc.upload(*files)
-        studies.append(study)
+    studies = upload_ct_studies(orthanc, tmp_path, 2)
     single = run_pacs("poll", "--config", write_config(tmp_path / "single.yaml", orthanc, our_port, work_dir="single"))
     assert single.returncode == 0, single.stderr
     expected = parametric_maps(orthanc)
