@@ -311,11 +311,12 @@ def _evidence_header(ds: Dataset) -> Dataset:
 
 
 def _source_key(meta: dict) -> str:
-    """What identifies the input: its SOP Instance UIDs, or the content of a non-DICOM file."""
+    """What identifies the input: its SOP Instance UIDs, or the content of a non-DICOM file
+    (the loader's cheap ``content_key`` where the format has one, else the file's sha256)."""
     sources = meta["source_datasets"]
     if sources:
         return "|".join(str(ds.SOPInstanceUID) for ds in sources)
-    return file_sha256(Path(meta["source_path"]))
+    return meta.get("content_key") or file_sha256(Path(meta["source_path"]))
 
 
 def preprocessing(settings: AnalysisSettings, key: str = "image", max_values: int = DEFAULT_MAX_VALUES) -> Compose:
@@ -355,8 +356,8 @@ def analyze_prepared(data: dict, scorer: TileScorer, settings: AnalysisSettings,
     """
     image, meta, grid = data[key], data[meta_key(key)], data[f"{key}_grid"]
     inferer = inferer or TileGridInferer()
-    # A slide file's key is the sha256 of its content (seconds for a multi-GB file): it is
-    # read in a thread of its own while the tiles are scored.
+    # A slide file without a cheap content key is hashed whole (seconds for a multi-GB
+    # file): in a thread of its own while the tiles are scored.
     with ThreadPoolExecutor(1, thread_name_prefix="source-key") as background:
         source_key = background.submit(_source_key, meta)
         numbers, scored = inferer((image, grid), scorer)

@@ -51,3 +51,15 @@ def test_streamed_tiles_come_from_a_coarser_level_when_that_is_enough(tmp_path, 
     # the same picture, only smaller
     shrunk = np.asarray(__import__("PIL.Image", fromlist=["Image"]).fromarray(full).resize((64, 64)))
     assert np.abs(shrunk.astype(int) - coarse.astype(int)).mean() < 20
+
+
+def test_a_slide_with_an_openslide_quickhash_is_identified_by_it_not_by_hashing_the_file(data_dir, scorer):
+    import openslide
+
+    from dicom_heatmap import analyze
+
+    slide = data_dir / "cmu_small_region.svs"
+    quickhash = openslide.OpenSlide(str(slide)).properties["openslide.quickhash-1"]
+    first = analyze(slide, scorer, progress=False)
+    assert first.identity.source_key == f"openslide-quickhash-1:{quickhash}"
+    assert analyze(slide, scorer, progress=False).identity.folder_name == first.identity.folder_name

@@ -19,6 +19,10 @@ Every loader gives the pixels as a numpy array shaped (slices, rows, columns, ch
     one pydicom Dataset per slice (no pixel data) for DICOM inputs, else an empty list.
 ``frame_of_reference_uid``
     the source's Frame of Reference UID where it has one.
+``content_key`` (slides only, optional)
+    a cheap identity of the file's content: OpenSlide's ``openslide.quickhash-1`` (sha256
+    of the properties and the smallest level) where the format has one. Output UIDs of a
+    non-DICOM input derive from its content; without this key the whole file is hashed.
 
 Errors are :class:`InputError` from ``transforms.errors`` naming the input.
 """
@@ -518,6 +522,7 @@ def load_slide(path: Path, resolution_mm: float | None = None, max_values: int =
         raise InputError(path, f"cannot open the slide ({error})") from None
     with slide:
         mpp = slide.properties.get(openslide.PROPERTY_NAME_MPP_X)
+        quickhash = slide.properties.get("openslide.quickhash-1")
         base_mm = float(mpp) / 1000 if mpp else None
         downsamples = slide.level_downsamples
         if level is not None:
@@ -546,6 +551,7 @@ def load_slide(path: Path, resolution_mm: float | None = None, max_values: int =
         "source_path": str(path),
         "source_datasets": [],
         "frame_of_reference_uid": None,
+        "content_key": f"openslide-quickhash-1:{quickhash}" if quickhash else None,
     }
     return (StreamedSlide(path, level) if region is None else region), meta
 
