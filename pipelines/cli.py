@@ -86,6 +86,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--test-fold", type=int, default=3, help="patient fold held out for testing (default 3, the shipped model)")
     train.add_argument("--input-size", type=int, default=48, help="tile side the network sees")
     train.add_argument("--max-tiles", type=int, help="cap every split (smoke runs)")
+    train.add_argument("--colour-jitter", type=float, default=1.0, metavar="F",
+                       help="scale of the H&E colour jitter (default 1, the shipped model's)")
     bench = commands.add_parser("bench", help="tile-scoring speed: fast path against the naive loop and the machine's peak")
     bench.add_argument("--model", type=Path, help="model file (default: the shipped model)")
     bench.add_argument("--seconds", type=float, default=4.0, help="time per measurement (default 4)")
@@ -178,7 +180,8 @@ def run_demo(args: argparse.Namespace) -> int:
 def run_train(args: argparse.Namespace) -> int:
     from pipelines.train import TrainSettings, fold_plan, train
 
-    settings = TrainSettings(epochs=args.epochs, input_size=args.input_size, max_tiles=args.max_tiles, **fold_plan(args.test_fold))
+    settings = TrainSettings(epochs=args.epochs, input_size=args.input_size, max_tiles=args.max_tiles,
+                             colour_jitter=args.colour_jitter, **fold_plan(args.test_fold))
     model = train(args.data, args.out, settings)
     print(f"model written to {model}")
     return 0

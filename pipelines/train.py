@@ -48,6 +48,7 @@ class TrainSettings:
     seed: int = 20261125
     width_multiplier: float = 1.0
     bf16: bool = True
+    colour_jitter: float = 1.0  # scales the H&E colour jitter (1 = the shipped model's)
     max_tiles: int | None = None  # for smoke runs: cap every split
 
 
@@ -67,8 +68,9 @@ def fold_plan(test_fold: int, folds: int = 4) -> dict[str, list[int]]:
     }
 
 
-def _augment(batch: torch.Tensor, size: int, generator: torch.Generator) -> torch.Tensor:
-    """Random crop, flips, 90 degree rotation, colour jitter and erasing; uint8 NHWC -> float NCHW 0..255."""
+def _augment(batch: torch.Tensor, size: int, generator: torch.Generator, jitter: float = 1.0) -> torch.Tensor:
+    """Random crop, flips, 90 degree rotation, colour jitter (its ranges scaled by ``jitter``)
+    and erasing; uint8 NHWC -> float NCHW 0..255."""
     n, height, width, _ = batch.shape
     x = batch.permute(0, 3, 1, 2).float()
     out = torch.empty(n, 3, size, size)
@@ -85,10 +87,11 @@ def _augment(batch: torch.Tensor, size: int, generator: torch.Generator) -> torc
         out[i] = tile
     # H&E colour jitter: brightness, contrast, saturation and a small per-channel shift
     rand = lambda *shape: torch.rand(*shape, generator=generator)  # noqa: E731
-    brightness = 0.85 + 0.3 * rand(n, 1, 1, 1)
-    contrast = 0.8 + 0.4 * rand(n, 1, 1, 1)
-    saturation = 0.8 + 0.4 * rand(n, 1, 1, 1)
-    shift = (rand(n, 3, 1, 1) - 0.5) * 16
+    # (written so that jitter 1 computes exactly what the shipped model was trained with)
+    brightness = (1 - 0.15 * jitter) + 0.3 * jitter * rand(n, 1, 1, 1)
+    contrast = (1 - 0.2 * jitter) + 0.4 * jitter * rand(n, 1, 1, 1)
+    saturation = (1 - 0.2 * jitter) + 0.4 * jitter * rand(n, 1, 1, 1)
+    shift = (rand(n, 3, 1, 1) - 0.5) * (16 * jitter)
     out = out * brightness
     mean = out.mean(dim=(1, 2, 3), keepdim=True)
     out = (out - mean) * contrast + mean
@@ -226,7 +229,7 @@ def train(data: str | Path | TileTable, out_dir: str | Path, settings: TrainSett
             index = order[start : start + settings.batch_size]
             if len(index) < 2:
                 continue
-            x = net.normalize(_augment(images[index], settings.input_size, generator))
+            x = net.normalize(_augment(images[index], settings.input_size, generator, settings.colour_jitter))
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=settings.bf16):
                 pooled, last = net.extract(x.contiguous(memory_format=torch.channels_last))
                 logits = net.classifier(last).float()
