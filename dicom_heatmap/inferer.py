@@ -43,7 +43,7 @@ class TileGridInferer(Inferer):
         chunks = [numbers[start : start + batch] for start in range(0, len(numbers), batch)]
 
         def read(chunk: np.ndarray) -> list[np.ndarray]:
-            return [grid.tile(image, int(n), min_side=network.input_size) for n in chunk]
+            return grid.tiles(image, chunk, min_side=network.input_size)
 
         # the next batch is read (openslide and numpy release the GIL) while this one is scored
         with ThreadPoolExecutor(max_workers=1) as reader, tqdm(

@@ -178,10 +178,13 @@ def _large_slide(fast: TileScorer, side: int, tile: int, seconds: float) -> dict
             "ratio": end_to_end / model_rate, "wall_s": wall, "process_wall_s": process_wall, "peak_rss_mb": peak_mb}
 
 
-def make_synthetic_slide(path: str | Path, side: int, tile: int = 256, levels: int = 3) -> Path:
+def make_synthetic_slide(path: str | Path, side: int, tile: int = 256, smallest: int = 1024) -> Path:
     """Write a tiled pyramidal TIFF (openslide reads it) of ``side`` x ``side`` RGB pixels:
     the left half real H&E texture (the embedded IDC mosaic, repeated), the right half
-    blank glass. Written tile by tile, so memory stays small whatever ``side`` is."""
+    blank glass. Written tile by tile, so memory stays small whatever ``side`` is.
+
+    Levels are 4x apart down to one no wider than ``smallest`` px, as scanners write them;
+    a small last level is also what gives OpenSlide its ``quickhash-1`` of the content."""
     import tifffile
 
     texture = np.asarray(Image.open(DATA / "idc_mosaic_tail.png").convert("RGB"))
@@ -199,9 +202,11 @@ def make_synthetic_slide(path: str | Path, side: int, tile: int = 256, levels: i
 
     path = Path(path)
     with tifffile.TiffWriter(path, bigtiff=True) as writer:
-        for level in range(levels):
-            step = 4**level
+        step = 1
+        while True:
             level_side = side // step
             writer.write(tiles(level_side, step), shape=(level_side, level_side, 3), dtype=np.uint8, tile=(tile, tile),
-                         photometric="rgb", subfiletype=0 if level == 0 else 1, metadata=None)
-    return path
+                         photometric="rgb", subfiletype=0 if step == 1 else 1, metadata=None)
+            if level_side <= smallest:
+                return path
+            step *= 4

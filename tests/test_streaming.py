@@ -45,12 +45,24 @@ def test_streamed_tiles_come_from_a_coarser_level_when_that_is_enough(tmp_path, 
     slide = make_synthetic_slide(tmp_path / "slide.tif", 4096)
     image, _ = slide_io.LoadInput(level=0)(slide)
     full = image[0, 0:256, 0:256]
-    coarse = image.region(0, 0, 256, 256, min_side=48)
+    [coarse] = image.regions([(0, 0, 256, 256)], min_side=48)
     assert full.shape == (256, 256, 3) and coarse.shape == (64, 64, 3)  # level 1 (/4) still gives 64 >= 48 px
-    assert image.region(0, 0, 256, 256, min_side=100).shape == (256, 256, 3)  # level 1 would be too small
+    assert image.regions([(0, 0, 256, 256)], min_side=100)[0].shape == (256, 256, 3)  # level 1 would be too small
     # the same picture, only smaller
     shrunk = np.asarray(__import__("PIL.Image", fromlist=["Image"]).fromarray(full).resize((64, 64)))
     assert np.abs(shrunk.astype(int) - coarse.astype(int)).mean() < 20
+
+
+def test_neighbouring_tiles_read_together_are_the_tiles_read_one_by_one(tmp_path, stream_everything):
+    slide = make_synthetic_slide(tmp_path / "slide.tif", 4096)
+    image, _ = slide_io.LoadInput(level=0)(slide)
+    # a row of tiles (read in one call), a tile of another row, and one out of order
+    boxes = [(224, 0, 448, 224), (224, 224, 448, 448), (224, 448, 448, 672), (672, 224, 896, 448), (224, 1120, 448, 1344)]
+    for min_side in (48, 100):
+        together = image.regions(boxes, min_side)
+        one_by_one = [image.regions([box], min_side)[0] for box in boxes]
+        for box, joint, single in zip(boxes, together, one_by_one):
+            assert joint.shape == single.shape and np.array_equal(joint, single), box
 
 
 def test_a_slide_with_an_openslide_quickhash_is_identified_by_it_not_by_hashing_the_file(data_dir, scorer):

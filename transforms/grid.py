@@ -71,29 +71,31 @@ class TileGrid:
         _, row, col = self.position(number)
         return (int(self.row_edges[row]), int(self.col_edges[col]), int(self.row_edges[row + 1]), int(self.col_edges[col + 1]))
 
-    def tile(self, image: np.ndarray, number: int, min_side: int | None = None) -> np.ndarray:
-        """The pixels of tile ``number`` from an image (slices, rows, cols, channels).
+    def tiles(self, image: np.ndarray, numbers: Sequence[int], min_side: int | None = None) -> list[np.ndarray]:
+        """The pixels of tiles ``numbers`` from an image (slices, rows, cols, channels).
 
-        With ``min_side``, a streamed slide may give the tile from a coarser pyramid level,
-        at least ``min_side`` pixels a side (the network shrinks it anyway).
+        With ``min_side``, a streamed slide may give the tiles from a coarser pyramid level,
+        at least ``min_side`` pixels a side (the network shrinks them anyway); it reads
+        neighbouring tiles together.
         """
-        slice_index = int(self.position(number)[0])
-        top, left, bottom, right = self.box(number)
-        if min_side is not None and hasattr(image, "region"):
-            return image.region(top, left, bottom, right, min_side)
-        return image[slice_index, top:bottom, left:right]
+        boxes = [self.box(int(number)) for number in numbers]
+        if min_side is not None and hasattr(image, "regions"):
+            return image.regions(boxes, min_side)
+        slices = self.position(np.asarray(numbers, dtype=np.int64))[0]
+        return [image[int(s), top:bottom, left:right] for s, (top, left, bottom, right) in zip(slices, boxes)]
 
     def table(self) -> list[dict[str, Any]]:
         """One record per tile: number, slice, row, col, box, tissue fraction, analysed."""
-        records = []
-        for number in range(1, self.count + 1):
-            s, r, c = (int(v) for v in self.position(number))
-            records.append({
-                "number": number, "slice": s, "row": r, "col": c, "box": list(self.box(number)),
-                "tissue_fraction": round(float(self.tissue_fraction[s, r, c]), 4),
-                "analysed": bool(self.is_tissue[s, r, c]),
-            })
-        return records
+        slices, rows, cols = (axis.ravel().tolist() for axis in np.indices(self.shape))
+        tops, bottoms = self.row_edges[:-1].tolist(), self.row_edges[1:].tolist()
+        lefts, rights = self.col_edges[:-1].tolist(), self.col_edges[1:].tolist()
+        fractions = self.tissue_fraction.ravel().tolist()
+        analysed = self.is_tissue.ravel().tolist()
+        return [
+            {"number": index + 1, "slice": s, "row": r, "col": c, "box": [int(tops[r]), int(lefts[c]), int(bottoms[r]), int(rights[c])],
+             "tissue_fraction": round(fractions[index], 4), "analysed": bool(analysed[index])}
+            for index, (s, r, c) in enumerate(zip(slices, rows, cols))
+        ]
 
 
 #: Longest side of the thumbnail a streamed slide's tissue map is made from (at least).

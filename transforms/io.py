@@ -421,6 +421,9 @@ def _load_dicom_wsi(ds: Dataset, path: Path) -> tuple[np.ndarray, dict]:
 #: Slide levels of more pixels than this are streamed tile by tile instead of read whole.
 STREAM_ABOVE_PIXELS = 64 * 1024 * 1024
 
+#: Widest region (pixels of the level read) that adjacent tiles are read together in.
+_LONGEST_READ = 4096
+
 
 class StreamedSlide:
     """One level of a slide read tile by tile with openslide, never whole.
@@ -445,7 +448,8 @@ class StreamedSlide:
         self._slide = openslide.OpenSlide(str(path))
         width, height = self._slide.level_dimensions[level]
         self.shape = (1, height, width, 3)
-        self._downsample = self._slide.level_downsamples[level]
+        self._downsamples = tuple(self._slide.level_downsamples)  # openslide makes the tuple anew on each access
+        self._downsample = self._downsamples[level]
         self._thumbnails: dict[int, tuple[np.ndarray, float]] = {}
 
     def __getitem__(self, key) -> np.ndarray:
@@ -463,28 +467,54 @@ class StreamedSlide:
             raise InputError(self.path, f"cannot read a region of level {self.level} ({error})") from None
         return np.asarray(region.convert("RGB"))
 
-    def region(self, top: int, left: int, bottom: int, right: int, min_side: int) -> np.ndarray:
-        """The region [top:bottom, left:right] of this level, read from the coarsest level of
-        the slide's pyramid that still gives it at least ``min_side`` pixels a side - a
-        tile that will be shrunk for the network need not be read at full resolution."""
+    def regions(self, boxes: Sequence[tuple[int, int, int, int]], min_side: int) -> list[np.ndarray]:
+        """The regions ``[top:bottom, left:right]`` of this level, one per box, each read from
+        the coarsest level of the slide's pyramid that still gives it at least ``min_side``
+        pixels a side - a tile that will be shrunk for the network need not be read at full
+        resolution.
+
+        Boxes that follow each other side by side (same rows, each starting where the one
+        before ends, as the tiles of a grid row do) are read in one call and cut apart:
+        an openslide call costs more than the pixels it returns.
+        """
         import openslide
 
-        finer = self._downsample
-        best, best_downsample = self.level, finer
-        for level, downsample in enumerate(self._slide.level_downsamples):
-            factor = downsample / finer
-            if factor > best_downsample / finer and min(bottom - top, right - left) / factor >= min_side:
-                best, best_downsample = level, downsample
-        if best == self.level:
-            return self[0, top:bottom, left:right]
-        factor = best_downsample / finer
-        size = (max(1, int(round((right - left) / factor))), max(1, int(round((bottom - top) / factor))))
-        location = (int(round(left * finer)), int(round(top * finer)))
-        try:
-            region = self._slide.read_region(location, best, size)
-        except openslide.OpenSlideError as error:
-            raise InputError(self.path, f"cannot read a region of level {best} ({error})") from None
-        return np.asarray(region.convert("RGB"))
+        runs: list[list] = []  # [level, factor, top, bottom, left, right, [(index, left, right), ...]]
+        for index, (top, left, bottom, right) in enumerate(boxes):
+            level, factor = self._coarsest_level(min(bottom - top, right - left), min_side)
+            run = runs[-1] if runs else None
+            if (run is not None and run[:4] == [level, factor, top, bottom] and run[5] == left
+                    and (right - run[4]) / factor <= _LONGEST_READ):
+                run[5] = right
+                run[6].append((index, left, right))
+            else:
+                runs.append([level, factor, top, bottom, left, right, [(index, left, right)]])
+        pieces: list[np.ndarray] = [np.empty(0)] * len(boxes)
+        for level, factor, top, bottom, left, right, members in runs:
+            # Cut on the read level's own pixel lattice: openslide resamples a region that
+            # starts between two of its pixels (several times slower, and blurred).
+            x0, y0 = round(left / factor), round(top / factor)
+            width, height = max(1, round(right / factor) - x0), max(1, round(bottom / factor) - y0)
+            location = (int(round(x0 * self._downsamples[level])), int(round(y0 * self._downsamples[level])))
+            try:
+                pixels = np.asarray(self._slide.read_region(location, level, (width, height)).convert("RGB"))
+            except openslide.OpenSlideError as error:
+                raise InputError(self.path, f"cannot read a region of level {level} ({error})") from None
+            for index, member_left, member_right in members:
+                start = min(round(member_left / factor) - x0, width - 1)
+                stop = max(round(member_right / factor) - x0, start + 1)
+                pieces[index] = pixels[:, start:stop]
+        return pieces
+
+    def _coarsest_level(self, side: int, min_side: int) -> tuple[int, float]:
+        """The coarsest pyramid level (and its downsample relative to this one) at which
+        ``side`` pixels of this level are still at least ``min_side``."""
+        best, best_factor = self.level, 1.0
+        for level, downsample in enumerate(self._downsamples):
+            factor = downsample / self._downsample
+            if factor > best_factor and side / factor >= min_side:
+                best, best_factor = level, factor
+        return best, best_factor
 
     def thumbnail(self, max_side: int) -> tuple[np.ndarray, float]:
         """(rows', cols', 3) uint8 picture of the level no larger than ``max_side``, and its scale.
