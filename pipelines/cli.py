@@ -88,6 +88,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--max-tiles", type=int, help="cap every split (smoke runs)")
     train.add_argument("--colour-jitter", type=float, default=1.0, metavar="F",
                        help="scale of the H&E colour jitter (default 1, the shipped model's)")
+    train.add_argument("--balanced-sampling", action="store_true",
+                       help="stage 1 draws both classes equally often instead of weighting the loss by class")
     bench = commands.add_parser("bench", help="tile-scoring speed: fast path against the naive loop and the machine's peak")
     bench.add_argument("--model", type=Path, help="model file (default: the shipped model)")
     bench.add_argument("--seconds", type=float, default=4.0, help="time per measurement (default 4)")
@@ -181,7 +183,8 @@ def run_train(args: argparse.Namespace) -> int:
     from pipelines.train import TrainSettings, fold_plan, train
 
     settings = TrainSettings(epochs=args.epochs, input_size=args.input_size, max_tiles=args.max_tiles,
-                             colour_jitter=args.colour_jitter, **fold_plan(args.test_fold))
+                             colour_jitter=args.colour_jitter, balanced_sampling=args.balanced_sampling,
+                             **fold_plan(args.test_fold))
     model = train(args.data, args.out, settings)
     print(f"model written to {model}")
     return 0

@@ -49,6 +49,7 @@ class TrainSettings:
     width_multiplier: float = 1.0
     bf16: bool = True
     colour_jitter: float = 1.0  # scales the H&E colour jitter (1 = the shipped model's)
+    balanced_sampling: bool = False  # stage 1 draws both classes equally often instead of weighting the loss
     max_tiles: int | None = None  # for smoke runs: cap every split
 
 
@@ -216,13 +217,19 @@ def train(data: str | Path | TileTable, out_dir: str | Path, settings: TrainSett
         print(f"resuming from {checkpoint_path} after epoch {first_epoch}")
 
     # Stage 1: the extractor as a tile classifier
-    weights = _class_weights(extractor_set.labels)
+    # The classes are balanced either in the loss (weights) or in what is drawn (each
+    # class half of every epoch, tiles drawn with replacement), never both.
+    weights = None if settings.balanced_sampling else _class_weights(extractor_set.labels)
+    draw_weights = torch.from_numpy(1.0 / np.bincount(extractor_set.labels, minlength=2).clip(1)[extractor_set.labels])
     labels = torch.from_numpy(extractor_set.labels)
     images = torch.from_numpy(extractor_set.images)
     started = time.time()
     for epoch in range(first_epoch, settings.epochs):
         net.train()
-        order = torch.randperm(len(extractor_set), generator=generator)
+        if settings.balanced_sampling:
+            order = torch.multinomial(draw_weights, len(extractor_set), replacement=True, generator=generator)
+        else:
+            order = torch.randperm(len(extractor_set), generator=generator)
         bar = tqdm(range(0, len(order), settings.batch_size), desc=f"stage 1 epoch {epoch + 1}/{settings.epochs}", unit="batch")
         running = 0.0
         for step, start in enumerate(bar):
