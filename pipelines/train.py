@@ -304,7 +304,7 @@ def train(data: str | Path | TileTable, out_dir: str | Path, settings: TrainSett
     }
     print(json.dumps(record["test"], indent=1))
     model_path = out_dir / "model.pt"
-    state = {k: v.contiguous() for k, v in net.state_dict().items()}
+    state = net.compact_state_dict()
     temporary = model_path.with_suffix(".tmp")
     torch.save(state, temporary)
     temporary.replace(model_path)
