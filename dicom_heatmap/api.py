@@ -236,6 +236,12 @@ class AnalysisResult:
         return text
 
     def _write(self, folder: Path) -> None:
+        # The PNG preview is compressed in a thread of its own (zlib lets go of the GIL)
+        # while the DICOM objects are built: scoring is over, so a core is free.
+        with ThreadPoolExecutor(1, thread_name_prefix="preview") as preview:
+            self._write_all(folder, preview)
+
+    def _write_all(self, folder: Path, preview: ThreadPoolExecutor) -> None:
         evidence = [_evidence_header(s) for s in self.meta["source_datasets"]]
         reference = evidence[0] if evidence else synthetic_reference(self.identity, self.meta["modality"])
         affine = self.meta["affine"]
@@ -249,6 +255,7 @@ class AnalysisResult:
             ds.save_as(folder / name, enforce_file_format=True)
 
         sc_files, secondary_captures = [], []
+        preview_written = None
         scale = 1.0
         slices = self.image.shape[0]
         frame_numbers = self.meta.get("frame_numbers")  # a multi-frame source: which frame each slice is
@@ -256,6 +263,8 @@ class AnalysisResult:
             caption = f"dicom-heatmap {__version__} - research only, not for diagnostic use - {self._direction_caption(slice_index)}"
             shown = self.image[slice_index] if isinstance(self.image, np.ndarray) else self.image  # a streamed slide: one slice
             picture, scale = render_slice(shown, self.tile_map, self.spread, slice_index, caption)
+            if slice_index == (self.spread.focus_index or [0])[0]:
+                preview_written = preview.submit(Image.fromarray(picture).save, folder / "preview.png")
             spacing = None
             if spatial:
                 spacing = (float(np.linalg.norm(affine[:3, 1]) / scale), float(np.linalg.norm(affine[:3, 2]) / scale))
@@ -271,8 +280,6 @@ class AnalysisResult:
             sc_files.append(f"sc-{slice_index + 1:04d}.dcm")
             save(sc, sc_files[-1])
             secondary_captures.append(sc)
-            if slice_index == (self.spread.focus_index or [0])[0]:
-                Image.fromarray(picture).save(folder / "preview.png")
         for_uid = self.meta.get("frame_of_reference_uid") if patient and evidence else None
         pm_sources = evidence if for_uid else [geometry_carrier(secondary_captures[0], affine, scale, self.identity)]
         pm = build_parametric_map(self.tile_map, pm_sources, self.identity)
@@ -288,6 +295,8 @@ class AnalysisResult:
                                       "pm": str(pm.SOPInstanceUID), "sr": str(sr.SOPInstanceUID)}}
         # compact: the C encoder (indent forces the pure-Python one, seconds for a large slide)
         (folder / "result.json").write_text(json.dumps(result, separators=(",", ":")))
+        if preview_written is not None:
+            preview_written.result()  # its errors are this call's
 
 
 @contextlib.contextmanager
