@@ -116,6 +116,15 @@ def _resize(batch: np.ndarray, size: int) -> torch.Tensor:
     return x
 
 
+def epoch_order(labels: np.ndarray, balanced: bool, generator: torch.Generator) -> torch.Tensor:
+    """The tile indices of one stage-1 epoch: a permutation, or with ``balanced`` as many
+    draws (with replacement) in which each class comes up equally often on average."""
+    if not balanced:
+        return torch.randperm(len(labels), generator=generator)
+    per_tile = 1.0 / np.bincount(labels, minlength=2).clip(1)[labels]
+    return torch.multinomial(torch.from_numpy(per_tile), len(labels), replacement=True, generator=generator)
+
+
 def _class_weights(labels: np.ndarray) -> torch.Tensor:
     counts = np.bincount(labels, minlength=2).astype(np.float64)
     return torch.tensor(len(labels) / (2 * np.maximum(counts, 1)), dtype=torch.float32)
@@ -220,16 +229,12 @@ def train(data: str | Path | TileTable, out_dir: str | Path, settings: TrainSett
     # The classes are balanced either in the loss (weights) or in what is drawn (each
     # class half of every epoch, tiles drawn with replacement), never both.
     weights = None if settings.balanced_sampling else _class_weights(extractor_set.labels)
-    draw_weights = torch.from_numpy(1.0 / np.bincount(extractor_set.labels, minlength=2).clip(1)[extractor_set.labels])
     labels = torch.from_numpy(extractor_set.labels)
     images = torch.from_numpy(extractor_set.images)
     started = time.time()
     for epoch in range(first_epoch, settings.epochs):
         net.train()
-        if settings.balanced_sampling:
-            order = torch.multinomial(draw_weights, len(extractor_set), replacement=True, generator=generator)
-        else:
-            order = torch.randperm(len(extractor_set), generator=generator)
+        order = epoch_order(extractor_set.labels, settings.balanced_sampling, generator)
         bar = tqdm(range(0, len(order), settings.batch_size), desc=f"stage 1 epoch {epoch + 1}/{settings.epochs}", unit="batch")
         running = 0.0
         for step, start in enumerate(bar):

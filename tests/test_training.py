@@ -1,4 +1,4 @@
-"""Training: a fixed seed gives the same model; a killed run resumes to the same model."""
+"""Training: a fixed seed gives the same model; a killed run resumes to the same model; class-balanced sampling."""
 
 import os
 import signal
@@ -44,3 +44,17 @@ def test_fixed_seed_gives_the_same_model_and_a_killed_run_resumes(tmp_path):
     done = subprocess.run(train_command(killed), cwd=ROOT, capture_output=True, text=True, env=env)
     assert done.returncode == 0 and "resuming from" in done.stdout, done.stderr[-2000:]
     assert same(state(killed / "model.pt"), first)
+
+
+def test_balanced_sampling_draws_both_classes_equally_often():
+    import numpy as np
+
+    from pipelines.train import epoch_order
+
+    labels = np.array([1] * 270 + [0] * 730)  # the IDC tiles' share of tumour
+    generator = torch.Generator().manual_seed(0)
+    plain = epoch_order(labels, False, generator)
+    assert sorted(plain.tolist()) == list(range(len(labels)))  # every tile once
+    drawn = torch.cat([epoch_order(labels, True, generator) for _ in range(20)]).numpy()
+    assert len(drawn) == 20 * len(labels)
+    assert abs(labels[drawn].mean() - 0.5) < 0.02
