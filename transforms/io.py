@@ -464,23 +464,15 @@ class StreamedSlide:
         width, height = self._slide.level_dimensions[level]
         self.shape = (1, height, width, 3)
         self._downsamples = tuple(self._slide.level_downsamples)  # openslide makes the tuple anew on each access
-        self._downsample = self._downsamples[level]
         self._thumbnails: dict[int, tuple[np.ndarray, float]] = {}
 
     def __getitem__(self, key) -> np.ndarray:
-        import openslide
-
         if isinstance(key, int) or not (isinstance(key, tuple) and len(key) == 3 and key[0] == 0):
             raise TypeError("a streamed slide is read as [0, rows, cols] regions only")
         rows, cols = key[1], key[2]
         top, bottom = rows.start or 0, rows.stop if rows.stop is not None else self.shape[1]
         left, right = cols.start or 0, cols.stop if cols.stop is not None else self.shape[2]
-        location = (int(round(left * self._downsample)), int(round(top * self._downsample)))
-        try:
-            region = self._slide.read_region(location, self.level, (right - left, bottom - top))
-        except openslide.OpenSlideError as error:
-            raise InputError(self.path, f"cannot read a region of level {self.level} ({error})") from None
-        return np.asarray(region.convert("RGB"))
+        return self._read(self.level, left, top, right - left, bottom - top)
 
     def regions(self, boxes: Sequence[tuple[int, int, int, int]], min_side: int) -> list[np.ndarray]:
         """The regions ``[top:bottom, left:right]`` of this level, one per box, each read from
@@ -492,8 +484,6 @@ class StreamedSlide:
         before ends, as the tiles of a grid row do) are read in one call and cut apart:
         an openslide call costs more than the pixels it returns.
         """
-        import openslide
-
         runs: list[_Run] = []
         for index, (top, left, bottom, right) in enumerate(boxes):
             level, factor = self._coarsest_level(min(bottom - top, right - left), min_side)
@@ -511,23 +501,31 @@ class StreamedSlide:
             x0, y0 = round(run.left / run.factor), round(run.top / run.factor)
             width = max(1, round(run.right / run.factor) - x0)
             height = max(1, round(run.bottom / run.factor) - y0)
-            location = (int(round(x0 * self._downsamples[run.level])), int(round(y0 * self._downsamples[run.level])))
-            try:
-                pixels = np.asarray(self._slide.read_region(location, run.level, (width, height)).convert("RGB"))
-            except openslide.OpenSlideError as error:
-                raise InputError(self.path, f"cannot read a region of level {run.level} ({error})") from None
+            pixels = self._read(run.level, x0, y0, width, height)
             for index, left, right in run.members:
                 start = min(round(left / run.factor) - x0, width - 1)
                 stop = max(round(right / run.factor) - x0, start + 1)
                 pieces[index] = pixels[:, start:stop]
         return pieces
 
+    def _read(self, level: int, x: int, y: int, width: int, height: int) -> np.ndarray:
+        """(height, width, 3) uint8 pixels of pyramid ``level`` from its pixel (x, y)."""
+        import openslide
+
+        downsample = self._downsamples[level]
+        location = (int(round(x * downsample)), int(round(y * downsample)))  # openslide wants level-0 pixels
+        try:
+            region = self._slide.read_region(location, level, (width, height))
+        except openslide.OpenSlideError as error:
+            raise InputError(self.path, f"cannot read a region of level {level} ({error})") from None
+        return np.asarray(region.convert("RGB"))
+
     def _coarsest_level(self, side: int, min_side: int) -> tuple[int, float]:
         """The coarsest pyramid level (and its downsample relative to this one) at which
         ``side`` pixels of this level are still at least ``min_side``."""
         best, best_factor = self.level, 1.0
         for level, downsample in enumerate(self._downsamples):
-            factor = downsample / self._downsample
+            factor = downsample / self._downsamples[self.level]
             if factor > best_factor and side / factor >= min_side:
                 best, best_factor = level, factor
         return best, best_factor
