@@ -94,6 +94,19 @@ class AnalysisSettings:
         return json.dumps(asdict(self), sort_keys=True)
 
 
+@contextlib.contextmanager
+def _collector_paused():
+    """Pause Python's cyclic garbage collector: building a record per tile makes so many
+    containers that it would run over and over (85 % of the time for a 32,000-tile slide)."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
+
+
 @dataclass
 class AnalysisResult:
     """What :func:`analyze` found for one input.
@@ -152,12 +165,9 @@ class AnalysisResult:
         return (f"{stats['analysed_tiles']} tiles analysed, max score {stats['max_score']:.3f}, mean {stats['mean_score']:.3f}, "
                 f"{stats['tiles_above_threshold']} at or above {self.spread.threshold}; {direction}")
 
+    @_collector_paused()
     def to_dict(self) -> dict:
         """The JSON summary: grid, scores, numbering, spread, statistics."""
-        with _collector_paused():
-            return self._summary()
-
-    def _summary(self) -> dict:
         def clean(values: list[float]) -> list:  # Python floats: numpy scalars are many times slower here
             return [round(v, 6) if math.isfinite(v) else None for v in values]
 
@@ -297,19 +307,6 @@ class AnalysisResult:
         (folder / "result.json").write_text(json.dumps(result, separators=(",", ":")))
         if preview_written is not None:
             preview_written.result()  # its errors are this call's
-
-
-@contextlib.contextmanager
-def _collector_paused():
-    """Pause Python's cyclic garbage collector: building a record per tile makes so many
-    containers that it would run over and over (85 % of the time for a 32,000-tile slide)."""
-    enabled = gc.isenabled()
-    gc.disable()
-    try:
-        yield
-    finally:
-        if enabled:
-            gc.enable()
 
 
 def _remove_stale_staging(out_dir: Path) -> None:
