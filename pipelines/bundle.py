@@ -80,11 +80,12 @@ class EvaluateWorkflow:
     """The evaluation bundle's ``evaluator``: metrics and ROC plot of a model on labelled tiles."""
 
     def __init__(self, data_csv: str | Path, model_path: str | Path, output_dir: str | Path,
-                 folds: Sequence[int] | None = None) -> None:
+                 folds: Sequence[int] | None = None, patients: Sequence[str] | None = None) -> None:
         self.data_csv, self.model_path, self.output_dir = data_csv, model_path, output_dir
         self.folds = list(folds) if folds is not None else None
+        self.patients = list(patients) if patients is not None else None
 
     def run(self) -> dict:
-        result = evaluate(self.data_csv, None, self.model_path, self.folds)
+        result = evaluate(self.data_csv, None, self.model_path, self.folds, patients=self.patients)
         print(format_report(result))
         return write_outputs(result, self.output_dir)

@@ -2,8 +2,8 @@
 
     dicom-heatmap analyze INPUT [INPUT ...] --out DIR [options]
     dicom-heatmap demo [--out DIR]
-    dicom-heatmap train --data labels.csv --out DIR [--test-fold K]
-    dicom-heatmap evaluate --csv labels.csv [--folds 3] [--out DIR]
+    dicom-heatmap train --data labels.csv --out DIR [--test-fold K] [--hold-out FILE]
+    dicom-heatmap evaluate --csv labels.csv [--folds 3] [--patients FILE] [--out DIR]
     dicom-heatmap bench
     dicom-heatmap pacs poll|listen|status --config pacs.yaml
 
@@ -83,13 +83,22 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--data", type=Path, required=True, help="labels.csv (columns path, patient_id, label, fold)")
     train.add_argument("--out", type=Path, required=True, help="folder for checkpoints and the model")
     train.add_argument("--epochs", type=int, default=16, help="stage-1 epochs (default 16)")
-    train.add_argument("--test-fold", type=int, default=3, help="patient fold held out for testing (default 3, the shipped model)")
+    train.add_argument("--test-fold", type=int, help="patient fold held out for testing (cross-validation); by default "
+                       "every fold trains and only the --hold-out patients are kept out (the shipped model)")
+    train.add_argument("--hold-out", type=Path, metavar="FILE",
+                       help="patient IDs, one a line, kept out of every stage and tested (default without --test-fold: "
+                            "models/held_out_patients.txt; with it: none)")
     train.add_argument("--input-size", type=int, default=48, help="tile side the network sees")
     train.add_argument("--max-tiles", type=int, help="cap every split (smoke runs)")
     train.add_argument("--colour-jitter", type=float, default=1.0, metavar="F",
                        help="scale of the H&E colour jitter (default 1, the shipped model's)")
     train.add_argument("--balanced-sampling", action="store_true",
                        help="stage 1 draws both classes equally often instead of weighting the loss by class")
+    train.add_argument("--stain-jitter", type=float, default=0.0, metavar="SIGMA",
+                       help="scale and shift each stain's optical density by up to SIGMA (default 0: off)")
+    train.add_argument("--head-share", type=float, default=1.0, metavar="F",
+                       help="share of the head fold's patients kept for the heads and the fusion; the rest train the "
+                            "extractor (default 1)")
     bench = commands.add_parser("bench", help="tile-scoring speed: fast path against the naive loop and the machine's peak")
     bench.add_argument("--model", type=Path, help="model file (default: the shipped model)")
     bench.add_argument("--seconds", type=float, default=4.0, help="time per measurement (default 4)")
@@ -118,6 +127,8 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--root", type=Path, help="folder the csv paths are relative to (default: the csv's folder)")
     evaluate.add_argument("--model", type=Path, help="model file (default: the shipped model)")
     evaluate.add_argument("--folds", type=lambda t: [int(v) for v in t.split(",")], help="only these patient folds, e.g. 3")
+    evaluate.add_argument("--patients", type=Path, metavar="FILE",
+                          help="only these patients (IDs one a line), e.g. models/held_out_patients.txt")
     evaluate.add_argument("--out", type=Path, default=Path("evaluation"), help="folder for metrics.json and roc.png")
     evaluate.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"], default="auto", help="as for analyze")
     evaluate.add_argument("--backend", choices=["auto", "torch", "openvino"], default="auto", help="as for analyze")
@@ -180,10 +191,15 @@ def run_demo(args: argparse.Namespace) -> int:
 
 
 def run_train(args: argparse.Namespace) -> int:
+    from pipelines.tile_data import HELD_OUT_PATIENTS_FILE, read_patient_list
     from pipelines.train import TrainSettings, fold_plan, train
+
+    hold_out = args.hold_out if args.hold_out is not None else (HELD_OUT_PATIENTS_FILE if args.test_fold is None else None)
 
     settings = TrainSettings(epochs=args.epochs, input_size=args.input_size, max_tiles=args.max_tiles,
                              colour_jitter=args.colour_jitter, balanced_sampling=args.balanced_sampling,
+                             stain_jitter=args.stain_jitter, head_share=args.head_share,
+                             held_out_patients=read_patient_list(hold_out) if hold_out is not None else [],
                              **fold_plan(args.test_fold))
     model = train(args.data, args.out, settings)
     print(f"model written to {model}")
@@ -193,7 +209,11 @@ def run_train(args: argparse.Namespace) -> int:
 def run_evaluate(args: argparse.Namespace) -> int:
     from pipelines.evaluate import evaluate, format_report, write_outputs
 
-    result = evaluate(args.csv, args.root, args.model, args.folds, precision=args.precision, backend=args.backend)
+    from pipelines.tile_data import read_patient_list
+
+    patients = read_patient_list(args.patients) if args.patients is not None else None
+    result = evaluate(args.csv, args.root, args.model, args.folds, patients=patients, precision=args.precision,
+                      backend=args.backend)
     print(format_report(result))
     write_outputs(result, args.out)
     print(f"-> {args.out}/ (metrics.json, roc.png)")

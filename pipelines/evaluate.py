@@ -9,6 +9,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 from tqdm import tqdm
 
+from dicom_heatmap.errors import InputError
 from dicom_heatmap.scorer import TileScorer
 from pipelines.metrics import roc_auc, roc_curve, threshold_metrics
 from pipelines.tile_data import load_tile_table
@@ -17,8 +18,9 @@ __all__ = ["evaluate", "draw_roc", "format_report"]
 
 
 def evaluate(csv_path: str | Path, root: str | Path | None = None, model: str | Path | None = None,
-             folds: list[int] | None = None, threshold: float = 0.5, precision: str = "auto", backend: str = "auto") -> dict:
-    """Score every tile of the table (or of ``folds``) and compute the metrics.
+             folds: list[int] | None = None, threshold: float = 0.5, precision: str = "auto", backend: str = "auto",
+             patients: list[str] | None = None) -> dict:
+    """Score every tile of the table (or of ``folds``, or of ``patients``) and compute the metrics.
 
     Returns a dictionary with ``tiles``, ``patients``, ``auc``, ``median_patient_auc``,
     the threshold metrics, ``head_auc`` (13 values) and the ROC points of the fusion.
@@ -26,6 +28,10 @@ def evaluate(csv_path: str | Path, root: str | Path | None = None, model: str | 
     table = load_tile_table(csv_path, root)
     if folds is not None:
         table = table.subset(np.isin(table.folds, folds))
+    if patients is not None:
+        table = table.subset(np.isin(table.patients, patients))
+    if not len(table):
+        raise InputError(Path(csv_path), "no tile of the table is in the folds or patients asked for")
     scorer = TileScorer.load(model, precision=precision, backend=backend)
     scores = np.empty(len(table), dtype=np.float32)
     layers = np.empty((len(table), 13), dtype=np.float32)
@@ -40,6 +46,7 @@ def evaluate(csv_path: str | Path, root: str | Path | None = None, model: str | 
         "model_sha256": scorer.checksum,
         "precision": scorer.precision,
         "folds": folds,
+        "patient_list": patients,
         "tiles": int(len(table)),
         "patients": int(len(np.unique(table.patients))),
         "positive_share": float(table.labels.mean()),

@@ -12,7 +12,10 @@ from tqdm import tqdm
 
 from dicom_heatmap.errors import InputError
 
-__all__ = ["TileTable", "load_tile_table"]
+__all__ = ["TileTable", "load_tile_table", "read_patient_list", "HELD_OUT_PATIENTS_FILE"]
+
+#: The IDC patients the shipped model never saw in any stage: the demo mosaic is drawn from them
+HELD_OUT_PATIENTS_FILE = Path(__file__).resolve().parent.parent / "models" / "held_out_patients.txt"
 
 REQUIRED_COLUMNS = ("path", "patient_id", "label", "fold")
 
@@ -76,3 +79,14 @@ def load_tile_table(csv_path: str | Path, root: str | Path | None = None, size: 
         patients=np.array([r["patient_id"] for r in rows]),
         folds=np.array([int(r["fold"]) for r in rows], dtype=np.int64),
     )
+
+
+def read_patient_list(path: str | Path) -> list[str]:
+    """Patient identifiers from a text file, one a line; ``#`` starts a comment."""
+    path = Path(path)
+    try:
+        lines = path.read_text().splitlines()
+    except (OSError, UnicodeDecodeError) as error:
+        raise InputError(path, f"cannot read the patient list ({error})") from None
+    patients = [line.split("#", 1)[0].strip() for line in lines]
+    return [p for p in patients if p]

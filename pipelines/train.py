@@ -24,11 +24,12 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from dicom_heatmap.errors import InputError
 from dicom_heatmap.network import HeadedVGG16
 from pipelines.metrics import roc_auc
-from pipelines.tile_data import TileTable, load_tile_table
+from pipelines.tile_data import HELD_OUT_PATIENTS_FILE, TileTable, load_tile_table
 
-__all__ = ["TrainSettings", "train"]
+__all__ = ["TrainSettings", "STAGES", "fold_plan", "stage_sets", "stain_jitter", "train"]
 
 
 @dataclass
@@ -50,15 +51,22 @@ class TrainSettings:
     bf16: bool = True
     colour_jitter: float = 1.0  # scales the H&E colour jitter (1 = the shipped model's)
     balanced_sampling: bool = False  # stage 1 draws both classes equally often instead of weighting the loss
+    stain_jitter: float = 0.0  # sigma of the haematoxylin / eosin / DAB scale and shift in optical density (0 = off)
+    head_share: float = 1.0  # share of the head folds' patients kept for stages 2-3; the rest join the extractor's
+    held_out_patients: list[str] = field(default_factory=list)  # in no stage, whatever their fold; tested with the test folds
     max_tiles: int | None = None  # for smoke runs: cap every split
 
 
-def fold_plan(test_fold: int, folds: int = 4) -> dict[str, list[int]]:
+def fold_plan(test_fold: int | None, folds: int = 4) -> dict[str, list[int]]:
     """Which patient folds each stage uses when ``test_fold`` is held out.
 
     The heads and the fusion take the fold before the test fold (split by patient
-    between them); the extractor the remaining folds. Fold 3 gives the shipped model.
+    between them); the extractor the remaining folds. ``None`` holds no fold out: the
+    heads and the fusion take the last fold, the extractor all the others (the shipped
+    model, which keeps only the patients of ``HELD_OUT_PATIENTS_FILE`` out).
     """
+    if test_fold is None:
+        return {"extractor_folds": list(range(folds - 1)), "head_folds": [folds - 1], "test_folds": []}
     if not 0 <= test_fold < folds:
         raise ValueError(f"test_fold must lie in 0..{folds - 1}, got {test_fold}")
     head = (test_fold - 1) % folds
@@ -69,9 +77,27 @@ def fold_plan(test_fold: int, folds: int = 4) -> dict[str, list[int]]:
     }
 
 
-def _augment(batch: torch.Tensor, size: int, generator: torch.Generator, jitter: float = 1.0) -> torch.Tensor:
-    """Random crop, flips, 90 degree rotation, colour jitter (its ranges scaled by ``jitter``)
-    and erasing; uint8 NHWC -> float NCHW 0..255."""
+# Ruifrok & Johnston's stain vectors (rows: haematoxylin, eosin, DAB) in optical density
+RGB_FROM_HED = torch.tensor([[0.65, 0.70, 0.29], [0.07, 0.99, 0.11], [0.27, 0.57, 0.78]])
+HED_FROM_RGB = torch.linalg.inv(RGB_FROM_HED)
+
+
+def stain_jitter(tiles: torch.Tensor, sigma: float, generator: torch.Generator) -> torch.Tensor:
+    """Scale and shift each stain's optical density by U(1 - sigma, 1 + sigma) and
+    U(-sigma, sigma), per tile (Tellez et al. 2018); float NCHW 0..255 in and out."""
+    n = tiles.shape[0]
+    density = -torch.log(tiles.clamp(min=1.0) / 255.0)  # (N, 3, H, W) optical density per RGB channel
+    stains = torch.einsum("nchw,cs->nshw", density, HED_FROM_RGB)
+    scale = 1 - sigma + 2 * sigma * torch.rand(n, 3, 1, 1, generator=generator)
+    shift = sigma * (2 * torch.rand(n, 3, 1, 1, generator=generator) - 1)
+    density = torch.einsum("nshw,sc->nchw", stains * scale + shift, RGB_FROM_HED)
+    return (255.0 * torch.exp(-density)).clamp_(0, 255)
+
+
+def _augment(batch: torch.Tensor, size: int, generator: torch.Generator, jitter: float = 1.0,
+             stain: float = 0.0) -> torch.Tensor:
+    """Random crop, flips, 90 degree rotation, stain jitter (``stain``: its sigma, 0 = off),
+    colour jitter (its ranges scaled by ``jitter``) and erasing; uint8 NHWC -> float NCHW 0..255."""
     n, height, width, _ = batch.shape
     x = batch.permute(0, 3, 1, 2).float()
     out = torch.empty(n, 3, size, size)
@@ -86,6 +112,8 @@ def _augment(batch: torch.Tensor, size: int, generator: torch.Generator, jitter:
             tile = tile.flip(2)
         tile = torch.rot90(tile, int(torch.randint(0, 4, (1,), generator=generator)), dims=(1, 2))
         out[i] = tile
+    if stain > 0:  # drawn only when asked, so that stain 0 keeps the shipped model's random stream
+        out = stain_jitter(out, stain, generator)
     # H&E colour jitter: brightness, contrast, saturation and a small per-channel shift
     rand = lambda *shape: torch.rand(*shape, generator=generator)  # noqa: E731
     # (written so that jitter 1 computes exactly what the shipped model was trained with)
@@ -163,6 +191,52 @@ def _fit_small(module: torch.nn.Module, inputs, labels: np.ndarray, epochs: int,
     module.eval()
 
 
+#: What :func:`stage_sets` returns, in this order
+STAGES = ("extractor", "heads", "fusion", "test")
+
+
+def stage_sets(table: TileTable, settings: TrainSettings, source: str | Path = "the tile table") -> dict[str, TileTable]:
+    """The tiles of each stage (``STAGES``), split by patient as ``settings`` says.
+
+    The head folds' patients (less the held-out ones) are shuffled once with the seed:
+    the heads take the first half of the ``head_share`` kept, the fusion the second half,
+    the extractor the rest beside its own folds. The held-out patients are in no stage
+    and are tested with the test folds.
+
+    Args:
+        table: the labelled tiles.
+        settings: folds, ``head_share``, ``held_out_patients``, ``seed`` and ``max_tiles``.
+        source: what to name in the error when a stage gets no tiles.
+
+    Raises:
+        InputError: when the extractor, the heads or the fusion would get fewer than 2 tiles.
+    """
+
+    def split(mask: np.ndarray) -> TileTable:
+        part = table.subset(mask)
+        if settings.max_tiles is not None and len(part) > settings.max_tiles:
+            keep = np.random.default_rng(settings.seed).choice(len(part), settings.max_tiles, replace=False)
+            part = part.subset(np.sort(keep))
+        return part
+
+    held_out = np.isin(table.patients, settings.held_out_patients)
+    pool = np.unique(table.patients[np.isin(table.folds, settings.head_folds) & ~held_out])
+    np.random.default_rng(settings.seed).shuffle(pool)
+    kept = int(round(len(pool) * settings.head_share))
+    head_patients, fusion_patients, moved = pool[: kept // 2], pool[kept // 2 : kept], pool[kept:]
+    sets = {
+        "extractor": split((np.isin(table.folds, settings.extractor_folds) | np.isin(table.patients, moved)) & ~held_out),
+        "heads": split(np.isin(table.patients, head_patients)),
+        "fusion": split(np.isin(table.patients, fusion_patients)),
+        "test": split(np.isin(table.folds, settings.test_folds) | held_out),
+    }
+    for stage, folds in [("extractor", settings.extractor_folds), ("heads", settings.head_folds), ("fusion", settings.head_folds)]:
+        if len(sets[stage]) < 2:
+            raise InputError(source, f"{len(sets[stage])} tile(s) for the {stage} (patient folds {folds}, less the held-out "
+                             "patients): each of the three stages needs patients of its own")
+    return sets
+
+
 def train(data: str | Path | TileTable, out_dir: str | Path, settings: TrainSettings | None = None, root: str | Path | None = None) -> Path:
     """Run the three stages and write ``out_dir/model.pt`` and ``out_dir/training.json``.
 
@@ -176,32 +250,17 @@ def train(data: str | Path | TileTable, out_dir: str | Path, settings: TrainSett
         the path of the trained state dict.
     """
     settings = settings or TrainSettings()
+    table = data if isinstance(data, TileTable) else load_tile_table(data, root)
+    sets = stage_sets(table, settings, source="the tile table" if isinstance(data, TileTable) else data)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(settings.seed)
     generator = torch.Generator().manual_seed(settings.seed)
-    table = data if isinstance(data, TileTable) else load_tile_table(data, root)
-
-    def split(folds: list[int]) -> TileTable:
-        part = table.subset(np.isin(table.folds, folds))
-        if settings.max_tiles is not None and len(part) > settings.max_tiles:
-            keep = np.random.default_rng(settings.seed).choice(len(part), settings.max_tiles, replace=False)
-            part = part.subset(np.sort(keep))
-        return part
-
-    extractor_set, head_pool, test_set = split(settings.extractor_folds), split(settings.head_folds), split(settings.test_folds)
-    patients = np.unique(head_pool.patients)
-    np.random.default_rng(settings.seed).shuffle(patients)
-    head_patients = patients[: len(patients) // 2]
-    head_set = head_pool.subset(np.isin(head_pool.patients, head_patients))
-    fusion_set = head_pool.subset(~np.isin(head_pool.patients, head_patients))
+    extractor_set, head_set, fusion_set, test_set = (sets[name] for name in STAGES)
     record = {
         "settings": asdict(settings),
-        "tiles": {"extractor": len(extractor_set), "heads": len(head_set), "fusion": len(fusion_set), "test": len(test_set)},
-        "patients": {
-            name: int(len(np.unique(s.patients)))
-            for name, s in [("extractor", extractor_set), ("heads", head_set), ("fusion", fusion_set), ("test", test_set)]
-        },
+        "tiles": {name: len(part) for name, part in sets.items()},
+        "patients": {name: int(len(np.unique(part.patients))) for name, part in sets.items()},
     }
 
     net = HeadedVGG16(input_size=settings.input_size, width_multiplier=settings.width_multiplier)
@@ -241,7 +300,8 @@ def train(data: str | Path | TileTable, out_dir: str | Path, settings: TrainSett
             index = order[start : start + settings.batch_size]
             if len(index) < 2:
                 continue
-            x = net.normalize(_augment(images[index], settings.input_size, generator, settings.colour_jitter))
+            x = net.normalize(_augment(images[index], settings.input_size, generator, settings.colour_jitter,
+                                       settings.stain_jitter))
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=settings.bf16):
                 pooled, last = net.extract(x.contiguous(memory_format=torch.channels_last))
                 logits = net.classifier(last).float()
@@ -298,16 +358,19 @@ def train(data: str | Path | TileTable, out_dir: str | Path, settings: TrainSett
 
     # Held-out patients: the classifier, every head and the fusion
     net.eval()
-    with torch.no_grad():
-        pooled, logits = tap_features(net, test_set, settings)
-        layers = net.head_probabilities(pooled)
-        fused = torch.softmax(net.fusion(layers), 1)[:, 1]
-    record["test"] = {
-        "classifier_auc": roc_auc(test_set.labels, torch.softmax(logits, 1)[:, 1].numpy()),
-        "fusion_auc": roc_auc(test_set.labels, fused.numpy()),
-        "head_auc": [roc_auc(test_set.labels, layers[:, i].numpy()) for i in range(net.num_layers)],
-    }
-    print(json.dumps(record["test"], indent=1))
+    if len(test_set):
+        with torch.no_grad():
+            pooled, logits = tap_features(net, test_set, settings)
+            layers = net.head_probabilities(pooled)
+            fused = torch.softmax(net.fusion(layers), 1)[:, 1]
+        record["test"] = {
+            "classifier_auc": roc_auc(test_set.labels, torch.softmax(logits, 1)[:, 1].numpy()),
+            "fusion_auc": roc_auc(test_set.labels, fused.numpy()),
+            "head_auc": [roc_auc(test_set.labels, layers[:, i].numpy()) for i in range(net.num_layers)],
+        }
+        print(json.dumps(record["test"], indent=1))
+    else:
+        print("no held-out patients in the table: no test metrics")
     model_path = out_dir / "model.pt"
     state = net.compact_state_dict()
     temporary = model_path.with_suffix(".tmp")

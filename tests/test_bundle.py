@@ -81,7 +81,7 @@ def test_torchscript_export_gives_the_eager_scores(tmp_path):
 
 
 def test_train_and_evaluate_bundles_on_a_tiny_set(tmp_path):
-    bundle("run", "--config_file", "configs/train.json", "--max_epochs", "1", "--output_dir", tmp_path / "train")
+    bundle("run", "--config_file", "configs/train.json", "--max_epochs", "1", "--test_fold", "3", "--output_dir", tmp_path / "train")
     model = tmp_path / "train" / "model.pt"
     assert model.is_file() and (tmp_path / "train" / "checkpoint.pt").is_file()
     record = json.loads((tmp_path / "train" / "training.json").read_text())
@@ -90,3 +90,10 @@ def test_train_and_evaluate_bundles_on_a_tiny_set(tmp_path):
     metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
     assert metrics["tiles"] == 48 and 0 <= metrics["auc"] <= 1
     assert (tmp_path / "eval" / "roc.png").stat().st_size > 0
+    # the evaluation bundle restricted to a list of patients
+    patients = tmp_path / "patients.txt"
+    patients.write_text("# two patients of fold 3\n12875\n9291\n")
+    bundle("run", "--config_file", "configs/evaluate.json", "--model_path", model, "--patients_file", patients,
+           "--output_dir", tmp_path / "eval2")
+    metrics = json.loads((tmp_path / "eval2" / "metrics.json").read_text())
+    assert metrics["patients"] == 2 and metrics["patient_list"] == ["12875", "9291"] and metrics["tiles"] == 5

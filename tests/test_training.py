@@ -58,3 +58,74 @@ def test_balanced_sampling_draws_both_classes_equally_often():
     drawn = torch.cat([epoch_order(labels, True, generator) for _ in range(20)]).numpy()
     assert len(drawn) == 20 * len(labels)
     assert abs(labels[drawn].mean() - 0.5) < 0.02
+
+
+def test_stages_get_patients_of_their_own():
+    import itertools
+
+    import numpy as np
+
+    from pipelines.tile_data import load_tile_table
+    from pipelines.train import TrainSettings, fold_plan, stage_sets
+
+    table = load_tile_table(TINY)
+    held_out = ["12875", "9291"]  # two fold-3 patients of the tiny table
+    sets = stage_sets(table, TrainSettings(held_out_patients=held_out, **fold_plan(None)))
+    patients = {name: set(part.patients) for name, part in sets.items()}
+    for a, b in itertools.combinations(patients, 2):
+        assert not patients[a] & patients[b], (a, b)
+    assert patients["test"] == set(held_out)
+    assert set.union(*patients.values()) == set(table.patients)
+    assert set(sets["extractor"].folds) == {0, 1, 2}
+
+    # head_share: the head fold's patients not kept for the heads and the fusion train the extractor
+    plain = stage_sets(table, TrainSettings(**fold_plan(0)))
+    shared = stage_sets(table, TrainSettings(head_share=0.5, **fold_plan(0)))
+    head_fold = set(table.patients[table.folds == 3])
+    kept = set(shared["heads"].patients) | set(shared["fusion"].patients)
+    assert len(kept) == round(0.5 * len(head_fold)) and kept < head_fold
+    assert set(shared["extractor"].patients) == set(plain["extractor"].patients) | (head_fold - kept)
+    assert np.array_equal(shared["test"].labels, plain["test"].labels)
+
+
+def test_training_without_patients_for_a_stage_is_refused(run_cli, tmp_path):
+    lines = TINY.read_text().splitlines()
+    no_fold_3 = tmp_path / "labels.csv"
+    no_fold_3.write_text("\n".join([lines[0]] + [l for l in lines[1:] if not l.rstrip().endswith(",3")]) + "\n")
+    (tmp_path / "images").symlink_to(TINY.parent / "images")
+    out = tmp_path / "out"
+    done = run_cli("train", "--data", no_fold_3, "--out", out, "--epochs", "1", "--input-size", "32")
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert str(no_fold_3) in done.stderr and "for the heads" in done.stderr
+    assert not out.exists()
+
+
+def test_stain_jitter_scales_and_shifts_each_stain_within_sigma():
+    from pipelines.train import HED_FROM_RGB, stain_jitter
+
+    generator = torch.Generator().manual_seed(3)
+    tiles = 60 + 140 * torch.rand(8, 3, 6, 6, generator=generator)  # mid-tones: nothing is clipped
+    assert torch.allclose(stain_jitter(tiles, 0.0, generator), tiles, atol=1e-3)
+    sigma = 0.05
+    jittered = stain_jitter(tiles, sigma, generator)
+
+    def stains(x):
+        return torch.einsum("nchw,cs->nshw", -torch.log(x / 255.0), HED_FROM_RGB).flatten(2)
+
+    before, after = stains(tiles), stains(jittered)
+    # per tile and stain, after = scale * before + shift: recover both from two pixels
+    scale = (after[..., 0] - after[..., 1]) / (before[..., 0] - before[..., 1])
+    shift = after[..., 0] - scale * before[..., 0]
+    assert torch.allclose(after, scale[..., None] * before + shift[..., None], atol=2e-3)
+    assert ((scale - 1).abs() <= sigma + 1e-3).all() and (shift.abs() <= sigma + 1e-3).all()
+    assert (scale - 1).abs().max() > sigma / 4  # it did change the stains
+
+
+def test_evaluation_of_patients_not_in_the_table_is_refused(run_cli, tmp_path):
+    unknown = tmp_path / "patients.txt"
+    unknown.write_text("no-such-patient\n")
+    for patients, words in [(unknown, "no tile of the table"), (tmp_path / "missing.txt", "cannot read the patient list")]:
+        done = run_cli("evaluate", "--csv", TINY, "--patients", patients, "--out", tmp_path / "eval")
+        assert done.returncode == 2 and "Traceback" not in done.stderr
+        assert words in done.stderr, done.stderr
+    assert not (tmp_path / "eval").exists()
