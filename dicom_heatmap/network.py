@@ -138,9 +138,11 @@ class HeadedVGG16(nn.Module):
                 pooled.append(x.float().mean(dim=(2, 3)))
         return pooled, x
 
-    def head_probabilities(self, pooled: list[torch.Tensor]) -> torch.Tensor:
-        """(N, 13) tumour probability of each head from the pooled taps."""
-        probs = [torch.softmax(head(tap.float()), dim=1)[:, TUMOUR] for head, tap in zip(self.heads, pooled)]
+    def head_probabilities(self, pooled: list[torch.Tensor], heads: nn.ModuleList | None = None) -> torch.Tensor:
+        """(N, 13) tumour probability of each head from the pooled taps (``heads``: other
+        heads of the same shapes, as training fits them, instead of the network's own)."""
+        heads = self.heads if heads is None else heads
+        probs = [torch.softmax(head(tap.float()), dim=1)[:, TUMOUR] for head, tap in zip(heads, pooled)]
         return torch.stack(probs, dim=1)
 
     def score_taps(self, pooled: list[torch.Tensor]) -> torch.Tensor:

@@ -96,9 +96,12 @@ def build_parser() -> argparse.ArgumentParser:
                        help="stage 1 draws both classes equally often instead of weighting the loss by class")
     train.add_argument("--stain-jitter", type=float, default=0.0, metavar="SIGMA",
                        help="scale and shift each stain's optical density by up to SIGMA (default 0: off)")
-    train.add_argument("--head-share", type=float, default=1.0, metavar="F",
-                       help="share of the head fold's patients kept for the heads and the fusion; the rest train the "
-                            "extractor (default 1)")
+    train.add_argument("--cross-fit", action="store_true",
+                       help="the fusion learns from heads fit on the other half of the head patients (cross-fitting); "
+                            "the heads are then fit on both halves")
+    train.add_argument("--head-share", type=float, metavar="F",
+                       help="share of the head folds' patients kept for the heads and the fusion; the rest train the "
+                            "extractor (default: 1 with --test-fold, 2/3 without)")
     bench = commands.add_parser("bench", help="tile-scoring speed: fast path against the naive loop and the machine's peak")
     bench.add_argument("--model", type=Path, help="model file (default: the shipped model)")
     bench.add_argument("--seconds", type=float, default=4.0, help="time per measurement (default 4)")
@@ -198,9 +201,10 @@ def run_train(args: argparse.Namespace) -> int:
 
     settings = TrainSettings(epochs=args.epochs, input_size=args.input_size, max_tiles=args.max_tiles,
                              colour_jitter=args.colour_jitter, balanced_sampling=args.balanced_sampling,
-                             stain_jitter=args.stain_jitter, head_share=args.head_share,
+                             stain_jitter=args.stain_jitter, cross_fit=args.cross_fit,
                              held_out_patients=read_patient_list(hold_out) if hold_out is not None else [],
-                             **fold_plan(args.test_fold))
+                             **{**fold_plan(args.test_fold),
+                                **({"head_share": args.head_share} if args.head_share is not None else {})})
     model = train(args.data, args.out, settings)
     print(f"model written to {model}")
     return 0

@@ -13,6 +13,7 @@ A fixed seed gives the same model. The result is ``OUT/model.pt`` (a state dict)
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import time
@@ -53,20 +54,24 @@ class TrainSettings:
     balanced_sampling: bool = False  # stage 1 draws both classes equally often instead of weighting the loss
     stain_jitter: float = 0.0  # sigma of the haematoxylin / eosin / DAB scale and shift in optical density (0 = off)
     head_share: float = 1.0  # share of the head folds' patients kept for stages 2-3; the rest join the extractor's
+    cross_fit: bool = False  # stages 2-3: each half's heads score the other half for the fusion; heads then fit on both
     held_out_patients: list[str] = field(default_factory=list)  # in no stage, whatever their fold; tested with the test folds
     max_tiles: int | None = None  # for smoke runs: cap every split
 
 
-def fold_plan(test_fold: int | None, folds: int = 4) -> dict[str, list[int]]:
+def fold_plan(test_fold: int | None, folds: int = 4) -> dict:
     """Which patient folds each stage uses when ``test_fold`` is held out.
 
     The heads and the fusion take the fold before the test fold (split by patient
-    between them); the extractor the remaining folds. ``None`` holds no fold out: the
-    heads and the fusion take the last fold, the extractor all the others (the shipped
-    model, which keeps only the patients of ``HELD_OUT_PATIENTS_FILE`` out).
+    between them); the extractor the remaining folds. ``None`` holds no fold out (the
+    shipped model, which keeps only the patients of ``HELD_OUT_PATIENTS_FILE`` out) and
+    keeps the cross-validated proportions: the heads and the fusion take as large a
+    share of the patients as one fold is of the folds a cross-validation run trains on
+    (1/3 for 4 folds), from the last two folds; the extractor takes the rest.
     """
     if test_fold is None:
-        return {"extractor_folds": list(range(folds - 1)), "head_folds": [folds - 1], "test_folds": []}
+        return {"extractor_folds": list(range(folds - 2)), "head_folds": [folds - 2, folds - 1], "test_folds": [],
+                "head_share": folds / (2 * (folds - 1))}
     if not 0 <= test_fold < folds:
         raise ValueError(f"test_fold must lie in 0..{folds - 1}, got {test_fold}")
     head = (test_fold - 1) % folds
@@ -74,6 +79,7 @@ def fold_plan(test_fold: int | None, folds: int = 4) -> dict[str, list[int]]:
         "extractor_folds": [f for f in range(folds) if f not in (test_fold, head)],
         "head_folds": [head],
         "test_folds": [test_fold],
+        "head_share": 1.0,
     }
 
 
@@ -189,6 +195,18 @@ def _fit_small(module: torch.nn.Module, inputs, labels: np.ndarray, epochs: int,
             loss.backward()
             optimizer.step()
     module.eval()
+
+
+def _fit_heads(heads: torch.nn.ModuleList, pooled: list[torch.Tensor], labels: np.ndarray, epochs: int,
+               generator: torch.Generator, desc: str) -> None:
+    """Fit the 13 heads, each on its own layer's pooled activations, all in one loop."""
+    heads.requires_grad_(True)
+
+    def loss(index, target, weights):
+        return sum(F.cross_entropy(head(tap[index]), target, weight=weights) for head, tap in zip(heads, pooled))
+
+    _fit_small(heads, loss, labels, epochs, generator, desc)
+    heads.requires_grad_(False)
 
 
 #: What :func:`stage_sets` returns, in this order
@@ -336,25 +354,36 @@ def train(data: str | Path | TileTable, out_dir: str | Path, settings: TrainSett
     # Stage 2: one head per conv layer, extractor frozen, on unseen patients
     for parameter in net.parameters():
         parameter.requires_grad_(False)
-    pooled, _ = tap_features(net, head_set, settings)
-    for head in net.heads:
-        head.requires_grad_(True)
+    head_pooled, fusion_pooled = tap_features(net, head_set, settings)[0], tap_features(net, fusion_set, settings)[0]
+    if settings.cross_fit:
+        # Each half's heads score the other half, so the fusion learns from heads that never
+        # saw its tiles, on every kept patient; the shipped heads are then fit on both halves.
+        out_of_fold = []
+        for fit_pooled, fit_labels, other_pooled in [(head_pooled, head_set.labels, fusion_pooled),
+                                                     (fusion_pooled, fusion_set.labels, head_pooled)]:
+            heads = copy.deepcopy(net.heads)  # the same starting weights as the shipped heads
+            _fit_heads(heads, fit_pooled, fit_labels, settings.head_epochs, generator, "stage 2 heads (cross-fit)")
+            with torch.no_grad():
+                out_of_fold.append(net.head_probabilities(other_pooled, heads))
+        fusion_inputs = torch.cat(out_of_fold)
+        fusion_labels = np.concatenate([fusion_set.labels, head_set.labels])
+        both = [torch.cat(pair) for pair in zip(head_pooled, fusion_pooled)]
+        _fit_heads(net.heads, both, np.concatenate([head_set.labels, fusion_set.labels]), settings.head_epochs, generator,
+                   "stage 2 heads")
+    else:
+        _fit_heads(net.heads, head_pooled, head_set.labels, settings.head_epochs, generator, "stage 2 heads")
+        with torch.no_grad():
+            fusion_inputs = net.head_probabilities(fusion_pooled)
+        fusion_labels = fusion_set.labels
 
-    def heads_loss(index, target, weights):
-        return sum(F.cross_entropy(head(tap[index]), target, weight=weights) for head, tap in zip(net.heads, pooled))
-
-    _fit_small(net.heads, heads_loss, head_set.labels, settings.head_epochs, generator, "stage 2 heads")
-    net.heads.requires_grad_(False)
-
-    # Stage 3: the fusion head on the 13 probabilities, on patients the heads never saw
-    with torch.no_grad():
-        fusion_inputs = net.head_probabilities(tap_features(net, fusion_set, settings)[0])
+    # Stage 3: the fusion head on the 13 probabilities, from heads that never saw those tiles
     net.fusion.requires_grad_(True)
 
     def fusion_loss(index, target, weights):
         return F.cross_entropy(net.fusion(fusion_inputs[index]), target, weight=weights)
 
-    _fit_small(net.fusion, fusion_loss, fusion_set.labels, settings.fusion_epochs, generator, "stage 3 fusion")
+    _fit_small(net.fusion, fusion_loss, fusion_labels, settings.fusion_epochs, generator, "stage 3 fusion")
+    record["tiles_fit"] = {"heads": len(head_set) + (len(fusion_set) if settings.cross_fit else 0), "fusion": len(fusion_labels)}
 
     # Held-out patients: the classifier, every head and the fusion
     net.eval()

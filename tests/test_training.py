@@ -76,11 +76,14 @@ def test_stages_get_patients_of_their_own():
         assert not patients[a] & patients[b], (a, b)
     assert patients["test"] == set(held_out)
     assert set.union(*patients.values()) == set(table.patients)
-    assert set(sets["extractor"].folds) == {0, 1, 2}
+    # without a test fold, heads and fusion get 2/3 of the last two folds' patients: a third of all, as in a CV run
+    pool = set(table.patients[table.folds >= 2]) - set(held_out)
+    assert len(patients["heads"] | patients["fusion"]) == round(len(pool) * 2 / 3)
+    assert {0, 1} <= set(sets["extractor"].folds)
 
     # head_share: the head fold's patients not kept for the heads and the fusion train the extractor
     plain = stage_sets(table, TrainSettings(**fold_plan(0)))
-    shared = stage_sets(table, TrainSettings(head_share=0.5, **fold_plan(0)))
+    shared = stage_sets(table, TrainSettings(**{**fold_plan(0), "head_share": 0.5}))
     head_fold = set(table.patients[table.folds == 3])
     kept = set(shared["heads"].patients) | set(shared["fusion"].patients)
     assert len(kept) == round(0.5 * len(head_fold)) and kept < head_fold
@@ -129,3 +132,21 @@ def test_evaluation_of_patients_not_in_the_table_is_refused(run_cli, tmp_path):
         assert done.returncode == 2 and "Traceback" not in done.stderr
         assert words in done.stderr, done.stderr
     assert not (tmp_path / "eval").exists()
+
+
+def test_cross_fitting_gives_the_fusion_every_kept_patient(run_cli, tmp_path):
+    import json
+
+    records = {}
+    for name, extra in [("plain", []), ("cross", ["--cross-fit"])]:
+        done = run_cli("train", "--data", TINY, "--out", tmp_path / name, "--epochs", "1", "--input-size", "32", *extra)
+        assert done.returncode == 0, done.stderr[-2000:]
+        records[name] = json.loads((tmp_path / name / "training.json").read_text())
+    plain, cross = records["plain"], records["cross"]
+    assert plain["tiles_fit"] == {"heads": plain["tiles"]["heads"], "fusion": plain["tiles"]["fusion"]}
+    both = plain["tiles"]["heads"] + plain["tiles"]["fusion"]
+    assert cross["tiles_fit"] == {"heads": both, "fusion": both}
+    first, second = state(tmp_path / "plain" / "model.pt"), state(tmp_path / "cross" / "model.pt")
+    extractor = [k for k in first if not k.startswith(("heads.", "fusion."))]
+    assert all(torch.equal(first[k], second[k]) for k in extractor)  # stage 1 is the same
+    assert not torch.equal(first["fusion.0.weight"], second["fusion.0.weight"])
