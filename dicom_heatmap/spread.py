@@ -16,7 +16,10 @@ lesion about its focus. So:
   wins over a thin tail or an isolated spike);
 * focus - the lesion's core: what survives the most erosions by the 3x3 (3x3x3)
   neighbourhood; its score-weighted centre is the focus position (between tile centres
-  where the lesion's centre is), its best tile the focus tile;
+  where the lesion's centre is), its best tile the focus tile. When not one erosion
+  leaves anything, one that forgives a single missing neighbour is used (a thick focus
+  with one missed tile would otherwise be its own core, its focus on its centroid, and
+  so undirected whatever its shape);
 * dominant direction - from the focus position toward the score-weighted centroid of
   the lesion, in physical units where the source has them;
 * directedness - the length of that offset divided by the lesion's mean distance
@@ -193,20 +196,27 @@ def _focus(scores: np.ndarray, passes: int = 3) -> tuple[int, int, int]:
     return tuple(int(v) for v in ties[nearest])
 
 
-def _erode(mask: np.ndarray) -> np.ndarray:
-    """Tiles of ``mask`` whose whole 3x3 (2D) or 3x3x3 (3D) neighbourhood is in ``mask``."""
+def _erode(mask: np.ndarray, missing: int = 0) -> np.ndarray:
+    """Tiles of ``mask`` with at most ``missing`` of their 3x3 (2D) or 3x3x3 (3D)
+    neighbours outside ``mask``."""
     pad = [(1, 1) if n > 1 else (0, 0) for n in mask.shape]
     padded = np.pad(mask, pad, constant_values=False)
     ranges = [range(3) if n > 1 else range(1) for n in mask.shape]
-    eroded = mask.copy()
+    outside = np.zeros(mask.shape, dtype=np.int64)
     for ds, dr, dc in itertools.product(*ranges):
-        eroded &= padded[ds : ds + mask.shape[0], dr : dr + mask.shape[1], dc : dc + mask.shape[2]]
-    return eroded
+        outside += ~padded[ds : ds + mask.shape[0], dr : dr + mask.shape[1], dc : dc + mask.shape[2]]
+    return mask & (outside <= missing)
 
 
 def _core(lesion: np.ndarray) -> np.ndarray:
-    """The deepest part of a lesion: the last non-empty result of repeated erosion."""
-    core = lesion
+    """The deepest part of a lesion: the last non-empty result of repeated erosion. When
+    not one erosion leaves anything, an erosion that forgives one missing neighbour is
+    tried first (a single missed tile in a thick focus), then the lesion is its own core."""
+    core = _erode(lesion)
+    if not core.any():
+        core = _erode(lesion, missing=1)
+        if not core.any():
+            return lesion
     while True:
         eroded = _erode(core)
         if not eroded.any():

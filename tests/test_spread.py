@@ -41,6 +41,21 @@ def test_tail_toward_plus_x_is_reported_as_right():
     assert summary.reach == pytest.approx(110.0)  # tail end (column 15) is 11 tiles of 10 px away
 
 
+def test_a_focus_with_a_missed_tile_still_points_along_its_tail():
+    """The demo mosaic's shape: a 4 x 3 focus with one tile scored low, a 2-row tail to the
+    right. No erosion leaves anything of it, so the focus tile is its core."""
+    field = np.full((8, 12), 0.05)
+    field[2:6, 1:4] = 0.9
+    field[3:5, 4:10] = 0.85
+    field[3, 3] = 0.2  # a tumour tile the model missed
+    summary = analyze_spread(heatmap_of(field))
+    assert summary.directed and summary.words == "right"
+    assert summary.focus_index[2] in (1, 2, 3)  # in the focus block, not on the tail
+    # the same lesion without its tail is symmetric enough to have no direction
+    field[3:5, 4:10] = 0.05
+    assert not analyze_spread(heatmap_of(field)).directed
+
+
 def test_symmetric_lesion_has_no_dominant_direction():
     y, x = np.mgrid[0:15, 0:15]
     disk = np.where((x - 7) ** 2 + (y - 7) ** 2 <= 12, 0.9, 0.05)
