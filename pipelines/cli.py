@@ -194,17 +194,17 @@ def run_demo(args: argparse.Namespace) -> int:
 
 
 def run_train(args: argparse.Namespace) -> int:
-    from pipelines.tile_data import HELD_OUT_PATIENTS_FILE, read_patient_list
+    from pipelines.tile_data import read_patient_list
     from pipelines.train import TrainSettings, fold_plan, train
 
-    hold_out = args.hold_out if args.hold_out is not None else (HELD_OUT_PATIENTS_FILE if args.test_fold is None else None)
-
+    plan = fold_plan(args.test_fold)
+    if args.head_share is not None:
+        plan["head_share"] = args.head_share
+    if args.hold_out is not None:
+        plan["held_out_patients"] = read_patient_list(args.hold_out)
     settings = TrainSettings(epochs=args.epochs, input_size=args.input_size, max_tiles=args.max_tiles,
                              colour_jitter=args.colour_jitter, balanced_sampling=args.balanced_sampling,
-                             stain_jitter=args.stain_jitter, cross_fit=args.cross_fit,
-                             held_out_patients=read_patient_list(hold_out) if hold_out is not None else [],
-                             **{**fold_plan(args.test_fold),
-                                **({"head_share": args.head_share} if args.head_share is not None else {})})
+                             stain_jitter=args.stain_jitter, cross_fit=args.cross_fit, **plan)
     model = train(args.data, args.out, settings)
     print(f"model written to {model}")
     return 0
@@ -212,7 +212,6 @@ def run_train(args: argparse.Namespace) -> int:
 
 def run_evaluate(args: argparse.Namespace) -> int:
     from pipelines.evaluate import evaluate, format_report, write_outputs
-
     from pipelines.tile_data import read_patient_list
 
     patients = read_patient_list(args.patients) if args.patients is not None else None

@@ -28,7 +28,7 @@ from tqdm import tqdm
 from dicom_heatmap.errors import InputError
 from dicom_heatmap.network import HeadedVGG16
 from pipelines.metrics import roc_auc
-from pipelines.tile_data import HELD_OUT_PATIENTS_FILE, TileTable, load_tile_table
+from pipelines.tile_data import HELD_OUT_PATIENTS_FILE, TileTable, load_tile_table, read_patient_list
 
 __all__ = ["TrainSettings", "STAGES", "fold_plan", "stage_sets", "stain_jitter", "train"]
 
@@ -68,10 +68,13 @@ def fold_plan(test_fold: int | None, folds: int = 4) -> dict:
     keeps the cross-validated proportions: the heads and the fusion take as large a
     share of the patients as one fold is of the folds a cross-validation run trains on
     (1/3 for 4 folds), from the last two folds; the extractor takes the rest.
+
+    Returns:
+        keyword arguments of :class:`TrainSettings`.
     """
     if test_fold is None:
         return {"extractor_folds": list(range(folds - 2)), "head_folds": [folds - 2, folds - 1], "test_folds": [],
-                "head_share": folds / (2 * (folds - 1))}
+                "head_share": folds / (2 * (folds - 1)), "held_out_patients": read_patient_list(HELD_OUT_PATIENTS_FILE)}
     if not 0 <= test_fold < folds:
         raise ValueError(f"test_fold must lie in 0..{folds - 1}, got {test_fold}")
     head = (test_fold - 1) % folds
@@ -80,6 +83,7 @@ def fold_plan(test_fold: int | None, folds: int = 4) -> dict:
         "head_folds": [head],
         "test_folds": [test_fold],
         "head_share": 1.0,
+        "held_out_patients": [],
     }
 
 

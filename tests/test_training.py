@@ -70,7 +70,7 @@ def test_stages_get_patients_of_their_own():
 
     table = load_tile_table(TINY)
     held_out = ["12875", "9291"]  # two fold-3 patients of the tiny table
-    sets = stage_sets(table, TrainSettings(held_out_patients=held_out, **fold_plan(None)))
+    sets = stage_sets(table, TrainSettings(**{**fold_plan(None), "held_out_patients": held_out}))
     patients = {name: set(part.patients) for name, part in sets.items()}
     for a, b in itertools.combinations(patients, 2):
         assert not patients[a] & patients[b], (a, b)
