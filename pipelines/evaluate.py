@@ -22,16 +22,31 @@ def evaluate(csv_path: str | Path, root: str | Path | None = None, model: str | 
              patients: list[str] | None = None) -> dict:
     """Score every tile of the table (or of ``folds``, or of ``patients``) and compute the metrics.
 
+    Args:
+        csv_path: the tile table (columns path, patient_id, label, fold).
+        root: folder the table's paths are relative to; the table's folder when ``None``.
+        model: the model file; the shipped one when ``None``.
+        folds: only the tiles of these patient folds.
+        threshold: score at or above which a tile counts as tumour.
+        precision: as for :class:`~dicom_heatmap.scorer.TileScorer`.
+        backend: as for :class:`~dicom_heatmap.scorer.TileScorer`.
+        patients: only the tiles of these patient IDs (with ``folds``: of both).
+
     Returns a dictionary with ``tiles``, ``patients``, ``auc``, ``median_patient_auc``,
     the threshold metrics, ``head_auc`` (13 values) and the ROC points of the fusion.
     """
     table = load_tile_table(csv_path, root)
     if folds is not None:
         table = table.subset(np.isin(table.folds, folds))
+        if not len(table):
+            raise InputError(Path(csv_path), f"no tile of the table is in the folds asked for ({', '.join(map(str, folds))}); "
+                                             "give folds that its fold column holds")
     if patients is not None:
         table = table.subset(np.isin(table.patients, patients))
-    if not len(table):
-        raise InputError(Path(csv_path), "no tile of the table is in the folds or patients asked for")
+        if not len(table):
+            within = " within the folds asked for" if folds is not None else ""
+            raise InputError(Path(csv_path), f"no tile of the table{within} belongs to the {len(patients)} patient "
+                                             "IDs asked for; check the patient list against the table's patient_id column")
     scorer = TileScorer.load(model, precision=precision, backend=backend)
     scores = np.empty(len(table), dtype=np.float32)
     layers = np.empty((len(table), 13), dtype=np.float32)

@@ -124,11 +124,13 @@ def test_stain_jitter_scales_and_shifts_each_stain_within_sigma():
     assert (scale - 1).abs().max() > sigma / 4  # it did change the stains
 
 
-def test_evaluation_of_patients_not_in_the_table_is_refused(run_cli, tmp_path):
+def test_evaluation_of_patients_or_folds_not_in_the_table_is_refused(run_cli, tmp_path):
     unknown = tmp_path / "patients.txt"
     unknown.write_text("no-such-patient\n")
-    for patients, words in [(unknown, "no tile of the table"), (tmp_path / "missing.txt", "cannot read the patient list")]:
-        done = run_cli("evaluate", "--csv", TINY, "--patients", patients, "--out", tmp_path / "eval")
+    for arguments, words in [(["--patients", unknown], "no tile of the table belongs to the 1 patient IDs asked for"),
+                             (["--patients", tmp_path / "missing.txt"], "cannot read the patient list"),
+                             (["--folds", "9"], "no tile of the table is in the folds asked for (9)")]:
+        done = run_cli("evaluate", "--csv", TINY, *arguments, "--out", tmp_path / "eval")
         assert done.returncode == 2 and "Traceback" not in done.stderr
         assert words in done.stderr, done.stderr
     assert not (tmp_path / "eval").exists()
