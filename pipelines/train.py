@@ -259,34 +259,14 @@ def stage_sets(table: TileTable, settings: TrainSettings, source: str | Path = "
     return sets
 
 
-def train(data: str | Path | TileTable, out_dir: str | Path, settings: TrainSettings | None = None, root: str | Path | None = None) -> Path:
-    """Run the three stages and write ``out_dir/model.pt`` and ``out_dir/training.json``.
+def _train_extractor(net: HeadedVGG16, extractor_set: TileTable, validation_set: TileTable, settings: TrainSettings,
+                     generator: torch.Generator, checkpoint_path: Path) -> tuple[list[dict], float]:
+    """Stage 1: the extractor with its FC layers as a tile classifier, a checkpoint every epoch.
 
-    Args:
-        data: labels table (columns path, patient_id, label, fold), or its loaded tiles.
-        out_dir: folder for the checkpoint, the model and the training record.
-        settings: see :class:`TrainSettings`.
-        root: folder the table's paths are relative to (the table's folder by default).
-
-    Returns:
-        the path of the trained state dict.
+    Resumes from ``checkpoint_path`` when it exists. Returns the per-epoch history (loss,
+    AUC of the classifier on ``validation_set``, patients stage 1 never saw) and the
+    seconds this call trained.
     """
-    settings = settings or TrainSettings()
-    table = data if isinstance(data, TileTable) else load_tile_table(data, root)
-    sets = stage_sets(table, settings, source="the tile table" if isinstance(data, TileTable) else data)
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    torch.manual_seed(settings.seed)
-    generator = torch.Generator().manual_seed(settings.seed)
-    extractor_set, head_set, fusion_set, test_set = (sets[name] for name in STAGES)
-    record = {
-        "settings": asdict(settings),
-        "tiles": {name: len(part) for name, part in sets.items()},
-        "patients": {name: int(len(np.unique(part.patients))) for name, part in sets.items()},
-    }
-
-    net = HeadedVGG16(input_size=settings.input_size, width_multiplier=settings.width_multiplier)
-    net = net.to(memory_format=torch.channels_last)
     optimizer = torch.optim.SGD(
         net.parameters(), lr=settings.learning_rate, momentum=0.9, nesterov=True, weight_decay=settings.weight_decay
     )
@@ -294,7 +274,6 @@ def train(data: str | Path | TileTable, out_dir: str | Path, settings: TrainSett
     scheduler = torch.optim.lr_scheduler.OneCycleLR(
         optimizer, max_lr=settings.learning_rate, total_steps=settings.epochs * steps_per_epoch, pct_start=0.15
     )
-    checkpoint_path = out_dir / "checkpoint.pt"
     first_epoch, history = 0, []
     if checkpoint_path.exists():
         checkpoint = torch.load(checkpoint_path, weights_only=False)
@@ -306,7 +285,6 @@ def train(data: str | Path | TileTable, out_dir: str | Path, settings: TrainSett
         first_epoch, history = checkpoint["epoch"], checkpoint["history"]
         print(f"resuming from {checkpoint_path} after epoch {first_epoch}")
 
-    # Stage 1: the extractor as a tile classifier
     # The classes are balanced either in the loss (weights) or in what is drawn (each
     # class half of every epoch, tiles drawn with replacement), never both.
     weights = None if settings.balanced_sampling else _class_weights(extractor_set.labels)
@@ -334,8 +312,8 @@ def train(data: str | Path | TileTable, out_dir: str | Path, settings: TrainSett
             scheduler.step()
             running = 0.9 * running + 0.1 * loss.item() if step else loss.item()
             bar.set_postfix(loss=f"{running:.3f}")
-        _, logits = tap_features(net, fusion_set, settings)
-        validation_auc = roc_auc(fusion_set.labels, torch.softmax(logits, 1)[:, 1].numpy())
+        _, logits = tap_features(net, validation_set, settings)
+        validation_auc = roc_auc(validation_set.labels, torch.softmax(logits, 1)[:, 1].numpy())
         history.append({"epoch": epoch + 1, "loss": running, "validation_auc": validation_auc})
         print(f"stage 1 epoch {epoch + 1}: loss {running:.3f}, AUC on held-out patients {validation_auc:.3f}")
         temporary = checkpoint_path.with_suffix(".tmp")
@@ -352,9 +330,13 @@ def train(data: str | Path | TileTable, out_dir: str | Path, settings: TrainSett
             temporary,
         )
         temporary.replace(checkpoint_path)
-    record["stage1_seconds_this_run"] = round(time.time() - started, 1)
-    record["history"] = history
+    return history, round(time.time() - started, 1)
 
+
+def _train_heads_and_fusion(net: HeadedVGG16, head_set: TileTable, fusion_set: TileTable, settings: TrainSettings,
+                            generator: torch.Generator) -> dict:
+    """Stages 2 and 3: the 13 heads with the extractor frozen, then the fusion with the heads
+    frozen, on patients the extractor never saw. Returns the tiles each stage was fit on."""
     # Stage 2: one head per conv layer, extractor frozen, on unseen patients
     for parameter in net.parameters():
         parameter.requires_grad_(False)
@@ -387,20 +369,56 @@ def train(data: str | Path | TileTable, out_dir: str | Path, settings: TrainSett
         return F.cross_entropy(net.fusion(fusion_inputs[index]), target, weight=weights)
 
     _fit_small(net.fusion, fusion_loss, fusion_labels, settings.fusion_epochs, generator, "stage 3 fusion")
-    record["tiles_fit"] = {"heads": len(head_set) + (len(fusion_set) if settings.cross_fit else 0), "fusion": len(fusion_labels)}
+    return {"heads": len(head_set) + (len(fusion_set) if settings.cross_fit else 0), "fusion": len(fusion_labels)}
 
-    # Held-out patients: the classifier, every head and the fusion
+
+def _test_metrics(net: HeadedVGG16, test_set: TileTable, settings: TrainSettings) -> dict:
+    """AUC of the classifier, of the fusion and of every head on the held-out patients."""
+    with torch.no_grad():
+        pooled, logits = tap_features(net, test_set, settings)
+        layers = net.head_probabilities(pooled)
+        fused = torch.softmax(net.fusion(layers), 1)[:, 1]
+    return {
+        "classifier_auc": roc_auc(test_set.labels, torch.softmax(logits, 1)[:, 1].numpy()),
+        "fusion_auc": roc_auc(test_set.labels, fused.numpy()),
+        "head_auc": [roc_auc(test_set.labels, layers[:, i].numpy()) for i in range(net.num_layers)],
+    }
+
+
+def train(data: str | Path | TileTable, out_dir: str | Path, settings: TrainSettings | None = None, root: str | Path | None = None) -> Path:
+    """Run the three stages and write ``out_dir/model.pt`` and ``out_dir/training.json``.
+
+    Args:
+        data: labels table (columns path, patient_id, label, fold), or its loaded tiles.
+        out_dir: folder for the checkpoint, the model and the training record.
+        settings: see :class:`TrainSettings`.
+        root: folder the table's paths are relative to (the table's folder by default).
+
+    Returns:
+        the path of the trained state dict.
+    """
+    settings = settings or TrainSettings()
+    table = data if isinstance(data, TileTable) else load_tile_table(data, root)
+    sets = stage_sets(table, settings, source="the tile table" if isinstance(data, TileTable) else data)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(settings.seed)
+    generator = torch.Generator().manual_seed(settings.seed)
+    extractor_set, head_set, fusion_set, test_set = (sets[name] for name in STAGES)
+    record = {
+        "settings": asdict(settings),
+        "tiles": {name: len(part) for name, part in sets.items()},
+        "patients": {name: int(len(np.unique(part.patients))) for name, part in sets.items()},
+    }
+
+    net = HeadedVGG16(input_size=settings.input_size, width_multiplier=settings.width_multiplier)
+    net = net.to(memory_format=torch.channels_last)
+    record["history"], record["stage1_seconds_this_run"] = _train_extractor(net, extractor_set, fusion_set, settings,
+                                                                            generator, out_dir / "checkpoint.pt")
+    record["tiles_fit"] = _train_heads_and_fusion(net, head_set, fusion_set, settings, generator)
     net.eval()
     if len(test_set):
-        with torch.no_grad():
-            pooled, logits = tap_features(net, test_set, settings)
-            layers = net.head_probabilities(pooled)
-            fused = torch.softmax(net.fusion(layers), 1)[:, 1]
-        record["test"] = {
-            "classifier_auc": roc_auc(test_set.labels, torch.softmax(logits, 1)[:, 1].numpy()),
-            "fusion_auc": roc_auc(test_set.labels, fused.numpy()),
-            "head_auc": [roc_auc(test_set.labels, layers[:, i].numpy()) for i in range(net.num_layers)],
-        }
+        record["test"] = _test_metrics(net, test_set, settings)
         print(json.dumps(record["test"], indent=1))
     else:
         print("no held-out patients in the table: no test metrics")
