@@ -37,10 +37,11 @@ def evaluate(csv_path: str | Path, root: str | Path | None = None, model: str | 
     """
     table = load_tile_table(csv_path, root)
     if folds is not None:
-        table = table.subset(np.isin(table.folds, folds))
-        if not len(table):
+        chosen = table.subset(np.isin(table.folds, folds))
+        if not len(chosen):
             raise InputError(Path(csv_path), f"no tile of the table is in the folds asked for ({', '.join(map(str, folds))}); "
-                                             "give folds that its fold column holds")
+                                             f"its fold column holds {', '.join(map(str, np.unique(table.folds)))}")
+        table = chosen
     if patients is not None:
         table = table.subset(np.isin(table.patients, patients))
         if not len(table):
