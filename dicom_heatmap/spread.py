@@ -18,8 +18,9 @@ lesion about its focus. So:
   neighbourhood; its score-weighted centre is the focus position (between tile centres
   where the lesion's centre is), its best tile the focus tile. When not one erosion
   leaves anything, one that forgives a single missing neighbour is used (a thick focus
-  with one missed tile would otherwise be its own core, its focus on its centroid, and
-  so undirected whatever its shape);
+  with one missed tile), and when that leaves nothing either, the lesion's tiles around
+  the smoothed maximum (a lesion that is its own core would have its focus on its
+  centroid, and so be undirected whatever its shape);
 * dominant direction - from the focus position toward the score-weighted centroid of
   the lesion, in physical units where the source has them;
 * directedness - the length of that offset divided by the lesion's mean distance
@@ -208,15 +209,20 @@ def _erode(mask: np.ndarray, missing: int = 0) -> np.ndarray:
     return mask & (outside <= missing)
 
 
-def _core(lesion: np.ndarray) -> np.ndarray:
+def _core(lesion: np.ndarray, focus: tuple[int, int, int]) -> np.ndarray:
     """The deepest part of a lesion: the last non-empty result of repeated erosion. When
     not one erosion leaves anything, an erosion that forgives one missing neighbour is
-    tried first (a single missed tile in a thick focus), then the lesion is its own core."""
+    tried first (a single missed tile in a thick focus), then the lesion's tiles around
+    ``focus`` (the smoothed maximum, so the thick part): a lesion that is its own core
+    would put the focus on its centroid and be undirected whatever its shape."""
     core = _erode(lesion)
     if not core.any():
         core = _erode(lesion, missing=1)
         if not core.any():
-            return lesion
+            around = tuple(slice(max(v - 1, 0), v + 2) for v in focus)
+            core = np.zeros_like(lesion)
+            core[around] = lesion[around]
+            return core
     while True:
         eroded = _erode(core)
         if not eroded.any():
@@ -299,7 +305,7 @@ def analyze_spread(heatmap: Heatmap, threshold: float = 0.5) -> SpreadSummary:
         return SpreadSummary(**summary)
     # the focus position: the score-weighted centre of the lesion's core (what survives
     # the most erosions), which lies between tile centres where the lesion's centre does
-    core = _core(lesion)
+    core = _core(lesion, focus)
     core_indices = np.argwhere(core)
     core_weights = scores[core]
     focus_position = (core_weights[:, None] * np.array([heatmap.centre(i) for i in core_indices])).sum(0) / core_weights.sum()

@@ -82,7 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
     train = commands.add_parser("train", help="train the model in the method's three stages")
     train.add_argument("--data", type=Path, required=True, help="labels.csv (columns path, patient_id, label, fold)")
     train.add_argument("--out", type=Path, required=True, help="folder for checkpoints and the model")
-    train.add_argument("--epochs", type=int, default=16, help="stage-1 epochs (default 16)")
+    train.add_argument("--epochs", type=int, default=32, help="stage-1 epochs (default 32, the shipped model's)")
     train.add_argument("--test-fold", type=int, help="patient fold held out for testing (cross-validation); by default "
                        "every fold trains and only the --hold-out patients are kept out (the shipped model)")
     train.add_argument("--hold-out", type=Path, metavar="FILE",

@@ -41,7 +41,7 @@ class TrainSettings:
     extractor_folds: list[int] = field(default_factory=lambda: [0, 1])
     head_folds: list[int] = field(default_factory=lambda: [2])
     test_folds: list[int] = field(default_factory=lambda: [3])
-    epochs: int = 16
+    epochs: int = 32
     head_epochs: int = 30
     fusion_epochs: int = 60
     batch_size: int = 64

@@ -60,17 +60,19 @@ def test_any_checkpoint_of_the_architecture_loads_and_scores_any_tile_size(tmp_p
 
 
 def test_models_are_stored_with_what_the_scores_are_sensitive_to_in_fp32(tmp_path):
-    """All-fp16 storage moved the shipped model's scores by 0.0013 (the project allows 1e-3);
-    batch norm, the heads and the fusion in fp32 keep them within 0.0005."""
+    """fp16 storage of everything moved scores by 0.0013 (0.2.0), of every conv kernel by
+    0.0011 (0.5.0; the project allows 1e-3); the first kernel, batch norm, the heads and the
+    fusion in fp32 keep them within 0.0003."""
     from dicom_heatmap.scorer import DEFAULT_MODEL_PATH
 
     shipped = torch.load(DEFAULT_MODEL_PATH, map_location="cpu", weights_only=True)
     compact = HeadedVGG16(input_size=32, width_multiplier=0.25).compact_state_dict()
     for state in (shipped, compact):
+        kernels = [name for name, tensor in state.items() if name.startswith("features.") and tensor.ndim == 4]
         for name, tensor in state.items():
             if not tensor.is_floating_point():
                 continue
-            kernel = name.startswith("features.") and tensor.ndim == 4
+            kernel = name in kernels[1:]
             expected = torch.float16 if kernel or name.startswith("classifier.") else torch.float32
             assert tensor.dtype == expected, name
     path = tmp_path / "model.pt"
