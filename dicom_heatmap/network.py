@@ -178,15 +178,11 @@ class HeadedVGG16(nn.Module):
         from the fp32 weights; the first kernel in fp16 too moved them by 0.0011 (above the
         project's 1e-3), nearly all of it from that one 3-channel layer. 39 MB instead of 70.
         """
-        first_kernel = next(name for name, tensor in self.state_dict().items()
-                            if name.startswith("features.") and tensor.ndim == 4)
-
-        def halved(name: str, tensor: torch.Tensor) -> bool:
-            kernel = name.startswith("features.") and tensor.ndim == 4 and name != first_kernel
-            return tensor.is_floating_point() and (kernel or name.startswith("classifier."))
-
-        return {name: (tensor.half() if halved(name, tensor) else tensor).contiguous()
-                for name, tensor in self.state_dict().items()}
+        state = self.state_dict()
+        kernels = [name for name, tensor in state.items() if name.startswith("features.") and tensor.ndim == 4]
+        halved = set(kernels[1:]) | {name for name, tensor in state.items()
+                                     if name.startswith("classifier.") and tensor.is_floating_point()}
+        return {name: (tensor.half() if name in halved else tensor).contiguous() for name, tensor in state.items()}
 
     def load_weights(self, state: dict[str, torch.Tensor]) -> "HeadedVGG16":
         """Load a state dict, stored weights in any float precision (see :meth:`compact_state_dict`)."""
