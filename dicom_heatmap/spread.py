@@ -11,23 +11,29 @@ region is zero), and a uniformly scored lesion of any shape has flows only on it
 boundary. What a reader means by "it spreads to the right" is an asymmetry of the
 lesion about its focus. So:
 
-* lesion - the tiles at or above the threshold connected to the tile whose
-  repeatedly neighbourhood-averaged score is highest (the thick part of the lesion
-  wins over a thin tail or an isolated spike);
-* focus - the lesion's core: what survives the most erosions by the 3x3 (3x3x3)
-  neighbourhood; its score-weighted centre is the focus position (between tile centres
-  where the lesion's centre is), its best tile the focus tile. When not one erosion
-  leaves anything, one that forgives a single missing neighbour is used (a thick focus
-  with one missed tile), and when that leaves nothing either, the lesion's tiles around
-  the smoothed maximum (a lesion that is its own core would have its focus on its
-  centroid, and so be undirected whatever its shape);
-* dominant direction - from the focus position toward the score-weighted centroid of
-  the lesion, in physical units where the source has them;
-* directedness - the length of that offset divided by the lesion's mean distance
+* lesions - the scores are first smoothed by a Gaussian of :data:`LESION_SIGMA` tiles
+  over the analysed tiles (a normalised convolution: tiles not analysed neither lower
+  nor raise their neighbours); the analysed tiles whose smoothed score is at or above
+  the threshold, split into connected parts of at least :data:`MIN_LESION_TILES`
+  tiles, are the lesions. The smoothing is what keeps an isolated high tile or a bridge
+  one tile wide from joining or steering a lesion: alone among low neighbours it falls
+  under the threshold, while a lesion two tiles thick stays. The dominant lesion (the
+  largest sum of scores) comes first;
+* focus - the maximum of the lesion scores smoothed by a Gaussian of
+  :data:`FOCUS_SIGMA` tiles (the thick part of a lesion wins over a thin tail or a
+  spike); its tile is the focus tile and its centre the focus position;
+* dominant direction - from the focus toward the score-weighted centroid of the lesion
+  tiles, in physical units where the source has them;
+* directedness - the length of that offset divided by the lesion tiles' mean distance
   from the focus: 0 for a lesion symmetric about its focus, 1 when all of it lies
-  on one ray. Below :data:`MIN_DIRECTEDNESS` there is no dominant direction;
+  on one ray; a ratio of lengths, so it reads the same on a finer or coarser grid.
+  Below :data:`MIN_DIRECTEDNESS` there is no dominant direction;
 * extent - all analysed tiles at or above the threshold (count and area or volume);
   reach - the farthest lesion tile centre from the focus along the direction.
+
+The summary describes all lesions together (focus at the overall maximum, direction
+toward the centroid of every lesion tile); ``lesions`` repeats focus, direction,
+directedness, extent and reach for each lesion alone, the dominant one first.
 
 Directions are reported in image axes (angle counter-clockwise from "right" as seen on
 screen) and in the frame of the source: DICOM patient coordinates (LPS) with
@@ -52,6 +58,12 @@ COMPASS = ("right", "up-right", "up", "up-left", "left", "down-left", "down", "d
 MIN_DIRECTEDNESS = 0.2
 #: Value differences below this are not flows (score noise).
 MIN_DIFFERENCE = 1e-3
+#: Gaussian (in tiles) smoothing the scores before the lesions are taken.
+LESION_SIGMA = 1.0
+#: Gaussian (in tiles) smoothing the lesion scores before their maximum, the focus, is taken.
+FOCUS_SIGMA = 2.0
+#: Fewest tiles of a lesion.
+MIN_LESION_TILES = 2
 
 _PATIENT_WORDS = (("right", "left"), ("anterior", "posterior"), ("inferior", "superior"))  # -/+ along L, P, S
 _SLIDE_WORDS = (("left", "right"), ("up", "down"), ("", ""))  # slide x right, y down
@@ -73,7 +85,9 @@ class SpreadSummary:
         frame: "PATIENT", "SLIDE" or "IMAGE".
         histogram: weighted in-plane flow per compass bin (see :data:`COMPASS`).
         flow_count: number of neighbour pairs with a flow.
-        focus_tile: 1-based number of the highest-scoring tile (None if none analysed).
+        focus_tile: 1-based number of the focus tile: where the lesion scores smoothed by
+            :data:`FOCUS_SIGMA` tiles are highest (without a lesion, the scores themselves);
+            not always the single highest-scoring tile. None if nothing was analysed.
         focus_index: its (slice, row, col).
         focus_position: its centre in the frame.
         threshold: score at or above which a tile counts toward the extent.
@@ -82,10 +96,14 @@ class SpreadSummary:
         reach: farthest distance from the focus centre along the direction (or in any
             direction, when undirected) among the lesion's tiles, in frame units.
         unit: "mm" or "px".
-        lesion_tiles: tiles of the lesion (at or above threshold, connected to the focus).
-        lesion_ellipsoid: the lesion as an ellipsoid in the frame - ``centre`` and three
-            semi-axis vectors ``axes`` (from the principal axes of its tile centres, each
-            at least half a tile long) - or None without a lesion of two tiles or more.
+        lesion_tiles: tiles of all lesions (smoothed score at or above threshold).
+        lesion_ellipsoid: the lesion tiles as an ellipsoid in the frame - ``centre`` and
+            three semi-axis vectors ``axes`` (from the principal axes of their centres,
+            each at least half a tile long) - or None without a lesion.
+        lesions: each lesion alone, the dominant one first: ``focus_tile``,
+            ``focus_index``, ``focus_position``, ``tiles``, ``area``, ``directed``,
+            ``directedness``, ``direction_image``, ``angle_deg``, ``direction_frame``,
+            ``words``, ``reach`` and ``ellipsoid``, as above.
         flow: (slices, rows, cols, 3) the patent's per-tile outgoing flow in index axes
             (slice, row, col), each flow a unit step weighted by the larger value.
     """
@@ -109,6 +127,7 @@ class SpreadSummary:
     unit: str
     lesion_tiles: int = 0
     lesion_ellipsoid: dict | None = None
+    lesions: list[dict] = field(default_factory=list)
     flow: np.ndarray | None = field(default=None, repr=False, compare=False)
 
     def to_dict(self) -> dict:
@@ -169,65 +188,58 @@ def flow_field(scores: np.ndarray) -> tuple[np.ndarray, list[tuple[np.ndarray, n
     return field, pairs
 
 
-def _neighbourhood_mean(scores: np.ndarray) -> np.ndarray:
-    """Mean of the analysed tiles in each tile's 3x3 (2D) or 3x3x3 (3D) neighbourhood; -inf where not analysed."""
-    finite = np.isfinite(scores)
-    values = np.where(finite, scores, 0.0)
-    pad = [(1, 1) if n > 1 else (0, 0) for n in scores.shape]
-    padded_values, padded_count = np.pad(values, pad), np.pad(finite.astype(float), pad)
-    total, count = np.zeros_like(values), np.zeros_like(values)
-    ranges = [range(3) if n > 1 else range(1) for n in scores.shape]
-    for ds, dr, dc in itertools.product(*ranges):
-        window = (slice(ds, ds + scores.shape[0]), slice(dr, dr + scores.shape[1]), slice(dc, dc + scores.shape[2]))
-        total += padded_values[window]
-        count += padded_count[window]
-    return np.where(finite, total / np.maximum(count, 1), -np.inf)
+def _smooth(values: np.ndarray, sigma: float, weights: np.ndarray | None = None) -> np.ndarray:
+    """Gaussian smoothing (``sigma`` in tiles) along every axis longer than one tile.
+
+    Without ``weights`` the field is padded with zeros (what lies outside counts as no
+    tumour); with them it is a normalised convolution, the weighted mean of the
+    neighbourhood, so that tiles not analysed neither lower nor raise their neighbours.
+    """
+    radius = max(1, int(math.ceil(3 * sigma)))
+    kernel = np.exp(-0.5 * (np.arange(-radius, radius + 1) / sigma) ** 2)
+    kernel /= kernel.sum()
+
+    def convolve(field: np.ndarray) -> np.ndarray:
+        for axis, size in enumerate(field.shape):
+            if size > 1:
+                field = np.apply_along_axis(lambda v: np.convolve(v, kernel)[radius : radius + size], axis, field)
+        return field
+
+    if weights is None:
+        return convolve(values.astype(np.float64))
+    total, norm = convolve(values * weights), convolve(weights.astype(np.float64))
+    return np.where(norm > 1e-12, total / np.maximum(norm, 1e-12), 0.0)
 
 
-def _focus(scores: np.ndarray, passes: int = 3) -> tuple[int, int, int]:
-    """The lesion's core: the maximum of the scores smoothed ``passes`` times by the
-    neighbourhood mean (so the thick part of a lesion wins over a thin tail or a spike);
-    among equal maxima, the one nearest their centroid."""
-    smoothed = scores
-    for _ in range(passes):
-        smoothed = _neighbourhood_mean(np.where(np.isfinite(smoothed), smoothed, np.nan))
-    smoothed = np.where(np.isfinite(scores), smoothed, -np.inf)
-    ties = np.argwhere(smoothed >= smoothed.max() - 1e-9)
+def _components(mask: np.ndarray) -> list[np.ndarray]:
+    """Connected parts of ``mask`` (26-connectivity; 8 within a slice), each as a mask."""
+    seen = np.zeros_like(mask)
+    steps = [o for o in itertools.product((-1, 0, 1), repeat=3) if any(o)]
+    parts = []
+    for seed in map(tuple, np.argwhere(mask)):
+        if seen[seed]:
+            continue
+        part = np.zeros_like(mask)
+        stack = [seed]
+        part[seed] = seen[seed] = True
+        while stack:
+            s, r, c = stack.pop()
+            for ds, dr, dc in steps:
+                n = (s + ds, r + dr, c + dc)
+                if all(0 <= v < size for v, size in zip(n, mask.shape)) and mask[n] and not seen[n]:
+                    part[n] = seen[n] = True
+                    stack.append(n)
+        parts.append(part)
+    return parts
+
+
+def _peak(field: np.ndarray, within: np.ndarray) -> tuple[int, int, int]:
+    """The tile of ``within`` where ``field`` is largest; among equal maxima, the one
+    nearest their centroid."""
+    values = np.where(within, field, -np.inf)
+    ties = np.argwhere(values >= values.max() - 1e-9)
     nearest = np.argmin(np.linalg.norm(ties - ties.mean(axis=0), axis=1))
     return tuple(int(v) for v in ties[nearest])
-
-
-def _erode(mask: np.ndarray, missing: int = 0) -> np.ndarray:
-    """Tiles of ``mask`` with at most ``missing`` of their 3x3 (2D) or 3x3x3 (3D)
-    neighbours outside ``mask``."""
-    pad = [(1, 1) if n > 1 else (0, 0) for n in mask.shape]
-    padded = np.pad(mask, pad, constant_values=False)
-    ranges = [range(3) if n > 1 else range(1) for n in mask.shape]
-    outside = np.zeros(mask.shape, dtype=np.int64)
-    for ds, dr, dc in itertools.product(*ranges):
-        outside += ~padded[ds : ds + mask.shape[0], dr : dr + mask.shape[1], dc : dc + mask.shape[2]]
-    return mask & (outside <= missing)
-
-
-def _core(lesion: np.ndarray, focus: tuple[int, int, int]) -> np.ndarray:
-    """The deepest part of a lesion: the last non-empty result of repeated erosion. When
-    not one erosion leaves anything, an erosion that forgives one missing neighbour is
-    tried first (a single missed tile in a thick focus), then the lesion's tiles around
-    ``focus`` (the smoothed maximum, so the thick part): a lesion that is its own core
-    would put the focus on its centroid and be undirected whatever its shape."""
-    core = _erode(lesion)
-    if not core.any():
-        core = _erode(lesion, missing=1)
-        if not core.any():
-            around = tuple(slice(max(v - 1, 0), v + 2) for v in focus)
-            core = np.zeros_like(lesion)
-            core[around] = lesion[around]
-            return core
-    while True:
-        eroded = _erode(core)
-        if not eroded.any():
-            return core
-        core = eroded
 
 
 def _ellipsoid(points: np.ndarray, steps: np.ndarray) -> dict:
@@ -245,22 +257,69 @@ def _ellipsoid(points: np.ndarray, steps: np.ndarray) -> dict:
     return {"centre": [round(float(v), 3) for v in centre], "axes": [[round(float(v), 3) for v in axis] for axis in axes]}
 
 
-def _component(mask: np.ndarray, seed: tuple[int, int, int]) -> np.ndarray:
-    """Tiles of ``mask`` connected to ``seed`` (26-connectivity; 8 within a slice)."""
-    component = np.zeros_like(mask)
-    if not mask[seed]:
-        return component
-    steps = [o for o in itertools.product((-1, 0, 1), repeat=3) if any(o)]
-    stack = [seed]
-    component[seed] = True
-    while stack:
-        s, r, c = stack.pop()
-        for ds, dr, dc in steps:
-            n = (s + ds, r + dr, c + dc)
-            if all(0 <= v < size for v, size in zip(n, mask.shape)) and mask[n] and not component[n]:
-                component[n] = True
-                stack.append(n)
-    return component
+def _refine(field: np.ndarray, peak: tuple[int, int, int]) -> np.ndarray:
+    """The peak's position between tile centres: a parabola through it and its two
+    neighbours along each axis (at most half a tile from the peak tile's centre)."""
+    position = np.asarray(peak, dtype=np.float64)
+    for axis, size in enumerate(field.shape):
+        if not 0 < peak[axis] < size - 1:
+            continue
+        before, after = list(peak), list(peak)
+        before[axis] -= 1
+        after[axis] += 1
+        low, mid, high = field[tuple(before)], field[peak], field[tuple(after)]
+        curvature = low - 2 * mid + high
+        if curvature < -1e-12:
+            position[axis] += float(np.clip(0.5 * (low - high) / curvature, -0.5, 0.5))
+    return position
+
+
+def _direction(heatmap: Heatmap, scores: np.ndarray, tiles: np.ndarray, focus_field: np.ndarray) -> dict:
+    """Focus, direction, directedness, reach and ellipsoid of a set of lesion tiles.
+
+    The focus tile is the maximum of ``focus_field`` over ``tiles``, the focus position
+    that maximum between tile centres; the direction runs from the focus position to the
+    score-weighted centroid of ``tiles``; directedness is the length of that offset over
+    the tiles' mean distance from the focus.
+    """
+    focus = _peak(focus_field, tiles)
+    focus_index = _refine(focus_field, focus)
+    indices = np.argwhere(tiles)
+    weights = scores[tiles]
+    focus_position = heatmap.centre(focus_index)
+    centres = np.array([heatmap.centre(i) for i in indices])
+    offsets_frame = centres - focus_position
+    mean_offset = (weights[:, None] * offsets_frame).sum(0) / weights.sum()
+    mean_distance = float((weights * np.linalg.norm(offsets_frame, axis=1)).sum() / weights.sum())
+    directedness = float(np.linalg.norm(mean_offset) / mean_distance) if mean_distance else 0.0
+    steps_frame = heatmap.tile_affine[:3, :3]
+    in_plane_area = float(np.linalg.norm(np.cross(steps_frame[:, 1], steps_frame[:, 2])))
+    tile_measure = in_plane_area * (heatmap.tile_spacing[0] if scores.shape[0] > 1 else 1.0)
+    found = dict(
+        focus_tile=int(heatmap.grid.number(*focus)), focus_index=list(focus),
+        focus_position=[round(float(v), 3) for v in focus_position], tiles=int(len(indices)),
+        area=round(len(indices) * tile_measure, 3), directed=False, directedness=round(directedness, 4),
+        direction_image=[0.0] * 3, angle_deg=None, direction_frame=[0.0] * 3, words="none",
+        reach=round(float(np.linalg.norm(offsets_frame, axis=1).max()), 3),
+        ellipsoid=_ellipsoid(centres, steps_frame) if len(indices) > 1 else None,
+    )
+    if directedness < MIN_DIRECTEDNESS:
+        return found
+    direction_frame = mean_offset / np.linalg.norm(mean_offset)
+    mean_index = (weights[:, None] * (indices - focus_index)).sum(0) / weights.sum()
+    direction_image = mean_index / np.linalg.norm(mean_index) if np.any(mean_index) else np.zeros(3)
+    angle = None
+    if abs(direction_image[1]) > 1e-9 or abs(direction_image[2]) > 1e-9:
+        angle = round(math.degrees(math.atan2(-direction_image[1], direction_image[2])) % 360.0, 2)
+    found.update(
+        directed=True,
+        direction_image=[round(float(v), 4) for v in direction_image],
+        angle_deg=angle,
+        direction_frame=[round(float(v), 4) for v in direction_frame],
+        words=direction_words(direction_frame, heatmap.frame),
+        reach=round(max(float((offsets_frame @ direction_frame).max()), 0.0), 3),
+    )
+    return found
 
 
 def analyze_spread(heatmap: Heatmap, threshold: float = 0.5) -> SpreadSummary:
@@ -286,7 +345,8 @@ def analyze_spread(heatmap: Heatmap, threshold: float = 0.5) -> SpreadSummary:
     steps_frame = heatmap.tile_affine[:3, :3]  # columns: one tile step along slice, row, col
     in_plane_area = float(np.linalg.norm(np.cross(steps_frame[:, 1], steps_frame[:, 2])))
     tile_measure = in_plane_area * (heatmap.tile_spacing[0] if scores.shape[0] > 1 else 1.0)
-    extent = analysed & (np.nan_to_num(scores, nan=-1.0) >= threshold)
+    values = np.nan_to_num(scores, nan=0.0)
+    extent = analysed & (values >= threshold)
     summary = dict(
         directed=False, directedness=0.0, direction_image=[0.0] * 3, angle_deg=None, direction_frame=[0.0] * 3,
         words="none", frame=heatmap.frame, histogram={n: round(float(v), 4) for n, v in zip(COMPASS, histogram)},
@@ -297,48 +357,24 @@ def analyze_spread(heatmap: Heatmap, threshold: float = 0.5) -> SpreadSummary:
     if not analysed.any() or flow_count == 0:
         return SpreadSummary(**summary)  # nothing analysed, or a flat field: nothing to report
 
-    focus = _focus(scores)
-    lesion = _component(extent, focus)
-    if lesion.sum() < 2:
+    # lesions: the scores smoothed over the analysed tiles, at or above the threshold
+    lesion_mask = analysed & (_smooth(values, LESION_SIGMA, analysed.astype(np.float64)) >= threshold)
+    # every lesion tile counts the same from here on: the scores' noise inside a lesion
+    # would otherwise move the maximum about on the plateau of a large one
+    lesion_scores = lesion_mask.astype(np.float64)
+    focus_field = _smooth(lesion_scores, FOCUS_SIGMA)
+    parts = [p for p in _components(lesion_mask) if p.sum() >= MIN_LESION_TILES]
+    if not parts:  # no lesion: the focus is where the scores are highest, smoothed the same way
+        focus = _peak(_smooth(values, FOCUS_SIGMA), analysed)
         summary.update(focus_tile=int(heatmap.grid.number(*focus)), focus_index=list(focus),
                        focus_position=[round(float(v), 3) for v in heatmap.centre(focus)])
         return SpreadSummary(**summary)
-    # the focus position: the score-weighted centre of the lesion's core (what survives
-    # the most erosions), which lies between tile centres where the lesion's centre does
-    core = _core(lesion, focus)
-    core_indices = np.argwhere(core)
-    core_weights = scores[core]
-    focus_position = (core_weights[:, None] * np.array([heatmap.centre(i) for i in core_indices])).sum(0) / core_weights.sum()
-    if not core[focus]:
-        focus = tuple(int(v) for v in core_indices[np.argmax(core_weights)])
-    summary.update(focus_tile=int(heatmap.grid.number(*focus)), focus_index=list(focus),
-                   focus_position=[round(float(v), 3) for v in focus_position])
-    indices = np.argwhere(lesion)
-    weights = scores[lesion]
-    centres = np.array([heatmap.centre(i) for i in indices])
-    summary.update(lesion_tiles=int(len(indices)), lesion_ellipsoid=_ellipsoid(centres, steps_frame))
-    offsets_frame = centres - focus_position
-    mean_offset = (weights[:, None] * offsets_frame).sum(0) / weights.sum()
-    mean_distance = float((weights * np.linalg.norm(offsets_frame, axis=1)).sum() / weights.sum())
-    directedness = float(np.linalg.norm(mean_offset) / mean_distance) if mean_distance else 0.0
-    summary["directedness"] = round(directedness, 4)
-    if directedness < MIN_DIRECTEDNESS:
-        summary["reach"] = round(float(np.linalg.norm(offsets_frame, axis=1).max()), 3)
-        return SpreadSummary(**summary)
-    direction_frame = mean_offset / np.linalg.norm(mean_offset)
-    focus_index_position = (core_weights[:, None] * core_indices).sum(0) / core_weights.sum()
-    offsets_index = indices - focus_index_position
-    mean_index = (weights[:, None] * offsets_index).sum(0) / weights.sum()
-    direction_image = mean_index / np.linalg.norm(mean_index) if np.any(mean_index) else np.zeros(3)
-    angle = None
-    if abs(direction_image[1]) > 1e-9 or abs(direction_image[2]) > 1e-9:
-        angle = round(math.degrees(math.atan2(-direction_image[1], direction_image[2])) % 360.0, 2)
+    parts.sort(key=lambda part: -float(values[part].sum()))  # the dominant lesion (most tumour) first
+    lesions = [_direction(heatmap, lesion_scores, part, focus_field) for part in parts]
+    whole = _direction(heatmap, lesion_scores, np.logical_or.reduce(parts), focus_field)
     summary.update(
-        directed=True,
-        direction_image=[round(float(v), 4) for v in direction_image],
-        angle_deg=angle,
-        direction_frame=[round(float(v), 4) for v in direction_frame],
-        words=direction_words(direction_frame, heatmap.frame),
-        reach=round(max(float((offsets_frame @ direction_frame).max()), 0.0), 3),
+        {key: whole[key] for key in ("focus_tile", "focus_index", "focus_position", "directed", "directedness",
+                                     "direction_image", "angle_deg", "direction_frame", "words", "reach")},
+        lesion_tiles=whole["tiles"], lesion_ellipsoid=whole["ellipsoid"], lesions=lesions,
     )
     return SpreadSummary(**summary)

@@ -20,7 +20,7 @@ import sys
 import traceback
 from pathlib import Path
 
-from dicom_heatmap.errors import EXIT_CODE, ConfigurationError, DicomHeatmapError
+from dicom_heatmap.errors import EXIT_CODE, ConfigurationError, DicomHeatmapError, InputError
 
 __all__ = ["main", "build_parser"]
 
@@ -132,7 +132,11 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--folds", type=lambda t: [int(v) for v in t.split(",")], help="only these patient folds, e.g. 3")
     evaluate.add_argument("--patients", type=Path, metavar="FILE",
                           help="only these patients (IDs one a line), e.g. models/held_out_patients.txt")
-    evaluate.add_argument("--out", type=Path, default=Path("evaluation"), help="folder for metrics.json and roc.png")
+    evaluate.add_argument("--slides", action="store_true",
+                          help="also rebuild the slide of every whole patient among those chosen (every tile in the "
+                               "table), analyse it and compare heatmap and spread direction with the annotation")
+    evaluate.add_argument("--out", type=Path, default=Path("evaluation"),
+                          help="folder for metrics.json and roc.png (with --slides also slides.md, slides.json, slides/)")
     evaluate.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"], default="auto", help="as for analyze")
     evaluate.add_argument("--backend", choices=["auto", "torch", "openvino"], default="auto", help="as for analyze")
     return parser
@@ -212,14 +216,27 @@ def run_train(args: argparse.Namespace) -> int:
 
 def run_evaluate(args: argparse.Namespace) -> int:
     from pipelines.evaluate import evaluate, format_report, write_outputs
+    from pipelines.slides import evaluate_slides, format_slide_table, whole_patients, write_slide_outputs
     from pipelines.tile_data import read_patient_list
 
     patients = read_patient_list(args.patients) if args.patients is not None else None
+    whole = whole_patients(args.csv, patients, args.folds) if args.slides else []
+    if args.slides and not whole:  # refused before anything is scored or written
+        raise InputError(args.csv, "none of the patients chosen has a whole slide in the table (400 tiles or "
+                                   "more); choose other --patients or --folds, or leave out --slides")
     result = evaluate(args.csv, args.root, args.model, args.folds, patients=patients, precision=args.precision,
                       backend=args.backend)
     print(format_report(result))
     write_outputs(result, args.out)
     print(f"-> {args.out}/ (metrics.json, roc.png)")
+    if whole:
+        from dicom_heatmap.scorer import TileScorer
+
+        scorer = TileScorer.load(args.model, precision=args.precision, backend=args.backend)
+        records = evaluate_slides(args.csv, whole, scorer, args.out, args.root)
+        print(format_slide_table(records))
+        write_slide_outputs(records, args.out)
+        print(f"-> {args.out}/ (slides.md, slides.json, slides/*.png)")
     return 0
 
 

@@ -8,6 +8,12 @@ every zoom in ``ZOOMS`` is reported, none is picked on these numbers. For each r
 zoom: the tiles' scores against the tumour fraction of the mask under them (Spearman
 correlation, and AUC for "more than half tumour"). Writes ``bcss_sanity.json`` and a
 picture of the heatmap beside the mask for the middle zoom.
+
+The scale that matches the training tiles is :data:`MATCHED_ZOOM`: BCSS regions are at
+0.25 um per pixel (40x), the IDC tiles at about 4 um (40x downsampled 16:1). A region
+then holds only a dozen 50 px tiles, so at that scale 50 px patches are scored every
+:data:`MATCHED_STRIDE` pixels (overlapping) through :class:`TileScorer` directly and each
+is compared with the mask under it (``matched_scale`` in the JSON).
 """
 
 from __future__ import annotations
@@ -23,11 +29,15 @@ from dicom_heatmap.render import colorize
 from dicom_heatmap.scorer import TileScorer
 from pipelines.metrics import roc_auc
 
-__all__ = ["run_sanity", "ZOOMS"]
+__all__ = ["run_sanity", "matched_scale_check", "ZOOMS", "MATCHED_ZOOM"]
 
 #: Zooms applied to the BCSS regions before the 50 px tiles are cut (0.25: 200 px of BCSS per tile).
 ZOOMS = (0.125, 0.25, 0.5)
 TILE = 50
+#: BCSS (0.25 um per pixel) zoomed to the IDC tiles' scale (about 4 um per pixel)
+MATCHED_ZOOM = 1 / 16
+#: Step between the overlapping patches scored at the matched scale
+MATCHED_STRIDE = 10
 
 
 def _spearman(a: np.ndarray, b: np.ndarray) -> float:
@@ -35,10 +45,38 @@ def _spearman(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.corrcoef(ranks(a), ranks(b))[0, 1])
 
 
-def run_sanity(bcss: str | Path, out_dir: str | Path) -> dict:
+def matched_scale_check(image: np.ndarray, mask: np.ndarray, scorer: TileScorer, zoom: float = MATCHED_ZOOM,
+                        stride: int = MATCHED_STRIDE) -> dict:
+    """Score overlapping 50 px patches of ``image`` zoomed by ``zoom`` against the tumour
+    fraction of ``mask`` under each (Spearman, and AUC for "more than half tumour").
+
+    Args:
+        image: (H, W, 3) uint8 region.
+        mask: (H, W) bool tumour mask.
+        scorer: the model.
+        zoom: the factor that brings the region to the model's scale.
+        stride: pixels between patches, at the zoomed scale.
+    """
+    size = (max(TILE, round(image.shape[1] * zoom)), max(TILE, round(image.shape[0] * zoom)))
+    small = np.asarray(Image.fromarray(image).resize(size, Image.BOX))
+    fraction = np.asarray(Image.fromarray(mask.astype(np.float32)).resize(size, Image.BOX))
+    tops, lefts = range(0, size[1] - TILE + 1, stride), range(0, size[0] - TILE + 1, stride)
+    patches = np.stack([small[t : t + TILE, l : l + TILE] for t in tops for l in lefts])
+    truth = np.array([fraction[t : t + TILE, l : l + TILE].mean() for t in tops for l in lefts])
+    scores = scorer.score(patches)
+    return {"patches": int(len(patches)), "spearman": _spearman(scores, truth), "auc_majority_tumour": roc_auc(truth > 0.5, scores),
+            "tumour_share": float((truth > 0.5).mean())}
+
+
+def run_sanity(bcss: str | Path, out_dir: str | Path, model: str | Path | None = None) -> dict:
     bcss, out_dir = Path(bcss), Path(out_dir)
-    scorer = TileScorer.load()
-    results: dict = {"zooms": {}, "model_sha256": scorer.checksum, "precision": scorer.precision}
+    scorer = TileScorer.load(model)
+    results: dict = {"zooms": {}, "matched_scale": {"zoom": MATCHED_ZOOM, "stride": MATCHED_STRIDE},
+                     "model_sha256": scorer.checksum, "precision": scorer.precision}
+    for image_path in sorted((bcss / "images").glob("*.jpg")):
+        mask = np.asarray(Image.open(bcss / "masks" / f"{image_path.stem}.png")) > 127
+        image = np.asarray(Image.open(image_path).convert("RGB"))
+        results["matched_scale"][image_path.stem] = matched_scale_check(image, mask, scorer)
     pictures = []
     for zoom in ZOOMS:
         per_region = {}
@@ -98,5 +136,7 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--bcss", required=True)
     parser.add_argument("--out", default="docs")
+    parser.add_argument("--model", help="model file (default: the shipped model)")
     args = parser.parse_args()
-    print(json.dumps(run_sanity(args.bcss, args.out)["zooms"], indent=1))
+    results = run_sanity(args.bcss, args.out, args.model)
+    print(json.dumps({"matched_scale": results["matched_scale"], "zooms": results["zooms"]}, indent=1))

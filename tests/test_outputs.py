@@ -87,11 +87,19 @@ def test_structured_report_carries_the_direction(analysed, key):
     assert evaluation.value.value == "DIR-" + words.upper()
     (maximum,) = groups[0].get_measurements(name=CONCEPTS["max_score"])
     assert maximum.value == pytest.approx(result["statistics"]["max_score"], abs=1e-5)
-    focus_groups = report.content.get_planar_roi_measurement_groups()
-    assert len(focus_groups) == 1
+    focus_group, *lesion_groups = report.content.get_planar_roi_measurement_groups()
+    assert str(focus_group.tracking_identifier) == "Focus tile"
     if result["spread"]["directed"]:
         (angle,) = groups[0].get_measurements(name=CONCEPTS["angle"])
         assert angle.value == pytest.approx(result["spread"]["angle_deg"], abs=1e-3)
+    # one group a lesion, the dominant first, each with its own direction
+    lesions = result["spread"]["lesions"]
+    assert [str(g.tracking_identifier) for g in lesion_groups] == [f"Lesion {i + 1} of {len(lesions)}" for i in range(len(lesions))]
+    for group, lesion in zip(lesion_groups, lesions):
+        (tiles,) = group.get_measurements(name=CONCEPTS["lesion_tiles"])
+        assert tiles.value == lesion["tiles"]
+        (evaluation,) = group.get_qualitative_evaluations(name=CONCEPTS["direction"])
+        assert evaluation.value.value == "DIR-" + (lesion["words"].upper() if lesion["directed"] else "NONE")
 
 
 def test_patient_geometry_reaches_the_outputs(analysed):

@@ -78,7 +78,8 @@ def test_outputs_of_a_volume(tmp_path, dciodvfy):
     # the SR: SCOORD3D focus and lesion ellipsoid inside the series' volume, direction coded
     report = hd.sr.srread(folder / "sr.dcm")
     (volume_group,) = report.content.get_volumetric_roi_measurement_groups()
-    (focus_group,) = report.content.get_planar_roi_measurement_groups()
+    focus_group, *lesion_groups = report.content.get_planar_roi_measurement_groups()
+    assert len(lesion_groups) == len(result.spread.lesions)  # one group a lesion, after the focus tile's
     surface, focus = volume_group.roi, focus_group.roi
     assert surface.graphic_type == hd.sr.GraphicTypeValues3D.ELLIPSOID and focus.frame_of_reference_uid == pm.FrameOfReferenceUID
     points = np.concatenate([np.asarray(surface.graphic_data), np.asarray(focus.value)])

@@ -37,7 +37,11 @@ CONCEPTS = {
     "focus_score": code("DHM013", "Focus tile tumour score"),
     "direction": code("DHM014", "Spread direction"),
     "main_direction": code("DHM015", "Main anatomical spread direction"),
+    "lesion_tiles": code("DHM016", "Number of tiles of the lesion"),
+    "lesion_area": code("DHM017", "Extent of the lesion"),
 }
+#: The SR carries one group for each lesion up to this many, the dominant first (result.json lists all)
+MAX_REPORTED_LESIONS = 20
 _ANATOMICAL = {
     "left": hd.sr.CodedConcept("7771000", "SCT", "Left"),
     "right": hd.sr.CodedConcept("24028007", "SCT", "Right"),
@@ -111,30 +115,17 @@ def build_structured_report(
         measure("threshold", summary.threshold),
         measure("tiles_above_threshold", stats["tiles_above_threshold"], _unit("{tiles}")),
     ]
+    area_unit = _unit(("mm" if spatial else "{px") + ("3" if dimension == 3 else "2") + ("" if spatial else "}"))
+    length_unit = _unit("mm" if spatial else "{px}")
     if stats["analysed_tiles"]:
-        area_unit = ("mm" if spatial else "{px") + ("3" if dimension == 3 else "2") + ("" if spatial else "}")
         measurements += [
             measure("max_score", stats["max_score"]),
             measure("mean_score", stats["mean_score"]),
-            measure("extent_area", summary.extent_area, _unit(area_unit)),
-            measure("directedness", summary.directedness),
+            measure("extent_area", summary.extent_area, area_unit),
         ]
-    if summary.directed:
-        for axis, value in zip("xyz", summary.direction_frame):
-            measurements.append(measure(f"direction_{axis}", value))
-        if summary.angle_deg is not None:
-            measurements.append(measure("angle", summary.angle_deg, _unit("deg")))
-        measurements.append(measure("reach", summary.reach, _unit("mm" if spatial else "{px}")))
-
-    words = summary.words if summary.directed else "none"
-    evaluations = [
-        hd.sr.QualitativeEvaluation(
-            CONCEPTS["direction"],
-            code("DIR-" + words.upper(), f"spread toward {words}" if summary.directed else "no dominant spread direction"),
-        )
-    ]
-    if summary.directed and summary.frame == "PATIENT" and words.split("-")[0] in _ANATOMICAL:
-        evaluations.append(hd.sr.QualitativeEvaluation(CONCEPTS["main_direction"], _ANATOMICAL[words.split("-")[0]]))
+    direction_measurements, evaluations = _direction_items(summary.to_dict(), summary.frame, measure, length_unit)
+    if stats["analysed_tiles"]:
+        measurements += direction_measurements
 
     image_group = hd.sr.MeasurementsAndQualitativeEvaluations(
         tracking_identifier=hd.sr.TrackingIdentifier(uid=identity.uid("tracking", "image"), identifier="Tumour heatmap"),
@@ -149,6 +140,18 @@ def build_structured_report(
     groups: list = [image_group]
     if summary.focus_index is not None:
         groups.append(_focus_group(heatmap, summary, identity, algorithm, secondary_captures, sc_scale, frame_of_reference_uid))
+    for number, lesion in enumerate(summary.lesions[:MAX_REPORTED_LESIONS], start=1):
+        lesion_measurements, lesion_evaluations = _direction_items(lesion, summary.frame, measure, length_unit)
+        groups.append(hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
+            tracking_identifier=hd.sr.TrackingIdentifier(uid=identity.uid("tracking", f"lesion-{number}"),
+                                                         identifier=f"Lesion {number} of {len(summary.lesions)}"),
+            referenced_region=_tile_region(heatmap, lesion["focus_index"], secondary_captures, sc_scale, frame_of_reference_uid),
+            finding_type=_NEOPLASM,
+            algorithm_id=algorithm,
+            measurements=[measure("lesion_tiles", lesion["tiles"], _unit("{tiles}")), measure("lesion_area", lesion["area"], area_unit),
+                          *lesion_measurements],
+            qualitative_evaluations=lesion_evaluations,
+        ))
     if summary.lesion_ellipsoid is not None and frame_of_reference_uid is not None and heatmap.scores.shape[0] > 1:
         groups.append(_lesion_group(summary, identity, algorithm, evidence_sources, frame_of_reference_uid))
 
@@ -177,6 +180,28 @@ def build_structured_report(
     return sr
 
 
+def _direction_items(found: dict, frame: str, measure, length_unit) -> tuple[list, list]:
+    """Directedness, direction vector, angle and reach (measurements) and the direction in
+    words (evaluations) of the whole summary or of one lesion (the keys they share)."""
+    measurements = [measure("directedness", found["directedness"])]
+    if found["directed"]:
+        for axis, value in zip("xyz", found["direction_frame"]):
+            measurements.append(measure(f"direction_{axis}", value))
+        if found["angle_deg"] is not None:
+            measurements.append(measure("angle", found["angle_deg"], _unit("deg")))
+        measurements.append(measure("reach", found["reach"], length_unit))
+    words = found["words"] if found["directed"] else "none"
+    evaluations = [
+        hd.sr.QualitativeEvaluation(
+            CONCEPTS["direction"],
+            code("DIR-" + words.upper(), f"spread toward {words}" if found["directed"] else "no dominant spread direction"),
+        )
+    ]
+    if found["directed"] and frame == "PATIENT" and words.split("-")[0] in _ANATOMICAL:
+        evaluations.append(hd.sr.QualitativeEvaluation(CONCEPTS["main_direction"], _ANATOMICAL[words.split("-")[0]]))
+    return measurements, evaluations
+
+
 def _lesion_group(summary, identity, algorithm, evidence_sources, frame_of_reference_uid):
     """TID 1411 group: the lesion of a volume as an ellipsoid (SCOORD3D) and its volume."""
     centre = np.array(summary.lesion_ellipsoid["centre"])
@@ -203,25 +228,30 @@ def _lesion_group(summary, identity, algorithm, evidence_sources, frame_of_refer
     )
 
 
+def _tile_region(heatmap, index, secondary_captures, sc_scale, frame_of_reference_uid):
+    """The outline of tile (slice, row, col): in patient coordinates (3D) where the source
+    has a frame of reference, else on the slice's Secondary Capture."""
+    s, r, c = index
+    if frame_of_reference_uid is not None and heatmap.frame == "PATIENT":
+        corners_index = [(s, r - 0.5, c - 0.5), (s, r - 0.5, c + 0.5), (s, r + 0.5, c + 0.5), (s, r + 0.5, c - 0.5), (s, r - 0.5, c - 0.5)]
+        points = np.array([heatmap.centre(p) for p in corners_index])
+        return hd.sr.ImageRegion3D(graphic_type="POLYGON", graphic_data=points.round(4), frame_of_reference_uid=frame_of_reference_uid)
+    grid = heatmap.grid
+    top, left, bottom, right = grid.row_edges[r], grid.col_edges[c], grid.row_edges[r + 1], grid.col_edges[c + 1]
+    outline = np.array([(left, top), (right, top), (right, bottom), (left, bottom), (left, top)], dtype=float) * sc_scale
+    return hd.sr.ImageRegion(
+        graphic_type="POLYLINE",
+        graphic_data=outline.round(3),
+        source_image=hd.sr.SourceImageForRegion.from_source_image(secondary_captures[s]),
+    )
+
+
 def _focus_group(heatmap, summary, identity, algorithm, secondary_captures, sc_scale, frame_of_reference_uid):
     """TID 1410 group: the focus tile's outline and its score."""
     s, r, c = summary.focus_index
-    corners_index = [(s, r - 0.5, c - 0.5), (s, r - 0.5, c + 0.5), (s, r + 0.5, c + 0.5), (s, r + 0.5, c - 0.5), (s, r - 0.5, c - 0.5)]
-    if frame_of_reference_uid is not None and heatmap.frame == "PATIENT":
-        points = np.array([heatmap.centre(p) for p in corners_index])
-        region = hd.sr.ImageRegion3D(graphic_type="POLYGON", graphic_data=points.round(4), frame_of_reference_uid=frame_of_reference_uid)
-    else:
-        grid = heatmap.grid
-        top, left, bottom, right = grid.row_edges[r], grid.col_edges[c], grid.row_edges[r + 1], grid.col_edges[c + 1]
-        outline = np.array([(left, top), (right, top), (right, bottom), (left, bottom), (left, top)], dtype=float) * sc_scale
-        region = hd.sr.ImageRegion(
-            graphic_type="POLYLINE",
-            graphic_data=outline.round(3),
-            source_image=hd.sr.SourceImageForRegion.from_source_image(secondary_captures[s]),
-        )
     return hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
         tracking_identifier=hd.sr.TrackingIdentifier(uid=identity.uid("tracking", "focus"), identifier="Focus tile"),
-        referenced_region=region,
+        referenced_region=_tile_region(heatmap, summary.focus_index, secondary_captures, sc_scale, frame_of_reference_uid),
         finding_type=_NEOPLASM,
         algorithm_id=algorithm,
         measurements=[hd.sr.Measurement(name=CONCEPTS["focus_score"], value=_number(heatmap.scores[s, r, c]), unit=_UNITLESS, algorithm_id=algorithm)],
