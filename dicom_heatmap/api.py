@@ -7,6 +7,7 @@ import gc
 import json
 import math
 import os
+import re
 import shutil
 import tempfile
 import warnings
@@ -24,7 +25,7 @@ from dicom_heatmap._version import __version__
 from dicom_heatmap.errors import ConfigurationError, DicomHeatmapError, InputError, OutputError
 from dicom_heatmap.heatmap import Heatmap
 from dicom_heatmap.render import render_slice
-from dicom_heatmap.scorer import TileScorer
+from dicom_heatmap.scorer import MODEL_DOMAIN, MODEL_MODALITIES, TileScorer
 from dicom_heatmap.spread import SpreadSummary, analyze_spread
 from dicom_heatmap.checksum import file_sha256
 from dicom_heatmap.writers.common import PATIENT_STUDY_KEYWORDS, OutputIdentity, synthetic_reference
@@ -155,6 +156,18 @@ class AnalysisResult:
         """The spread summary (same as :attr:`spread`)."""
         return self.spread
 
+    @property
+    def domain_warning(self) -> str | None:
+        """Why these scores are no findings when the input's modality is not the model's
+        (the H&E model on CT or MR); None otherwise. The console, the SC caption and the
+        SR carry it."""
+        modality = self.meta["modality"]
+        if modality in MODEL_MODALITIES:
+            return None
+        # quoted only when it is a valid code string: header text never reaches a console raw
+        named = f"{modality} " if re.fullmatch(r"[A-Z0-9_ ]{1,16}", modality) else ""
+        return f"the model knows only {MODEL_DOMAIN}; on this {named}image its scores are not findings"
+
     def summary_line(self) -> str:
         """One human line: scores, extent and direction."""
         stats = self.tile_map.statistics(self.spread.threshold)
@@ -183,7 +196,8 @@ class AnalysisResult:
         return {
             "software": {"name": "dicom-heatmap", "version": __version__, "model_sha256": self.model_checksum,
                          "precision": self.precision},
-            "input": {"kind": self.meta["kind"], "modality": self.meta["modality"], "frame": self.meta["frame"]},
+            "input": {"kind": self.meta["kind"], "modality": self.meta["modality"], "frame": self.meta["frame"],
+                      "warning": self.domain_warning},
             "settings": asdict(self.settings),
             "grid": {"slices": grid.shape[0], "rows": grid.shape[1], "cols": grid.shape[2],
                      "numbering": "1-based, slice by slice, rows top to bottom, columns left to right"},
@@ -271,6 +285,8 @@ class AnalysisResult:
         frame_numbers = self.meta.get("frame_numbers")  # a multi-frame source: which frame each slice is
         for slice_index in range(slices):
             caption = f"dicom-heatmap {__version__} - research only, not for diagnostic use - {self._direction_caption(slice_index)}"
+            if self.domain_warning:
+                caption = f"WARNING: {self.domain_warning}. {caption}"
             shown = self.image[slice_index] if isinstance(self.image, np.ndarray) else self.image  # a streamed slide: one slice
             picture, scale = render_slice(shown, self.tile_map, self.spread, slice_index, caption)
             if slice_index == (self.spread.focus_index or [0])[0]:
@@ -296,6 +312,7 @@ class AnalysisResult:
         save(pm, "pm.dcm")
         sr = build_structured_report(
             self.tile_map, self.spread, self.identity, self.model_checksum, evidence, secondary_captures, scale, pm, for_uid,
+            self.domain_warning,
         )
         save(sr, "sr.dcm")
         result = self.to_dict()

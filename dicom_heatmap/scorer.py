@@ -15,13 +15,17 @@ from dicom_heatmap.errors import ConfigurationError, ModelError
 from dicom_heatmap.network import HeadedVGG16
 from dicom_heatmap.runtime import BACKENDS, OpenVinoExtractor, openvino_available
 
-__all__ = ["TileScorer", "TileScores", "DEFAULT_MODEL_PATH", "PRECISIONS", "fast_precision"]
+__all__ = ["TileScorer", "TileScores", "DEFAULT_MODEL_PATH", "PRECISIONS", "MODEL_DOMAIN", "MODEL_MODALITIES", "fast_precision"]
 
 #: What ``precision`` may be: ``auto`` picks the fastest that keeps the scores right.
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 
 #: The shipped model: a state dict of :class:`HeadedVGG16`.
 DEFAULT_MODEL_PATH = Path(__file__).resolve().parent.parent / "models" / "model.pt"
+#: What the model was trained on (docs/model_card.md): its scores mean something only there
+MODEL_DOMAIN = "H&E-stained breast tissue, slide microscopy at about 4 um per pixel"
+#: DICOM modalities of that domain; pictures and slide exports without a header read as OT
+MODEL_MODALITIES = ("SM", "OT")
 
 
 @dataclass

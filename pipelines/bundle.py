@@ -46,6 +46,8 @@ class HeatmapWorkflow:
                 data = self.dataset[index]
             result = analyze_prepared(data, self.scorer, self.settings, self.inferer)
             folder = result.save(self.output_dir)
+            if result.domain_warning:
+                print(f"warning: {result.meta['source_path']}: {result.domain_warning}")
             print(f"{result.meta['source_path']}: {result.summary_line()}\n  -> {folder}")
             folders.append(folder)
         return folders

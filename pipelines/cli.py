@@ -186,6 +186,8 @@ def run_analyze(args: argparse.Namespace) -> int:
                   "rerun with --debug and report it", file=sys.stderr)
             failed += 1
             continue
+        if result.domain_warning:
+            print(f"dicom-heatmap: warning: {path}: {result.domain_warning}", file=sys.stderr)
         print(f"{path}: {result.summary_line()}")
         print(f"  -> {folder}")
     return EXIT_CODE if failed else 0

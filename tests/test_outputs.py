@@ -34,6 +34,7 @@ def analysed(tmp_path_factory, data_dir, request):
         assert "Traceback" not in done.stderr
         (folder,) = [p for p in (out / key).iterdir() if p.is_dir()]
         folders[key] = folder
+        (folder.parent / "stderr.txt").write_text(done.stderr)
     return folders
 
 
@@ -100,6 +101,24 @@ def test_structured_report_carries_the_direction(analysed, key):
         assert tiles.value == lesion["tiles"]
         (evaluation,) = group.get_qualitative_evaluations(name=CONCEPTS["direction"])
         assert evaluation.value.value == "DIR-" + (lesion["words"].upper() if lesion["directed"] else "NONE")
+
+
+@pytest.mark.parametrize("key", list(INPUTS))
+def test_a_ct_or_mr_input_is_flagged_as_outside_the_models_domain(analysed, key):
+    """The H&E model on CT or MR: one warning line on the console, in result.json and coded in the SR."""
+    folder = analysed[key]
+    outside = key in ("ct", "mr")
+    result = json.loads((folder / "result.json").read_text())
+    warnings = [line for line in (folder.parent / "stderr.txt").read_text().splitlines() if "warning:" in line]
+    groups = hd.sr.srread(folder / "sr.dcm").content.get_image_measurement_groups()
+    coded = groups[0].get_qualitative_evaluations(name=CONCEPTS["input_domain"])
+    if outside:
+        assert "H&E-stained breast tissue" in result["input"]["warning"] and key.upper() in result["input"]["warning"]
+        assert len(warnings) == 1 and warnings[0].startswith("dicom-heatmap: warning: ")
+        assert warnings[0].endswith(f"{INPUTS[key][0]}: {result['input']['warning']}")
+        assert len(coded) == 1
+    else:
+        assert result["input"]["warning"] is None and warnings == [] and coded == []
 
 
 def test_patient_geometry_reaches_the_outputs(analysed):

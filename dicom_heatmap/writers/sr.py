@@ -39,6 +39,7 @@ CONCEPTS = {
     "main_direction": code("DHM015", "Main anatomical spread direction"),
     "lesion_tiles": code("DHM016", "Number of tiles of the lesion"),
     "lesion_area": code("DHM017", "Extent of the lesion"),
+    "input_domain": code("DHM018", "Input outside the model's training domain"),
 }
 #: The SR carries one group for each lesion up to this many, the dominant first (result.json lists all)
 MAX_REPORTED_LESIONS = 20
@@ -76,6 +77,7 @@ def build_structured_report(
     sc_scale: float,
     parametric_map: Dataset,
     frame_of_reference_uid: str | None,
+    domain_warning: str | None = None,
 ) -> hd.sr.Comprehensive3DSR:
     """Build the TID 1500 report.
 
@@ -91,6 +93,8 @@ def build_structured_report(
         parametric_map: the Parametric Map of the scores.
         frame_of_reference_uid: the source's, for 3D coordinates; None places the focus
             on the Secondary Capture instead.
+        domain_warning: why the scores are no findings (an input outside the model's
+            training domain), coded in the heatmap group; None when the input is inside it.
     """
     # Argument checks
     if len(secondary_captures) != heatmap.scores.shape[0]:
@@ -126,6 +130,8 @@ def build_structured_report(
     direction_measurements, evaluations = _direction_items(summary.to_dict(), summary.frame, measure, length_unit)
     if stats["analysed_tiles"]:
         measurements += direction_measurements
+    if domain_warning:
+        evaluations.append(hd.sr.QualitativeEvaluation(CONCEPTS["input_domain"], code("DHM-OUTSIDE", "H&E breast slide model: scores here are no findings")))
 
     image_group = hd.sr.MeasurementsAndQualitativeEvaluations(
         tracking_identifier=hd.sr.TrackingIdentifier(uid=identity.uid("tracking", "image"), identifier="Tumour heatmap"),

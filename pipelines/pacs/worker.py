@@ -99,4 +99,5 @@ def analyse_series(request: AnalysisRequest) -> AnalysisOutcome:
         return AnalysisOutcome(request.series_uid, None, "out of memory", failed=True)
     except Exception as error:  # the text may quote header values: only the type leaves the worker
         return AnalysisOutcome(request.series_uid, None, f"unexpected failure ({type(error).__name__})", failed=True)
-    return AnalysisOutcome(request.series_uid, str(folder), result.summary_line())
+    warning = f"WARNING: {result.domain_warning}; " if result.domain_warning else ""
+    return AnalysisOutcome(request.series_uid, str(folder), warning + result.summary_line())
