@@ -11,7 +11,9 @@ from monai.data import Dataset
 from dicom_heatmap.api import AnalysisSettings, analyze_prepared, project_errors
 from dicom_heatmap.inferer import TileGridInferer
 from dicom_heatmap.scorer import TileScorer
+from dicom_heatmap.errors import InputError
 from pipelines.evaluate import evaluate, format_report, write_outputs
+from pipelines.slides import evaluate_slides, format_slide_table, whole_patients, write_slide_outputs
 from pipelines.tile_data import TileTable
 from pipelines.train import TrainSettings, train
 
@@ -79,15 +81,36 @@ class TrainWorkflow:
 
 
 class EvaluateWorkflow:
-    """The evaluation bundle's ``evaluator``: metrics and ROC plot of a model on labelled tiles."""
+    """The evaluation bundle's ``evaluator``: metrics and ROC plot of a model on labelled
+    tiles; with ``slides``, also the whole-slide table (as ``dicom-heatmap evaluate --slides``).
+
+    Args:
+        data_csv: the labels table.
+        model_path: the model file.
+        output_dir: where ``metrics.json``, ``roc.png`` (and ``slides.md``, ``slides.json``,
+            ``slides/``) go.
+        folds: only these patient folds.
+        patients: only these patients.
+        slides: rebuild and analyse the whole patients among those chosen.
+    """
 
     def __init__(self, data_csv: str | Path, model_path: str | Path, output_dir: str | Path,
-                 folds: Sequence[int] | None = None, patients: Sequence[str] | None = None) -> None:
+                 folds: Sequence[int] | None = None, patients: Sequence[str] | None = None, slides: bool = False) -> None:
         self.data_csv, self.model_path, self.output_dir = data_csv, model_path, output_dir
         self.folds = list(folds) if folds is not None else None
         self.patients = list(patients) if patients is not None else None
+        self.slides = slides
 
     def run(self) -> dict:
+        whole = whole_patients(self.data_csv, self.patients, self.folds) if self.slides else []
+        if self.slides and not whole:
+            raise InputError(self.data_csv, "none of the patients chosen has a whole slide in the table (400 tiles or more)")
         result = evaluate(self.data_csv, None, self.model_path, self.folds, patients=self.patients)
         print(format_report(result))
-        return write_outputs(result, self.output_dir)
+        summary = write_outputs(result, self.output_dir)
+        if whole:
+            records = evaluate_slides(self.data_csv, whole, TileScorer.load(self.model_path), self.output_dir)
+            print(format_slide_table(records))
+            write_slide_outputs(records, self.output_dir)
+            summary["slides"] = records
+        return summary

@@ -80,3 +80,13 @@ def test_the_direction_holds_when_the_grid_is_a_quarter_finer_or_coarser(scorer,
     angles = [r.spread.angle_deg for r in results]
     assert all(r.spread.directed for r in results), [r.spread.directedness for r in results]
     assert max(angle_error(a, b) for a in angles for b in angles) <= 20, angles
+
+
+def test_the_evaluation_bundle_writes_the_slide_table(slide_table, tmp_path):
+    from test_bundle import bundle
+
+    bundle("run", "--config_file", "configs/evaluate.json", "--data_csv", slide_table, "--slides", "True",
+           "--output_dir", tmp_path / "eval")
+    (record,) = json.loads((tmp_path / "eval" / "slides.json").read_text())
+    assert record["patient"] == PATIENT and record["tiles"] == 478
+    assert f"| {PATIENT} | 478 |" in (tmp_path / "eval" / "slides.md").read_text()
