@@ -60,6 +60,27 @@ def fast_precision(device: torch.device) -> str:
     return "bf16" if _cpu_flags() & {"avx512_bf16", "amx_bf16"} else "fp32"
 
 
+def _as_tile_list(tiles: np.ndarray | Sequence[np.ndarray]) -> list[np.ndarray] | np.ndarray:
+    """What users pass, as tiles of uint8 RGB: a batch, one tile, floats in 0..1."""
+    if isinstance(tiles, np.ndarray) and tiles.ndim == 3 and tiles.shape[-1] == 3:
+        tiles = tiles[None]  # one tile
+    if isinstance(tiles, np.ndarray) and tiles.ndim == 4 and tiles.shape[-1] == 3 and tiles.dtype == np.uint8:
+        return tiles  # the common case: no copy
+    converted = []
+    for tile in tiles:
+        tile = np.asarray(tile)
+        if tile.ndim != 3 or tile.shape[2] != 3:
+            raise ValueError(f"tiles must be RGB: an (N, H, W, 3) array, one (H, W, 3) tile or a list of them; "
+                             f"got a tile of shape {tile.shape}")
+        if tile.dtype != np.uint8:
+            tile = tile.astype(np.float32)
+            if tile.size and float(np.nanmax(tile)) <= 1.0:
+                tile = tile * 255.0  # floats in 0..1
+            tile = np.clip(np.nan_to_num(tile), 0, 255).round().astype(np.uint8)
+        converted.append(tile)
+    return converted
+
+
 class TileScorer:
     """Scores uint8 RGB tiles of any size; resizing and normalisation are its own.
 
@@ -174,9 +195,14 @@ class TileScorer:
         """Fused scores and the 13 per-layer probabilities of ``tiles``.
 
         Args:
-            tiles: (N, H, W, 3) uint8 array, or a sequence of (H, W, 3) uint8 arrays of
-                any sizes.
+            tiles: (N, H, W, 3) RGB array, one (H, W, 3) tile, or a sequence of (H, W, 3)
+                tiles of any sizes; uint8 0..255, or float 0..1 (scaled to 0..255; floats
+                above 1 are read as 0..255).
+
+        Raises:
+            ValueError: a tile that is not (H, W, 3) RGB, naming its shape.
         """
+        tiles = _as_tile_list(tiles)
         count = len(tiles)
         scores = np.empty(count, dtype=np.float32)
         layers = np.empty((count, self.network.num_layers), dtype=np.float32)
@@ -199,5 +225,5 @@ class TileScorer:
         return self._openvino
 
     def score(self, tiles: np.ndarray | Sequence[np.ndarray]) -> np.ndarray:
-        """(N,) float32 tumour scores in [0, 1] of uint8 RGB tiles (see :meth:`score_details`)."""
+        """(N,) float32 tumour scores in [0, 1] of RGB tiles (see :meth:`score_details`)."""
         return self.score_details(tiles).scores

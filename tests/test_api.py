@@ -49,3 +49,18 @@ def test_settings_are_checked():
         AnalysisSettings(threshold=2)
     with pytest.raises(ConfigurationError, match="either settings or keyword"):
         analyze("x.png", "model.pt", AnalysisSettings(), grid=(2, 2))
+
+
+def test_tile_scorer_takes_what_users_pass(scorer, data_dir):
+    """A batch of uint8 tiles, one tile, floats in 0..1: the same scores; other shapes are refused by name."""
+    import numpy as np
+    import pytest
+    from PIL import Image
+
+    picture = np.asarray(Image.open(data_dir / "idc_mosaic_tail.png").convert("RGB"))
+    tiles = np.stack([picture[:50, 50 * i : 50 * (i + 1)] for i in range(4)])
+    batch = scorer.score(tiles)
+    assert scorer.score(tiles[0]).tolist() == batch[:1].tolist()
+    np.testing.assert_allclose(scorer.score(tiles.astype(np.float32) / 255.0), batch, atol=1e-6)
+    with pytest.raises(ValueError, match=r"tiles must be RGB.*shape \(224, 3\)"):
+        scorer.score([np.zeros((224, 3), np.uint8)])
