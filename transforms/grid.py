@@ -182,7 +182,7 @@ class GridSplit(Transform):
             mask, scale = tissue_mask(image, meta["tissue_rule"]), 1.0
         else:  # a streamed slide: the tissue map comes from its thumbnail, a few pixels per tile
             thumbnail, scale = image.thumbnail(max(THUMBNAIL_SIDE, 8 * max(rows, cols)))
-            mask = tissue_mask(thumbnail[None], meta["tissue_rule"])
+            mask = tissue_mask(thumbnail[None], meta["tissue_rule"], scale)
         fraction = _box_means(mask, row_edges * scale, col_edges * scale)
         is_tissue = fraction >= self.tissue_threshold if self.tissue_threshold > 0 else np.ones_like(fraction, dtype=bool)
         return TileGrid(row_edges, col_edges, slices, fraction, is_tissue)
