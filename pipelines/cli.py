@@ -82,7 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
     train = commands.add_parser("train", help="train the model in the method's three stages")
     train.add_argument("--data", type=Path, required=True, help="labels.csv (columns path, patient_id, label, fold)")
     train.add_argument("--out", type=Path, required=True, help="folder for checkpoints and the model")
-    train.add_argument("--epochs", type=int, default=32, help="stage-1 epochs (default 32, the shipped model's)")
+    train.add_argument("--epochs", type=int, default=10, help="stage-1 epochs (default 10, the shipped model's)")
     train.add_argument("--test-fold", type=int, help="patient fold held out for testing (cross-validation); by default "
                        "every fold trains and only the --hold-out patients are kept out (the shipped model)")
     train.add_argument("--hold-out", type=Path, metavar="FILE",
@@ -94,8 +94,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="scale of the H&E colour jitter (default 1, the shipped model's)")
     train.add_argument("--balanced-sampling", action="store_true",
                        help="stage 1 draws both classes equally often instead of weighting the loss by class")
-    train.add_argument("--stain-jitter", type=float, default=0.0, metavar="SIGMA",
-                       help="scale and shift each stain's optical density by up to SIGMA (default 0: off)")
+    train.add_argument("--stain-jitter", type=float, default=0.1, metavar="SIGMA",
+                       help="scale and shift each stain's optical density by up to SIGMA (default 0.1, the shipped "
+                            "model's; 0 turns it off)")
     train.add_argument("--cross-fit", action="store_true",
                        help="the fusion learns from heads fit on the other half of the head patients (cross-fitting); "
                             "the heads are then fit on both halves")

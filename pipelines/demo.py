@@ -37,6 +37,8 @@ def run_demo(out_dir: str | Path) -> int:
         folder = result.save(out_dir)
         print(f"\n{name}: {what}")
         print(f"  {result.summary_line()}  [{time.perf_counter() - started:.1f} s]")
+        if result.domain_warning:
+            print(f"  warning: {result.domain_warning}")
         truth = DATA / name.replace(".png", ".json")
         if name.endswith(".png") and truth.exists():
             layout = np.array(json.loads(truth.read_text())["layout"])

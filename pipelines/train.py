@@ -41,7 +41,7 @@ class TrainSettings:
     extractor_folds: list[int] = field(default_factory=lambda: [0, 1])
     head_folds: list[int] = field(default_factory=lambda: [2])
     test_folds: list[int] = field(default_factory=lambda: [3])
-    epochs: int = 32
+    epochs: int = 10
     head_epochs: int = 30
     fusion_epochs: int = 60
     batch_size: int = 64
@@ -52,7 +52,7 @@ class TrainSettings:
     bf16: bool = True
     colour_jitter: float = 1.0  # scales the H&E colour jitter (1 = the shipped model's)
     balanced_sampling: bool = False  # stage 1 draws both classes equally often instead of weighting the loss
-    stain_jitter: float = 0.0  # sigma of the haematoxylin / eosin / DAB scale and shift in optical density (0 = off)
+    stain_jitter: float = 0.1  # sigma of the haematoxylin / eosin / DAB scale and shift in optical density (0 = off)
     head_share: float = 1.0  # share of the head folds' patients kept for stages 2-3; the rest join the extractor's
     cross_fit: bool = False  # stages 2-3: each half's heads score the other half for the fusion; heads then fit on both
     held_out_patients: list[str] = field(default_factory=list)  # in no stage, whatever their fold; tested with the test folds
@@ -122,7 +122,7 @@ def _augment(batch: torch.Tensor, size: int, generator: torch.Generator, jitter:
             tile = tile.flip(2)
         tile = torch.rot90(tile, int(torch.randint(0, 4, (1,), generator=generator)), dims=(1, 2))
         out[i] = tile
-    if stain > 0:  # drawn only when asked, so that stain 0 keeps the shipped model's random stream
+    if stain > 0:  # drawn only when asked, so that stain 0 keeps the random stream of the models before 1.0
         out = stain_jitter(out, stain, generator)
     # H&E colour jitter: brightness, contrast, saturation and a small per-channel shift
     rand = lambda *shape: torch.rand(*shape, generator=generator)  # noqa: E731
@@ -315,7 +315,7 @@ def _train_extractor(net: HeadedVGG16, extractor_set: TileTable, validation_set:
         _, logits = tap_features(net, validation_set, settings)
         validation_auc = roc_auc(validation_set.labels, torch.softmax(logits, 1)[:, 1].numpy())
         history.append({"epoch": epoch + 1, "loss": running, "validation_auc": validation_auc})
-        print(f"stage 1 epoch {epoch + 1}: loss {running:.3f}, AUC on held-out patients {validation_auc:.3f}")
+        print(f"stage 1 epoch {epoch + 1}: loss {running:.3f}, AUC on the fusion patients (unseen by stage 1) {validation_auc:.3f}")
         temporary = checkpoint_path.with_suffix(".tmp")
         torch.save(
             {

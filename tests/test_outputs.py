@@ -155,3 +155,12 @@ def test_a_second_run_gives_the_same_objects(run_cli, data_dir, tmp_path):
         uids.append(sorted(str(pydicom.dcmread(p).SOPInstanceUID) for p in folder.glob("*.dcm")))
     assert uids[0] == uids[1]
     assert len(list(tmp_path.iterdir())) == 1
+
+
+def test_demo_finds_the_known_direction_and_flags_the_ct(run_cli, tmp_path):
+    done = run_cli("demo", "--out", tmp_path / "demo")
+    assert done.returncode == 0 and "Traceback" not in done.stderr, done.stderr[-2000:]
+    assert "expected direction right (0 deg), found right" in done.stdout
+    ct = done.stdout.split("CT_small.dcm:")[1]
+    assert "  warning: the model knows only H&E-stained breast tissue" in ct and "on this CT image" in ct
+    assert len([p for p in (tmp_path / "demo").iterdir() if p.is_dir()]) == 4
