@@ -274,8 +274,9 @@ def _refine(field: np.ndarray, peak: tuple[int, int, int]) -> np.ndarray:
     return position
 
 
-def _direction(heatmap: Heatmap, scores: np.ndarray, tiles: np.ndarray, focus_field: np.ndarray) -> dict:
-    """Focus, direction, directedness, reach and ellipsoid of a set of lesion tiles.
+def _direction(heatmap: Heatmap, scores: np.ndarray, tiles: np.ndarray, focus_field: np.ndarray, tile_measure: float) -> dict:
+    """Focus, direction, directedness, reach, area (``tile_measure`` a tile) and ellipsoid
+    of a set of lesion tiles.
 
     The focus tile is the maximum of ``focus_field`` over ``tiles``, the focus position
     that maximum between tile centres; the direction runs from the focus position to the
@@ -293,8 +294,6 @@ def _direction(heatmap: Heatmap, scores: np.ndarray, tiles: np.ndarray, focus_fi
     mean_distance = float((weights * np.linalg.norm(offsets_frame, axis=1)).sum() / weights.sum())
     directedness = float(np.linalg.norm(mean_offset) / mean_distance) if mean_distance else 0.0
     steps_frame = heatmap.tile_affine[:3, :3]
-    in_plane_area = float(np.linalg.norm(np.cross(steps_frame[:, 1], steps_frame[:, 2])))
-    tile_measure = in_plane_area * (heatmap.tile_spacing[0] if scores.shape[0] > 1 else 1.0)
     found = dict(
         focus_tile=int(heatmap.grid.number(*focus)), focus_index=list(focus),
         focus_position=[round(float(v), 3) for v in focus_position], tiles=int(len(indices)),
@@ -370,8 +369,8 @@ def analyze_spread(heatmap: Heatmap, threshold: float = 0.5) -> SpreadSummary:
                        focus_position=[round(float(v), 3) for v in heatmap.centre(focus)])
         return SpreadSummary(**summary)
     parts.sort(key=lambda part: -float(values[part].sum()))  # the dominant lesion (most tumour) first
-    lesions = [_direction(heatmap, lesion_scores, part, focus_field) for part in parts]
-    whole = _direction(heatmap, lesion_scores, np.logical_or.reduce(parts), focus_field)
+    lesions = [_direction(heatmap, lesion_scores, part, focus_field, tile_measure) for part in parts]
+    whole = _direction(heatmap, lesion_scores, np.logical_or.reduce(parts), focus_field, tile_measure)
     summary.update(
         {key: whole[key] for key in ("focus_tile", "focus_index", "focus_position", "directed", "directedness",
                                      "direction_image", "angle_deg", "direction_frame", "words", "reach")},
