@@ -3,7 +3,7 @@
     dicom-heatmap analyze INPUT [INPUT ...] --out DIR [options]
     dicom-heatmap demo [--out DIR]
     dicom-heatmap train --data labels.csv --out DIR [--test-fold K] [--hold-out FILE]
-    dicom-heatmap evaluate --csv labels.csv [--folds 3] [--patients FILE] [--out DIR]
+    dicom-heatmap evaluate --csv labels.csv [--folds 3] [--patients FILE] [--slides] [--out DIR]
     dicom-heatmap bench
     dicom-heatmap pacs poll|listen|status --config pacs.yaml
 
