@@ -19,11 +19,13 @@ lesion about its focus. So:
   one tile wide from joining or steering a lesion: alone among low neighbours it falls
   under the threshold, while a lesion two tiles thick stays. The dominant lesion (the
   largest sum of scores) comes first;
-* focus - the maximum of the lesion scores smoothed by a Gaussian of
+* focus - the maximum of the lesion tiles (each counting 1) smoothed by a Gaussian of
   :data:`FOCUS_SIGMA` tiles (the thick part of a lesion wins over a thin tail or a
-  spike); its tile is the focus tile and its centre the focus position;
-* dominant direction - from the focus toward the score-weighted centroid of the lesion
-  tiles, in physical units where the source has them;
+  spike); its tile is the focus tile, and the maximum placed between tile centres (a
+  parabola through the neighbours) the focus position;
+* dominant direction - from the focus toward the centroid of the lesion tiles (each
+  counting the same: score noise inside a lesion would move both about), in physical
+  units where the source has them;
 * directedness - the length of that offset divided by the lesion tiles' mean distance
   from the focus: 0 for a lesion symmetric about its focus, 1 when all of it lies
   on one ray; a ratio of lengths, so it reads the same on a finer or coarser grid.
@@ -60,7 +62,7 @@ MIN_DIRECTEDNESS = 0.2
 MIN_DIFFERENCE = 1e-3
 #: Gaussian (in tiles) smoothing the scores before the lesions are taken.
 LESION_SIGMA = 1.0
-#: Gaussian (in tiles) smoothing the lesion scores before their maximum, the focus, is taken.
+#: Gaussian (in tiles) smoothing the lesion mask before its maximum, the focus, is taken.
 FOCUS_SIGMA = 2.0
 #: Fewest tiles of a lesion.
 MIN_LESION_TILES = 2
@@ -280,7 +282,7 @@ def _direction(heatmap: Heatmap, scores: np.ndarray, tiles: np.ndarray, focus_fi
 
     The focus tile is the maximum of ``focus_field`` over ``tiles``, the focus position
     that maximum between tile centres; the direction runs from the focus position to the
-    score-weighted centroid of ``tiles``; directedness is the length of that offset over
+    centroid of ``tiles`` weighted by ``scores``; directedness is the length of that offset over
     the tiles' mean distance from the focus.
     """
     focus = _peak(focus_field, tiles)
