@@ -11,9 +11,8 @@ from monai.data import Dataset
 from dicom_heatmap.api import AnalysisSettings, analyze_prepared, project_errors
 from dicom_heatmap.inferer import TileGridInferer
 from dicom_heatmap.scorer import TileScorer
-from dicom_heatmap.errors import InputError
 from pipelines.evaluate import evaluate, format_report, write_outputs
-from pipelines.slides import evaluate_slides, format_slide_table, whole_patients, write_slide_outputs
+from pipelines.slides import chosen_whole_patients, evaluate_slides, format_slide_table, write_slide_outputs
 from pipelines.tile_data import TileTable
 from pipelines.train import TrainSettings, train
 
@@ -102,9 +101,7 @@ class EvaluateWorkflow:
         self.slides = slides
 
     def run(self) -> dict:
-        whole = whole_patients(self.data_csv, self.patients, self.folds) if self.slides else []
-        if self.slides and not whole:
-            raise InputError(self.data_csv, "none of the patients chosen has a whole slide in the table (400 tiles or more)")
+        whole = chosen_whole_patients(self.data_csv, self.patients, self.folds) if self.slides else []
         result = evaluate(self.data_csv, None, self.model_path, self.folds, patients=self.patients)
         print(format_report(result))
         summary = write_outputs(result, self.output_dir)

@@ -20,7 +20,7 @@ import sys
 import traceback
 from pathlib import Path
 
-from dicom_heatmap.errors import EXIT_CODE, ConfigurationError, DicomHeatmapError, InputError
+from dicom_heatmap.errors import EXIT_CODE, ConfigurationError, DicomHeatmapError
 
 __all__ = ["main", "build_parser"]
 
@@ -219,14 +219,11 @@ def run_train(args: argparse.Namespace) -> int:
 
 def run_evaluate(args: argparse.Namespace) -> int:
     from pipelines.evaluate import evaluate, format_report, write_outputs
-    from pipelines.slides import evaluate_slides, format_slide_table, whole_patients, write_slide_outputs
+    from pipelines.slides import chosen_whole_patients, evaluate_slides, format_slide_table, write_slide_outputs
     from pipelines.tile_data import read_patient_list
 
     patients = read_patient_list(args.patients) if args.patients is not None else None
-    whole = whole_patients(args.csv, patients, args.folds) if args.slides else []
-    if args.slides and not whole:  # refused before anything is scored or written
-        raise InputError(args.csv, "none of the patients chosen has a whole slide in the table (400 tiles or "
-                                   "more); choose other --patients or --folds, or leave out --slides")
+    whole = chosen_whole_patients(args.csv, patients, args.folds) if args.slides else []
     result = evaluate(args.csv, args.root, args.model, args.folds, patients=patients, precision=args.precision,
                       backend=args.backend)
     print(format_report(result))

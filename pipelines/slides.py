@@ -37,7 +37,7 @@ from dicom_heatmap.scorer import TileScorer
 from dicom_heatmap.spread import MIN_DIRECTEDNESS
 from pipelines.metrics import roc_auc
 
-__all__ = ["RebuiltSlide", "whole_patients", "rebuild_slide", "reference_direction", "angle_error", "evaluate_slides",
+__all__ = ["RebuiltSlide", "whole_patients", "chosen_whole_patients", "rebuild_slide", "reference_direction", "angle_error", "evaluate_slides",
            "draw_slide", "write_slide_outputs",
            "format_slide_table", "MIN_WHOLE_TILES", "REFERENCE_SIGMA"]
 
@@ -94,17 +94,33 @@ def whole_patients(labels_csv: str | Path, patients: list[str] | None = None, fo
             and (folds is None or fold_of[p] in folds)]
 
 
-def rebuild_slide(labels_csv: str | Path, patient: str, root: str | Path | None = None) -> RebuiltSlide:
+def chosen_whole_patients(labels_csv: str | Path, patients: list[str] | None = None,
+                          folds: list[int] | None = None) -> list[str]:
+    """:func:`whole_patients`, refusing an empty choice (before anything is scored or written).
+
+    Raises:
+        InputError: when none of the patients chosen has a whole slide.
+    """
+    whole = whole_patients(labels_csv, patients, folds)
+    if not whole:
+        raise InputError(labels_csv, f"none of the patients chosen has a whole slide in the table ({MIN_WHOLE_TILES} tiles "
+                                     "or more); choose other --patients or --folds, or leave out --slides")
+    return whole
+
+
+def rebuild_slide(labels_csv: str | Path, patient: str, root: str | Path | None = None,
+                  rows: list[dict] | None = None) -> RebuiltSlide:
     """Paste every tile of ``patient`` at ``(x - 1, y - 1)`` on white glass.
 
     Args:
         labels_csv: the IDC table (columns path, patient_id, x, y, label).
         patient: whose slide.
         root: folder the table's paths are relative to (the table's folder by default).
+        rows: the table's rows, when already read (read from ``labels_csv`` otherwise).
     """
     labels_csv = Path(labels_csv)
     root = Path(root) if root is not None else labels_csv.parent
-    rows = [row for row in _read_rows(labels_csv) if row["patient_id"] == patient]
+    rows = [row for row in (rows if rows is not None else _read_rows(labels_csv)) if row["patient_id"] == patient]
     if not rows:
         raise InputError(labels_csv, f"no tile of patient {patient} in the table")
     columns = [(int(row["x"]) - 1) // TILE for row in rows]
@@ -231,8 +247,9 @@ def evaluate_slides(labels_csv: str | Path, patients: list[str], scorer: TileSco
     if folder is not None:
         folder.mkdir(parents=True, exist_ok=True)
     settings = AnalysisSettings(tile_size=TILE, threshold=threshold)
+    rows = _read_rows(Path(labels_csv))
     for patient in patients:
-        slide = rebuild_slide(labels_csv, patient, root)
+        slide = rebuild_slide(labels_csv, patient, root, rows)
         with tempfile.TemporaryDirectory(prefix="dicom-heatmap-slide-") as temporary:
             path = Path(temporary) / f"{patient}.png"
             Image.fromarray(slide.picture).save(path)

@@ -87,3 +87,13 @@ def test_the_lesion_reads_the_same_when_the_grid_is_a_quarter_finer_or_coarser(s
     directedness = [r.spread.directedness for r in results]
     assert max(directedness) - min(directedness) <= 0.2, directedness
     assert all(len(r.spread.lesions) <= 2 for r in results)  # one tumour, at most a speck beside it
+
+
+def test_the_evaluation_bundle_writes_the_slide_table(slide_table, tmp_path):
+    from test_bundle import bundle
+
+    bundle("run", "--config_file", "configs/evaluate.json", "--data_csv", slide_table, "--slides", "True",
+           "--output_dir", tmp_path / "eval")
+    (record,) = json.loads((tmp_path / "eval" / "slides.json").read_text())
+    assert record["patient"] == PATIENT and record["tiles"] == 478
+    assert f"| {PATIENT} | 478 |" in (tmp_path / "eval" / "slides.md").read_text()
