@@ -52,7 +52,7 @@ class AnalysisSettings:
     Attributes:
         grid: (rows, cols) of tiles; see :class:`transforms.grid.GridSplit`.
         tile_size: tile side in pixels, instead of ``grid``.
-        tile_size_mm: tile side in mm, instead of ``grid``.
+        tile_size_um: tile side in micrometres, instead of ``grid`` (needs a known pixel spacing).
         tissue_threshold: least tissue share of an analysed tile.
         threshold: score at or above which a tile counts toward the extent.
         crop: ``None``, ``"foreground"`` (tissue bounding box) or ``"template"`` (a
@@ -61,14 +61,14 @@ class AnalysisSettings:
         zoom: resampling factor applied before the split.
         rotate: degrees counter-clockwise on screen, applied before the split.
         series_uid: which series of a folder to analyse.
-        resolution_mm: wanted pixel spacing when reading a slide level.
+        resolution_um: wanted pixel spacing in micrometres when reading a slide level.
         level: the SVS/TIFF pyramid level to read (0 = full resolution; large levels are
             streamed tile by tile).
     """
 
     grid: tuple[int, int] | None = None
     tile_size: int | None = None
-    tile_size_mm: float | None = None
+    tile_size_um: float | None = None
     tissue_threshold: float = 0.25
     threshold: float = 0.5
     crop: str | None = None
@@ -76,23 +76,61 @@ class AnalysisSettings:
     zoom: float = 1.0
     rotate: float = 0.0
     series_uid: str | None = None
-    resolution_mm: float | None = None
+    resolution_um: float | None = None
     level: int | None = None
 
     def __post_init__(self) -> None:
+        # Every value is checked and brought to one type, so that the same settings given
+        # from the CLI, the API, the bundle or pacs.yaml (8 or 8.0, a list or a tuple) give
+        # the same canonical text, hence the same output UIDs.
+        for name, (kind, low, high) in _SETTING_RANGES.items():
+            value = getattr(self, name)
+            if value is None and name in _OPTIONAL_SETTINGS:
+                continue
+            object.__setattr__(self, name, _checked_number(name, value, kind, low, high))
+        for name in ("grid", "crop_size"):
+            value = getattr(self, name)
+            if value is None:
+                continue
+            if isinstance(value, (str, bytes)) or not hasattr(value, "__len__") or len(value) != 2:
+                raise ConfigurationError(f"{name} must be two whole numbers (rows, cols), got {value!r}")
+            object.__setattr__(self, name, tuple(_checked_number(name, v, int, 1, 100_000) for v in value))
+        given = [name for name in ("grid", "tile_size", "tile_size_um") if getattr(self, name) is not None]
+        if len(given) > 1:
+            raise ConfigurationError(f"give only one of grid, tile_size and tile_size_um, got {' and '.join(given)}")
         if self.crop not in (None, "foreground", "template"):
             raise ConfigurationError(f"crop must be 'foreground' or 'template', got {self.crop!r}")
-        if self.crop == "template" and not self.crop_size:
-            raise ConfigurationError("crop 'template' needs crop_size (rows, cols)")
-        if not 0 <= self.threshold <= 1:
-            raise ConfigurationError(f"threshold must lie in 0..1, got {self.threshold}")
-        if not self.zoom > 0:
-            raise ConfigurationError(f"zoom must be positive, got {self.zoom}")
-        if self.resolution_mm is not None and not self.resolution_mm > 0:
-            raise ConfigurationError(f"resolution_mm must be positive, got {self.resolution_mm}")
+        if (self.crop == "template") != (self.crop_size is not None):
+            raise ConfigurationError("crop 'template' and crop_size (rows, cols) go together")
+        if self.series_uid is not None and not re.fullmatch(r"[0-9]+(\.[0-9]+)*", str(self.series_uid)):
+            raise ConfigurationError("series_uid must be a DICOM UID (digits and dots)")
 
     def canonical(self) -> str:
         return json.dumps(asdict(self), sort_keys=True)
+
+
+#: name: (type, least, most) of each numeric setting.
+_SETTING_RANGES = {
+    "tile_size": (int, 8, 100_000),
+    "tile_size_um": (float, 0.01, 1e6),
+    "tissue_threshold": (float, 0.0, 1.0),
+    "threshold": (float, 0.0, 1.0),
+    "zoom": (float, 1 / 64, 8.0),
+    "rotate": (float, -360.0, 360.0),
+    "resolution_um": (float, 0.01, 1e5),
+    "level": (int, 0, 64),
+}
+_OPTIONAL_SETTINGS = {"tile_size", "tile_size_um", "resolution_um", "level"}
+
+
+def _checked_number(name: str, value, kind: type, low: float, high: float):
+    """``value`` as ``kind`` if it is a finite number in [low, high]; else a ConfigurationError."""
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
+        raise ConfigurationError(f"{name} must be a number, got {value!r}")
+    if not math.isfinite(value) or not low <= value <= high or (kind is int and value != int(value)):
+        what = "a whole number" if kind is int else "a number"
+        raise ConfigurationError(f"{name} must be {what} from {low:g} to {high:g}, got {value!r}")
+    return kind(value)
 
 
 @contextlib.contextmanager
@@ -368,7 +406,7 @@ def preprocessing(settings: AnalysisSettings, key: str = "image", max_values: in
     ``max_values`` is the loader's size guard (it does not change results, so it is no setting).
     """
     steps: list = [
-        LoadInputd(key, series_uid=settings.series_uid, resolution_mm=settings.resolution_mm, max_values=max_values,
+        LoadInputd(key, series_uid=settings.series_uid, resolution_um=settings.resolution_um, max_values=max_values,
                    level=settings.level),
         NormalizeIntensityd(key),
     ]
@@ -379,7 +417,7 @@ def preprocessing(settings: AnalysisSettings, key: str = "image", max_values: in
     steps += [
         Zoomd(key, settings.zoom),
         Rotated(key, settings.rotate),
-        GridSplitd(key, grid=settings.grid, tile_size=settings.tile_size, tile_size_mm=settings.tile_size_mm,
+        GridSplitd(key, grid=settings.grid, tile_size=settings.tile_size, tile_size_um=settings.tile_size_um,
                    tissue_threshold=settings.tissue_threshold),
     ]
     return Compose(steps)

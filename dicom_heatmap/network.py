@@ -52,6 +52,7 @@ class HeadedVGG16(nn.Module):
         std: per-channel standard deviation, as ``mean``.
     """
 
+
     def __init__(
         self,
         input_size: int = 48,
@@ -68,6 +69,7 @@ class HeadedVGG16(nn.Module):
             raise ValueError(f"width_multiplier must lie in (0, 1], got {width_multiplier}")
         widths = [max(8, int(round(c * width_multiplier))) for c in VGG16_CONV_WIDTHS]
         self.conv_widths = tuple(widths)
+        self.tumour = TUMOUR  # an attribute, not the global, so TorchScript compiles ``forward``
 
         # Buffers, so that a saved state dict carries how to feed the network.
         self.register_buffer("input_size", torch.tensor(input_size, dtype=torch.int64))
@@ -75,7 +77,7 @@ class HeadedVGG16(nn.Module):
         self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1))
 
         layers: list[nn.Module] = []
-        self.tap_indices: list[int] = []  # index in ``features`` of each conv's ReLU
+        self.tap_indices = []  # index in ``features`` of each conv's ReLU
         in_channels = 3
         conv = iter(widths)
         for item in VGG16_LAYOUT:
@@ -131,24 +133,23 @@ class HeadedVGG16(nn.Module):
             the 13 pooled taps, each (N, C_i) in float32, and the last feature map.
         """
         pooled: list[torch.Tensor] = []
-        taps = set(self.tap_indices)
         for index, layer in enumerate(self.features):
             x = layer(x)
-            if index in taps:
+            if index in self.tap_indices:  # a list, not a set: TorchScript compiles list membership only
                 pooled.append(x.float().mean(dim=(2, 3)))
         return pooled, x
 
-    def head_probabilities(self, pooled: list[torch.Tensor], heads: nn.ModuleList | None = None) -> torch.Tensor:
-        """(N, 13) tumour probability of each head from the pooled taps (``heads``: other
-        heads of the same shapes, as training fits them, instead of the network's own)."""
-        heads = self.heads if heads is None else heads
-        probs = [torch.softmax(head(tap.float()), dim=1)[:, TUMOUR] for head, tap in zip(heads, pooled)]
+    def head_probabilities(self, pooled: list[torch.Tensor]) -> torch.Tensor:
+        """(N, 13) tumour probability of each head from the pooled taps."""
+        probs: list[torch.Tensor] = []
+        for index, head in enumerate(self.heads):  # enumerate, not zip: TorchScript iterates a ModuleList only so
+            probs.append(torch.softmax(head(pooled[index].float()), dim=1)[:, self.tumour])
         return torch.stack(probs, dim=1)
 
     def score_taps(self, pooled: list[torch.Tensor]) -> torch.Tensor:
         """(N, 14) from the pooled taps: the fused score, then the 13 head probabilities (float32)."""
         layer_probabilities = self.head_probabilities(pooled)
-        score = torch.softmax(self.fusion(layer_probabilities), dim=1)[:, TUMOUR : TUMOUR + 1]
+        score = torch.softmax(self.fusion(layer_probabilities), dim=1)[:, self.tumour : self.tumour + 1]
         return torch.cat([score, layer_probabilities], dim=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

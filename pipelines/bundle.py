@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import dataclasses
+import sys
 from pathlib import Path
 from typing import Sequence
+
+from monai.bundle import ConfigParser
 
 from monai.data import Dataset
 
@@ -16,7 +19,64 @@ from pipelines.slides import chosen_whole_patients, evaluate_slides, format_slid
 from pipelines.tile_data import TileTable
 from pipelines.train import TrainSettings, train
 
-__all__ = ["HeatmapWorkflow", "TrainWorkflow", "EvaluateWorkflow"]
+__all__ = ["HeatmapWorkflow", "TrainWorkflow", "EvaluateWorkflow", "refuse_unknown_overrides"]
+
+#: Arguments of ``python -m monai.bundle run`` itself; every other ``--key value`` pair
+#: overrides (or, unchecked, silently adds) a config id.
+MONAI_RUN_ARGUMENTS = {"run_id", "init_id", "final_id", "meta_file", "config_file", "logging_file", "tracking",
+                       "args_file", "workflow_type", "workflow_name", "properties_path"}
+
+
+def _override_ids(argv: Sequence[str]) -> tuple[list[str], list[str]]:
+    """The config files and the override ids of a ``monai.bundle run`` command line."""
+    config_files, ids = [], []
+    tokens = list(argv)
+    for index, token in enumerate(tokens):
+        if not token.startswith("--"):
+            continue
+        key, _, inline = token[2:].partition("=")
+        key = key.replace("-", "_")  # fire reads --max-epochs as max_epochs
+        if key == "config_file":
+            value = inline or (tokens[index + 1] if index + 1 < len(tokens) else "")
+            config_files += [v.strip(" '\"") for v in value.strip("[]").split(",") if v.strip(" '\"")]
+        elif key not in MONAI_RUN_ARGUMENTS:
+            ids.append(key)
+    return config_files, ids
+
+
+def refuse_unknown_overrides(argv: Sequence[str] | None = None) -> None:
+    """Refuse a ``monai.bundle run`` override that names no id of the config.
+
+    MONAI adds an unknown id to the config without a word, so a mistyped or unsupported
+    setting (``--crop_sise``) would run with the default and look as if it had been
+    applied. This is the configs' ``initialize`` step; it reads the command line, so it
+    checks only runs started as ``python -m monai.bundle run``.
+
+    Args:
+        argv: the command line (default ``sys.argv``).
+
+    Raises:
+        ValueError: naming the unknown overrides and the ids the config has.
+    """
+    argv = sys.argv if argv is None else argv
+    if len(argv) < 2 or Path(argv[0]).parent.name != "bundle" or argv[1] != "run":
+        return
+    config_files, ids = _override_ids(argv[2:])
+    if not config_files:
+        return
+    parser = ConfigParser(ConfigParser.load_config_files(config_files))
+    unknown = []
+    for id_ in ids:
+        try:
+            parser[id_]
+        except (KeyError, IndexError, ValueError):
+            unknown.append(id_)
+    if unknown:
+        # the ids a user sets: plain values, and paths built from the bundle's folders
+        settings = sorted(k for k, v in parser.config.items() if not isinstance(v, (dict, list))
+                          and (not str(v).startswith("$") or "_dir" in str(v) or "@bundle_root" in str(v)))
+        raise ValueError(f"unknown override {', '.join('--' + u for u in unknown)} for {', '.join(config_files)}; "
+                         f"its settings are: {', '.join(settings)}")
 
 
 class HeatmapWorkflow:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import sys
 import traceback
 from pathlib import Path
@@ -37,17 +38,35 @@ def _pair(text: str) -> tuple[int, int]:
     return rows, cols
 
 
+def _number(text: str) -> float:
+    """A finite number (argparse type): ``nan`` and ``inf`` are refused here, with the option named."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
+    return value
+
+
+def _positive(text: str) -> float:
+    value = _number(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"expected a number above 0, got {text!r}")
+    return value
+
+
 def _add_analysis_options(parser: argparse.ArgumentParser) -> None:
     grid = parser.add_argument_group("grid (give at most one; default: 8 tiles along the shorter side)")
     exclusive = grid.add_mutually_exclusive_group()
     exclusive.add_argument("--grid", type=_pair, metavar="ROWSxCOLS", help="an exact grid, e.g. 8x12")
     exclusive.add_argument("--tile-size", type=int, metavar="PX", help="tile side in pixels")
-    exclusive.add_argument("--tile-size-um", type=float, metavar="UM", help="tile side in micrometres (needs a known pixel spacing)")
+    exclusive.add_argument("--tile-size-um", type=_positive, metavar="UM", help="tile side in micrometres (needs a known pixel spacing)")
     pre = parser.add_argument_group("preprocessing (applied in this order)")
     pre.add_argument("--crop", choices=["foreground", "template"], help="crop to the tissue box, or a template window on the most tissue")
     pre.add_argument("--crop-size", type=_pair, metavar="ROWSxCOLS", help="size of the template window in pixels")
-    pre.add_argument("--zoom", type=float, default=1.0, help="resampling factor (default 1)")
-    pre.add_argument("--rotate", type=float, default=0.0, metavar="DEG", help="counter-clockwise rotation in degrees")
+    pre.add_argument("--zoom", type=_positive, default=1.0, help="resampling factor (default 1)")
+    pre.add_argument("--rotate", type=_number, default=0.0, metavar="DEG", help="counter-clockwise rotation in degrees")
     parser.add_argument("--model", type=Path, help="model file (default: the shipped models/model.pt)")
     parser.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"], default="auto",
                         help="precision of the conv layers: auto = bf16 on CPUs with bf16 instructions, fp16 on a GPU, "
@@ -55,18 +74,25 @@ def _add_analysis_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--backend", choices=["auto", "torch", "openvino"], default="auto",
                         help="runtime of the conv layers: auto = OpenVINO for bf16 on a CPU, torch otherwise; "
                              "it enters the output UIDs")
-    parser.add_argument("--tissue-threshold", type=float, default=0.25, help="least tissue share of an analysed tile (default 0.25)")
-    parser.add_argument("--threshold", type=float, default=0.5, help="score at or above which a tile counts as tumour (default 0.5)")
+    parser.add_argument("--tissue-threshold", type=_number, default=0.25, help="least tissue share of an analysed tile (default 0.25)")
+    parser.add_argument("--threshold", type=_number, default=0.5, help="score at or above which a tile counts as tumour (default 0.5)")
     parser.add_argument("--series", metavar="UID", help="Series Instance UID to analyse from a folder holding several")
-    parser.add_argument("--resolution-um", type=float, metavar="UM", help="slide pixel spacing to read (nearest level)")
+    parser.add_argument("--resolution-um", type=_positive, metavar="UM", help="slide pixel spacing to read (nearest level)")
     parser.add_argument("--level", type=int, metavar="N", help="SVS/TIFF pyramid level to read (0 = full resolution; "
                                                                "levels over 64 megapixels are streamed tile by tile)")
-    parser.add_argument("--max-megavalues", type=float, default=512, metavar="M",
+    parser.add_argument("--max-megavalues", type=_positive, default=512, metavar="M",
                         help="refuse inputs that would decode to more than M million pixel values (default 512)")
 
 
+class _OneLineParser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line (the project's promise for every failure)."""
+
+    def error(self, message: str) -> None:
+        self.exit(EXIT_CODE, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="dicom-heatmap", description="Tile-wise tumour heatmaps and spread direction, written back as DICOM. Research use only, not for diagnosis.")
+    parser = _OneLineParser(prog="dicom-heatmap", description="Tile-wise tumour heatmaps and spread direction, written back as DICOM. Research use only, not for diagnosis.")
     parser.add_argument("--debug", action="store_true", help="show tracebacks of unexpected failures")
     commands = parser.add_subparsers(dest="command", required=True)
 
@@ -151,7 +177,7 @@ def _settings(args: argparse.Namespace):
     return AnalysisSettings(
         grid=args.grid,
         tile_size=args.tile_size,
-        tile_size_mm=args.tile_size_um / 1000 if args.tile_size_um else None,
+        tile_size_um=args.tile_size_um,
         tissue_threshold=args.tissue_threshold,
         threshold=args.threshold,
         crop=args.crop,
@@ -159,7 +185,7 @@ def _settings(args: argparse.Namespace):
         zoom=args.zoom,
         rotate=args.rotate,
         series_uid=args.series,
-        resolution_mm=args.resolution_um / 1000 if args.resolution_um else None,
+        resolution_um=args.resolution_um,
         level=args.level,
     )
 

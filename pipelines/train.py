@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from dicom_heatmap.errors import InputError
-from dicom_heatmap.network import HeadedVGG16
+from dicom_heatmap.network import TUMOUR, HeadedVGG16
 from pipelines.metrics import roc_auc
 from pipelines.tile_data import HELD_OUT_PATIENTS_FILE, TileTable, load_tile_table, read_patient_list
 
@@ -350,7 +350,7 @@ def _train_heads_and_fusion(net: HeadedVGG16, head_set: TileTable, fusion_set: T
             heads = copy.deepcopy(net.heads)  # the same starting weights as the shipped heads
             _fit_heads(heads, fit_pooled, fit_labels, settings.head_epochs, generator, "stage 2 heads (cross-fit)")
             with torch.no_grad():
-                out_of_fold.append(net.head_probabilities(other_pooled, heads))
+                out_of_fold.append(torch.stack([torch.softmax(head(tap), dim=1)[:, TUMOUR] for head, tap in zip(heads, other_pooled)], dim=1))
         fusion_inputs = torch.cat(out_of_fold)
         fusion_labels = np.concatenate([fusion_set.labels, head_set.labels])
         both = [torch.cat(pair) for pair in zip(head_pooled, fusion_pooled)]

@@ -25,12 +25,43 @@ def result_of(folder):
     return result.name, uids, json.loads((result / "result.json").read_text())["heatmap"]
 
 
-@pytest.mark.parametrize("sample", ["idc_mosaic_tail.png", "CT_small.dcm", "cmu_small_region.svs"])
-def test_bundle_inference_writes_what_the_cli_writes(sample, run_cli, data_dir, tmp_path):
-    bundle("run", "--config_file", "configs/inference.json", "--input", data_dir / sample, "--output_dir", tmp_path / "bundle")
-    done = run_cli("analyze", data_dir / sample, "--out", tmp_path / "cli", "--quiet")
+# (sample, CLI options, the same as bundle overrides)
+CASES = [
+    ("idc_mosaic_tail.png", [], []),
+    ("CT_small.dcm", [], []),
+    ("cmu_small_region.svs", [], []),
+    ("cmu_small_region.svs",
+     ["--crop", "foreground", "--tile-size-um", "400", "--precision", "fp32", "--backend", "torch", "--threshold", "0.4"],
+     ["--crop", "foreground", "--tile_size_um", "400", "--precision", "fp32", "--backend", "torch", "--threshold", "0.4"]),
+    ("idc_mosaic_tail.png", ["--crop", "template", "--crop-size", "300x400", "--rotate", "90", "--zoom", "0.8"],
+     ["--crop", "template", "--crop_size", "[300, 400]", "--rotate", "90", "--zoom", "0.8"]),
+]
+
+
+@pytest.mark.parametrize("sample,options,overrides", CASES, ids=[f"{c[0]}{'-options' if c[1] else ''}" for c in CASES])
+def test_bundle_inference_writes_what_the_cli_writes(sample, options, overrides, run_cli, data_dir, tmp_path):
+    bundle("run", "--config_file", "configs/inference.json", "--input", data_dir / sample, "--output_dir", tmp_path / "bundle",
+           *overrides)
+    done = run_cli("analyze", data_dir / sample, "--out", tmp_path / "cli", "--quiet", *options)
     assert done.returncode == 0, done.stderr
     assert result_of(tmp_path / "bundle") == result_of(tmp_path / "cli")
+
+
+def test_bundle_settings_change_the_result(data_dir, tmp_path):
+    """An override the config does not read would leave the default result (same UIDs)."""
+    bundle("run", "--config_file", "configs/inference.json", "--output_dir", tmp_path / "default")
+    bundle("run", "--config_file", "configs/inference.json", "--output_dir", tmp_path / "cropped", "--crop", "foreground")
+    assert result_of(tmp_path / "default")[0] != result_of(tmp_path / "cropped")[0]
+
+
+@pytest.mark.parametrize("config", ["inference", "train", "evaluate"])
+def test_unknown_bundle_override_is_refused(config, tmp_path):
+    done = subprocess.run([sys.executable, "-m", "monai.bundle", "run", "--config_file", f"configs/{config}.json",
+                           "--crop_sise", "3", "--output_dir", str(tmp_path)], cwd=ROOT, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode != 0
+    assert "unknown override --crop_sise" in done.stderr
+    assert not any(tmp_path.iterdir())  # nothing ran
 
 
 def test_bundle_inference_default_runs_on_the_embedded_sample(tmp_path):
@@ -64,10 +95,11 @@ def test_metadata_schema_rejects_missing_fields(tmp_path):
     assert done.returncode != 0
 
 
-def test_torchscript_export_gives_the_eager_scores(tmp_path):
+@pytest.mark.parametrize("how", [[], ["--use_trace", "True", "--input_shape", "[1, 3, 48, 48]"]], ids=["scripted", "traced"])
+def test_torchscript_export_gives_the_eager_scores(how, tmp_path):
     exported = tmp_path / "model.ts"
     bundle("ckpt_export", "network_def", "--filepath", exported, "--ckpt_file", "models/model.pt", "--meta_file",
-           "configs/metadata.json", "--config_file", "configs/inference.json", "--use_trace", "True", "--input_shape", "[1, 3, 48, 48]")
+           "configs/metadata.json", "--config_file", "configs/inference.json", *how)
     parser = ConfigParser()
     parser.read_config(ROOT / "configs/inference.json")
     network = parser.get_parsed_content("network_def")

@@ -123,32 +123,32 @@ def _edges(length: int, parts: int) -> np.ndarray:
 class GridSplit(Transform):
     """Split an image into an equal grid and mark which tiles hold tissue.
 
-    Give exactly one of ``grid``, ``tile_size`` or ``tile_size_mm``; with none, tiles are
+    Give exactly one of ``grid``, ``tile_size`` or ``tile_size_um``; with none, tiles are
     square-ish and the shorter image side holds ``default_tiles`` of them.
 
     Args:
         grid: (rows, cols) of tiles.
         tile_size: wanted tile side in pixels; the grid is the nearest whole number of
             tiles across each side.
-        tile_size_mm: wanted tile side in millimetres (needs a known pixel spacing).
+        tile_size_um: wanted tile side in micrometres (needs a known pixel spacing).
         tissue_threshold: least tissue share for a tile to be analysed (0 analyses all).
         default_tiles: tiles along the shorter side when no size is given.
     """
 
-    def __init__(self, grid: tuple[int, int] | None = None, tile_size: int | None = None, tile_size_mm: float | None = None,
+    def __init__(self, grid: tuple[int, int] | None = None, tile_size: int | None = None, tile_size_um: float | None = None,
                  tissue_threshold: float = 0.25, default_tiles: int = 8) -> None:
-        given = [v is not None for v in (grid, tile_size, tile_size_mm)]
+        given = [v is not None for v in (grid, tile_size, tile_size_um)]
         if sum(given) > 1:
-            raise ConfigurationError("give only one of grid, tile_size and tile_size_mm")
+            raise ConfigurationError("give only one of grid, tile_size and tile_size_um")
         if grid is not None and (len(grid) != 2 or min(grid) < 1):
             raise ConfigurationError(f"grid must be two positive numbers (rows, cols), got {grid}")
         if tile_size is not None and tile_size < MIN_TILE_SIDE:
             raise ConfigurationError(f"tile_size must be at least {MIN_TILE_SIDE} pixels, got {tile_size}")
-        if tile_size_mm is not None and not tile_size_mm > 0:
-            raise ConfigurationError(f"tile_size_mm must be positive, got {tile_size_mm}")
+        if tile_size_um is not None and not tile_size_um > 0:
+            raise ConfigurationError(f"tile_size_um must be positive, got {tile_size_um}")
         if not 0 <= tissue_threshold <= 1:
             raise ConfigurationError(f"tissue_threshold must lie in 0..1, got {tissue_threshold}")
-        self.grid, self.tile_size, self.tile_size_mm = grid, tile_size, tile_size_mm
+        self.grid, self.tile_size, self.tile_size_um = grid, tile_size, tile_size_um
         self.tissue_threshold = tissue_threshold
         self.default_tiles = default_tiles
 
@@ -157,11 +157,11 @@ class GridSplit(Transform):
         if self.grid is not None:
             rows, cols = self.grid
         else:
-            if self.tile_size_mm is not None:
+            if self.tile_size_um is not None:
                 if meta.get("frame") == "IMAGE":
-                    raise InputError(source, "the pixel spacing is unknown, so a tile size in mm cannot be used; give --grid or --tile-size")
+                    raise InputError(source, "the pixel spacing is unknown, so a tile size in micrometres cannot be used; give --grid or --tile-size")
                 spacing = np.linalg.norm(meta["affine"][:3, 1:3], axis=0)
-                side_rows, side_cols = self.tile_size_mm / spacing[0], self.tile_size_mm / spacing[1]
+                side_rows, side_cols = self.tile_size_um / 1000 / spacing[0], self.tile_size_um / 1000 / spacing[1]  # spacing in mm
             else:
                 side = self.tile_size or min(height, width) / self.default_tiles
                 side_rows = side_cols = side

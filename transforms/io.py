@@ -236,8 +236,8 @@ def _load_enhanced(ds: Dataset, path: Path) -> tuple[np.ndarray, dict]:
     return values[order][..., None], meta
 
 
-def _choose_wsi_level(levels: list[tuple[Path, Dataset]], source: Path, resolution_mm: float | None) -> Path:
-    """The pyramid level nearest ``resolution_mm``; by default the finest that fits
+def _choose_wsi_level(levels: list[tuple[Path, Dataset]], source: Path, resolution_um: float | None) -> Path:
+    """The pyramid level nearest ``resolution_um``; by default the finest that fits
     :data:`DEFAULT_SLIDE_SIDE`. Thumbnails, labels and overviews are not levels."""
     candidates = []
     for path, ds in levels:
@@ -252,24 +252,24 @@ def _choose_wsi_level(levels: list[tuple[Path, Dataset]], source: Path, resoluti
     if not candidates:
         raise InputError(source, "the whole-slide series has no VOLUME level with a pixel spacing")
     candidates.sort()
-    if resolution_mm is not None:
-        return min(candidates, key=lambda c: abs(np.log(c[0] / resolution_mm)))[2]
+    if resolution_um is not None:
+        return min(candidates, key=lambda c: abs(np.log(c[0] * 1000 / resolution_um)))[2]  # PixelSpacing in mm
     fitting = [c for c in candidates if c[1] <= DEFAULT_SLIDE_SIDE]
     return (fitting[0] if fitting else candidates[-1])[2]
 
 
 def load_dicom_series(paths: Sequence[Path], source: Path, series_uid: str | None = None,
-                      resolution_mm: float | None = None, max_values: int = DEFAULT_MAX_VALUES) -> tuple[np.ndarray, dict]:
+                      resolution_um: float | None = None, max_values: int = DEFAULT_MAX_VALUES) -> tuple[np.ndarray, dict]:
     """Load the one image series among ``paths`` (a folder's files) as a volume.
 
     A whole-slide series (one file per pyramid level) gives the level nearest
-    ``resolution_mm`` instead.
+    ``resolution_um`` instead.
 
     Args:
         paths: candidate files; non-DICOM files are skipped.
         source: the folder, for messages.
         series_uid: the Series Instance UID to pick when several image series are present.
-        resolution_mm: wanted pixel spacing of a whole-slide level.
+        resolution_um: wanted pixel spacing of a whole-slide level, in micrometres.
         max_values: the size guard, checked on the headers before decoding.
     """
     headers: list[tuple[Path, Dataset]] = []
@@ -296,7 +296,7 @@ def load_dicom_series(paths: Sequence[Path], source: Path, series_uid: str | Non
     if len(chosen) == 1:
         return load_dicom_image(chosen[0][0], max_values)
     if chosen[0][1].get("SOPClassUID") == WSI_SOP_CLASS:
-        return load_dicom_image(_choose_wsi_level(chosen, source, resolution_mm), max_values)
+        return load_dicom_image(_choose_wsi_level(chosen, source, resolution_um), max_values)
     _check_size(source, sum(_declared_values(ds, path) for path, ds in chosen), "the series", max_values)
     first_path, first = chosen[0]
     row_dir, col_dir, _, spacing = _plane_geometry(first, first_path)
@@ -546,12 +546,12 @@ class StreamedSlide:
         return self._thumbnails[max_side]
 
 
-def load_slide(path: Path, resolution_mm: float | None = None, max_values: int = DEFAULT_MAX_VALUES,
+def load_slide(path: Path, resolution_um: float | None = None, max_values: int = DEFAULT_MAX_VALUES,
                stream_above: int | None = None, level: int | None = None) -> tuple[np.ndarray | StreamedSlide, dict]:
     """Read one level of an SVS/TIFF slide with openslide; large levels are streamed.
 
     Args:
-        resolution_mm: wanted pixel spacing; the level closest to it is read. By default
+        resolution_um: wanted pixel spacing in micrometres; the level closest to it is read. By default
             the finest level whose larger side is at most 4096 pixels.
         max_values: the size guard for a level read whole.
         stream_above: a level of more pixels is returned as a :class:`StreamedSlide`
@@ -572,8 +572,8 @@ def load_slide(path: Path, resolution_mm: float | None = None, max_values: int =
         if level is not None:
             if not 0 <= level < slide.level_count:
                 raise InputError(path, f"the slide has levels 0..{slide.level_count - 1}, not {level}")
-        elif resolution_mm is not None and base_mm:
-            level = int(np.argmin([abs(np.log(base_mm * d / resolution_mm)) for d in downsamples]))
+        elif resolution_um is not None and base_mm:
+            level = int(np.argmin([abs(np.log(base_mm * 1000 * d / resolution_um)) for d in downsamples]))
         else:
             fitting = [i for i, (w, h) in enumerate(slide.level_dimensions) if max(w, h) <= DEFAULT_SLIDE_SIDE]
             level = fitting[0] if fitting else slide.level_count - 1
@@ -628,7 +628,7 @@ class LoadInput(Transform):
 
     Args:
         series_uid: which series to load from a folder holding several.
-        resolution_mm: wanted pixel spacing for slides (the nearest level is read).
+        resolution_um: wanted pixel spacing for slides in micrometres (the nearest level is read).
         max_values: most pixel values the input may decode to, checked on its header
             before decoding.
         level: for SVS/TIFF slides, the pyramid level to read (instead of choosing one).
@@ -636,12 +636,12 @@ class LoadInput(Transform):
     Returns ``(image, meta)``; see the module docstring.
     """
 
-    def __init__(self, series_uid: str | None = None, resolution_mm: float | None = None,
+    def __init__(self, series_uid: str | None = None, resolution_um: float | None = None,
                  max_values: int = DEFAULT_MAX_VALUES, level: int | None = None) -> None:
         if max_values < 1:
             raise ValueError(f"max_values must be positive, got {max_values}")
         self.series_uid = series_uid
-        self.resolution_mm = resolution_mm
+        self.resolution_um = resolution_um
         self.max_values = max_values
         self.level = level
 
@@ -653,12 +653,12 @@ class LoadInput(Transform):
             files = sorted(p for p in path.rglob("*") if p.is_file() and not p.name.startswith("."))
             if not files:
                 raise InputError(path, "the folder is empty")
-            return load_dicom_series(files, path, self.series_uid, self.resolution_mm, self.max_values)
+            return load_dicom_series(files, path, self.series_uid, self.resolution_um, self.max_values)
         suffix = path.suffix.lower()
         if suffix in PICTURE_SUFFIXES:
             return load_picture(path, self.max_values)
         if suffix in SLIDE_SUFFIXES:
-            return load_slide(path, self.resolution_mm, self.max_values, level=self.level)
+            return load_slide(path, self.resolution_um, self.max_values, level=self.level)
         if path.stat().st_size == 0:
             raise InputError(path, "the file is empty")
         return load_dicom_image(path, self.max_values)
@@ -668,10 +668,10 @@ class LoadInputd(MapTransform):
     """Dictionary form of :class:`LoadInput`: ``data[key]`` (a path) becomes the image,
     its metadata goes to ``data[f"{key}_meta_dict"]``."""
 
-    def __init__(self, keys: str | Sequence[str], series_uid: str | None = None, resolution_mm: float | None = None,
+    def __init__(self, keys: str | Sequence[str], series_uid: str | None = None, resolution_um: float | None = None,
                  max_values: int = DEFAULT_MAX_VALUES, level: int | None = None, allow_missing_keys: bool = False) -> None:
         super().__init__(keys, allow_missing_keys)
-        self.loader = LoadInput(series_uid, resolution_mm, max_values, level)
+        self.loader = LoadInput(series_uid, resolution_um, max_values, level)
 
     def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
         d = dict(data)

@@ -409,9 +409,9 @@ def _analysis(raw: Any, path: Path) -> tuple[Path | None, str, str, AnalysisSett
                 raise ConfigurationError(f"{_where(path, 'analysis.' + pair)}: expected [rows, cols], got {value!r}")
             raw[pair] = tuple(value)
     if "tile_size_um" in raw:
-        raw["tile_size_mm"] = _number(raw.pop("tile_size_um"), _where(path, "analysis.tile_size_um")) / 1000
+        raw["tile_size_um"] = _number(raw.pop("tile_size_um"), _where(path, "analysis.tile_size_um"))
     if "resolution_um" in raw:
-        raw["resolution_mm"] = _number(raw.pop("resolution_um"), _where(path, "analysis.resolution_um")) / 1000
+        raw["resolution_um"] = _number(raw.pop("resolution_um"), _where(path, "analysis.resolution_um"))
     try:
         settings = AnalysisSettings(**raw)
     except ConfigurationError as error:
