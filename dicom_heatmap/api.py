@@ -28,7 +28,7 @@ from dicom_heatmap.render import render_slice
 from dicom_heatmap.scorer import MODEL_DOMAIN, MODEL_MODALITIES, TileScorer
 from dicom_heatmap.spread import SpreadSummary, analyze_spread
 from dicom_heatmap.checksum import file_sha256
-from dicom_heatmap.writers.common import PATIENT_STUDY_KEYWORDS, OutputIdentity, synthetic_reference
+from dicom_heatmap.writers.common import PATIENT_STUDY_KEYWORDS, OutputIdentity, result_series, synthetic_reference
 from dicom_heatmap.writers.pm import build_parametric_map, geometry_carrier
 from dicom_heatmap.writers.sc import build_secondary_capture
 from dicom_heatmap.writers.sr import build_structured_report
@@ -338,7 +338,7 @@ class AnalysisResult:
             elif len(evidence) == 1 and frame_numbers:
                 source, source_frame = evidence[0], frame_numbers[slice_index]
             sc = build_secondary_capture(
-                picture, reference, self.identity, slice_index + 1, spacing,
+                picture, reference, self.identity, slice_index + 1, spacing, *result_series(reference, "sc"),
                 row_dir if patient else None, col_dir if patient else None, source, source_frame,
             )
             sc_files.append(f"sc-{slice_index + 1:04d}.dcm")
@@ -346,11 +346,11 @@ class AnalysisResult:
             secondary_captures.append(sc)
         for_uid = self.meta.get("frame_of_reference_uid") if patient and evidence else None
         pm_sources = evidence if for_uid else [geometry_carrier(secondary_captures[0], affine, scale, self.identity)]
-        pm = build_parametric_map(self.tile_map, pm_sources, self.identity)
+        pm = build_parametric_map(self.tile_map, pm_sources, self.identity, *result_series(reference, "pm"))
         save(pm, "pm.dcm")
         sr = build_structured_report(
             self.tile_map, self.spread, self.identity, self.model_checksum, evidence, secondary_captures, scale, pm, for_uid,
-            self.domain_warning,
+            *result_series(reference, "sr"), self.domain_warning,
         )
         save(sr, "sr.dcm")
         result = self.to_dict()

@@ -42,11 +42,37 @@ def test_analyze_datasets_of_a_series(scorer, tmp_path, dciodvfy):
         assert dciodvfy(path) == [], path.name
 
 
+def test_two_series_of_one_study_give_result_series_that_say_which(scorer, tmp_path, dciodvfy):
+    """In an archive's list of the study, each result series names its source series."""
+    study = pydicom.uid.generate_uid()
+    numbers, descriptions = set(), set()
+    for series_number, description in [(2, "AX SOFT TISSUE"), (5, "COR BONE")]:
+        datasets = [pydicom.dcmread(p) for p in write_series(tmp_path / str(series_number), slices=2, study_uid=study)]
+        for ds in datasets:
+            ds.SeriesNumber, ds.SeriesDescription = series_number, description
+        folder = analyze(datasets, scorer, grid=(4, 4), progress=False).save(tmp_path / "out")
+        for name, offset in [("sc-0001.dcm", 1), ("pm.dcm", 2), ("sr.dcm", 3)]:
+            ds = pydicom.dcmread(folder / name)
+            assert int(ds.SeriesNumber) == series_number * 1000 + offset
+            assert f"of series {series_number} '{description}'" in ds.SeriesDescription, ds.SeriesDescription
+            assert len(ds.SeriesDescription) <= 64 and dciodvfy(folder / name) == []
+            numbers.add(int(ds.SeriesNumber))
+            descriptions.add(str(ds.SeriesDescription))
+    assert len(numbers) == len(descriptions) == 6
+
+
 def test_settings_are_checked():
     with pytest.raises(ConfigurationError, match="crop"):
         AnalysisSettings(crop="middle")
     with pytest.raises(ConfigurationError, match="threshold"):
         AnalysisSettings(threshold=2)
+    for bad in [dict(zoom=300), dict(rotate=float("nan")), dict(tile_size=True), dict(grid=(8, "x")),
+                dict(grid=(4, 4), tile_size=64), dict(level=-1), dict(tile_size_um=float("inf"))]:
+        with pytest.raises(ConfigurationError, match=next(iter(bad))):
+            AnalysisSettings(**bad)
+    # the same settings however they are spelled: the same canonical text, hence the same UIDs
+    assert AnalysisSettings(tile_size_um=400, grid=None).canonical() == AnalysisSettings(tile_size_um=400.0).canonical()
+    assert AnalysisSettings(grid=[8, 12]).canonical() == AnalysisSettings(grid=(8, 12)).canonical()
     with pytest.raises(ConfigurationError, match="either settings or keyword"):
         analyze("x.png", "model.pt", AnalysisSettings(), grid=(2, 2))
 

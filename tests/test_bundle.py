@@ -129,3 +129,12 @@ def test_train_and_evaluate_bundles_on_a_tiny_set(tmp_path):
            "--output_dir", tmp_path / "eval2")
     metrics = json.loads((tmp_path / "eval2" / "metrics.json").read_text())
     assert metrics["patients"] == 2 and metrics["patient_list"] == ["12875", "9291"] and metrics["tiles"] == 5
+
+
+def test_metadata_names_the_spec_schema_and_large_files_hold_the_weights():
+    """The model zoo's tools: `schema` is the spec's URL (verify_metadata downloads it unless
+    --filepath holds it, as above); large_files.yml names the weights with their sha256."""
+    metadata = json.loads((ROOT / "configs/metadata.json").read_text())
+    assert metadata["schema"].startswith("https://github.com/Project-MONAI/MONAI-extra-test-data/releases/download/")
+    done = bundle("download_large_files", "--bundle_path", ".")
+    assert "Verified 'model.pt'" in done.stdout + done.stderr and "skipped downloading" in done.stdout + done.stderr

@@ -173,6 +173,18 @@ def test_poll_over_dicomweb_stores_results_and_keeps_the_password_out_of_everyth
     for text in (missing.stdout + missing.stderr, wrong.stdout + wrong.stderr, done.stdout + done.stderr,
                  (tmp_path / "work" / "ledger.sqlite").read_bytes().decode("latin-1")):
         assert orthanc.password not in text
+    # QIDO-RS asks for the one media type Orthanc's plugin takes
+    assert "Unsupported return MIME type" not in (orthanc.folder / "orthanc.log").read_text(errors="replace")
+
+
+def test_a_poll_that_finds_nothing_says_what_it_asked(tmp_path, orthanc, our_port):
+    config = write_config(tmp_path / "pacs.yaml", orthanc, our_port,
+                          extra="query:\n  modalities: [MR]\n  study_date: 19990101-19990102\n")
+    done = run_pacs("poll", "--config", config)
+    assert done.returncode == 0, done.stderr
+    assert "found 0 series" in done.stdout
+    assert f"asked PACS ORTHANC@127.0.0.1:{orthanc.dicom_port} by C-FIND at series level for modalities MR, " \
+           "study date 19990101-19990102" in done.stdout, done.stdout
 
 
 def test_poll_every_picks_up_new_series_and_stops_cleanly_on_sigterm(tmp_path, orthanc, our_port):
@@ -292,6 +304,7 @@ def test_listen_analyses_a_received_series_and_refuses_strangers(tmp_path, ortha
         stdout, stderr = node.communicate(timeout=60)
     assert node.returncode == 0, stderr
     assert "refused an association" in stderr and "STRANGER" in stderr
+    assert "called AE 'SOMEONE'" in stderr  # what the peer asked for, not our own title
     assert not any((tmp_path / "work" / "received").glob("*")), "received instances left after their results were stored"
 
 

@@ -13,7 +13,7 @@ from dicom_heatmap._version import __version__
 
 __all__ = [
     "ALGORITHM_NAME", "MANUFACTURER", "SERIES_DESCRIPTION_SUFFIX", "OutputIdentity",
-    "synthetic_reference", "patient_orientation", "CODING_SCHEME", "code", "PATIENT_STUDY_KEYWORDS",
+    "synthetic_reference", "patient_orientation", "CODING_SCHEME", "code", "PATIENT_STUDY_KEYWORDS", "result_series",
 ]
 
 ALGORITHM_NAME = "dicom-heatmap VGG16 13-head tile scorer"
@@ -77,6 +77,46 @@ def derived_uid(*parts: object) -> UID:
     """
     name = "\x1f".join(str(part) for part in parts)
     return UID(f"2.25.{uuid.uuid5(uuid.NAMESPACE_OID, name).int}")
+
+
+#: kind: (offset of the Series Number, what the series holds)
+_RESULT_SERIES = {"sc": (1, "Tumour heatmap"), "pm": (2, "Tumour score map"), "sr": (3, "Tumour report")}
+#: Series Numbers of results whose source has none (slide files, pictures): 9701-9703.
+_UNNUMBERED_BASE = 9700
+_LO_MAX = 64
+
+
+def result_series(reference: Dataset, kind: str) -> tuple[int, str]:
+    """Series Number and Series Description of one result series (``kind``: sc, pm or sr).
+
+    Results of source series N are numbered N * 1000 + 1, 2, 3 and their description names
+    series N and its description, so that in an archive's list of a study holding several
+    analysed series each result series says which series it came from. A source without
+    a Series Number gives 9701-9703. The source's description is quoted only if it is
+    printable ASCII (it is shortened to fit the 64 characters of LO).
+
+    Args:
+        reference: the source header (its SeriesNumber and SeriesDescription are read).
+        kind: ``"sc"``, ``"pm"`` or ``"sr"``.
+    """
+    if kind not in _RESULT_SERIES:
+        raise ValueError(f"kind must be one of {', '.join(_RESULT_SERIES)}, got {kind!r}")
+    offset, name = _RESULT_SERIES[kind]
+    try:
+        source_number = int(reference.get("SeriesNumber"))
+    except (TypeError, ValueError):
+        source_number = None
+    if source_number is None or not 0 <= source_number < 2_000_000:  # IS holds at most 2**31 - 1
+        return _UNNUMBERED_BASE + offset, f"{name} ({SERIES_DESCRIPTION_SUFFIX})"
+    text = f"{name} of series {source_number}"
+    described = str(reference.get("SeriesDescription") or "").strip()
+    if described.isascii() and described.isprintable() and "\\" not in described:
+        room = _LO_MAX - len(text) - len(" '' (research only)")
+        if len(described) > room:
+            described = described[: max(room - 3, 0)].rstrip() + "..."
+        if described and room > 3:
+            text += f" '{described}'"
+    return source_number * 1000 + offset, f"{text} (research only)"
 
 
 def synthetic_reference(identity: OutputIdentity, modality: str) -> Dataset:

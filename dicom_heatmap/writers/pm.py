@@ -10,11 +10,10 @@ from pydicom.dataset import Dataset
 
 from dicom_heatmap._version import __version__
 from dicom_heatmap.heatmap import Heatmap
-from dicom_heatmap.writers.common import MANUFACTURER, SERIES_DESCRIPTION_SUFFIX, OutputIdentity
+from dicom_heatmap.writers.common import MANUFACTURER, OutputIdentity
 
-__all__ = ["build_parametric_map", "geometry_carrier", "PM_SERIES_NUMBER"]
+__all__ = ["build_parametric_map", "geometry_carrier"]
 
-PM_SERIES_NUMBER = 9702
 
 
 def geometry_carrier(image: Dataset, pixel_affine: np.ndarray, scale: float, identity: OutputIdentity) -> Dataset:
@@ -41,7 +40,8 @@ def geometry_carrier(image: Dataset, pixel_affine: np.ndarray, scale: float, ide
     return carrier
 
 
-def build_parametric_map(heatmap: Heatmap, sources: list[Dataset], identity: OutputIdentity) -> hd.pm.ParametricMap:
+def build_parametric_map(heatmap: Heatmap, sources: list[Dataset], identity: OutputIdentity, series_number: int,
+                         series_description: str) -> hd.pm.ParametricMap:
     """Build the Parametric Map of the scores.
 
     Not-analysed tiles hold NaN. One frame per slice, placed at the centre of the slice's
@@ -53,6 +53,8 @@ def build_parametric_map(heatmap: Heatmap, sources: list[Dataset], identity: Out
         sources: the images the map is derived from, with a Frame of Reference UID and
             plane geometry (the source slices, or a :func:`geometry_carrier`).
         identity: gives the deterministic UIDs.
+        series_number: Series Number of the map's series (see :func:`result_series`).
+        series_description: its Series Description.
     """
     # Argument checks
     if not sources:
@@ -81,7 +83,7 @@ def build_parametric_map(heatmap: Heatmap, sources: list[Dataset], identity: Out
         source_images=sources,
         pixel_array=heatmap.scores.astype(np.float32),
         series_instance_uid=identity.uid("pm-series"),
-        series_number=PM_SERIES_NUMBER,
+        series_number=series_number,
         sop_instance_uid=identity.uid("pm"),
         instance_number=1,
         manufacturer=MANUFACTURER,
@@ -98,6 +100,6 @@ def build_parametric_map(heatmap: Heatmap, sources: list[Dataset], identity: Out
         content_description="Tile tumour scores, NaN where not analysed",
     )
     # General Series
-    pm.SeriesDescription = f"Tumour score map ({SERIES_DESCRIPTION_SUFFIX})"
+    pm.SeriesDescription = series_description
     pm.Laterality = sources[0].get("Laterality") or None  # Type 2C: present, empty when unknown
     return pm

@@ -10,12 +10,11 @@ from pydicom.uid import ExplicitVRLittleEndian
 
 from dicom_heatmap._version import __version__
 from dicom_heatmap.writers.common import (
-    MANUFACTURER, PATIENT_STUDY_KEYWORDS, SERIES_DESCRIPTION_SUFFIX, OutputIdentity, patient_orientation,
+    MANUFACTURER, PATIENT_STUDY_KEYWORDS, OutputIdentity, patient_orientation,
 )
 
-__all__ = ["build_secondary_capture", "SC_SERIES_NUMBER"]
+__all__ = ["build_secondary_capture"]
 
-SC_SERIES_NUMBER = 9701
 #: Purpose of reference of the source image (DCM 121322).
 _SOURCE_PURPOSE = hd.sr.CodedConcept("121322", "DCM", "Source image for image processing operation")
 
@@ -26,6 +25,8 @@ def build_secondary_capture(
     identity: OutputIdentity,
     instance_number: int,
     pixel_spacing: tuple[float, float] | None,
+    series_number: int,
+    series_description: str,
     row_direction: np.ndarray | None = None,
     col_direction: np.ndarray | None = None,
     source: Dataset | None = None,
@@ -39,6 +40,8 @@ def build_secondary_capture(
         identity: gives the deterministic series and instance UIDs.
         instance_number: 1-based number of the slice among the analysed slices.
         pixel_spacing: (row, col) spacing of the picture in mm, when known.
+        series_number: Series Number of the result series (see :func:`result_series`).
+        series_description: its Series Description.
         row_direction: patient (LPS) direction of increasing row, for Patient Orientation.
         col_direction: patient direction of increasing column.
         source: the DICOM instance the picture shows, referenced as its source.
@@ -62,7 +65,7 @@ def build_secondary_capture(
         coordinate_system="PATIENT",
         study_instance_uid=reference.StudyInstanceUID,
         series_instance_uid=identity.uid("sc-series"),
-        series_number=SC_SERIES_NUMBER,
+        series_number=series_number,
         sop_instance_uid=identity.uid("sc", instance_number),
         instance_number=instance_number,
         manufacturer=MANUFACTURER,
@@ -93,7 +96,7 @@ def build_secondary_capture(
         item.PurposeOfReferenceCodeSequence = DicomSequence([_SOURCE_PURPOSE])
         sc.SourceImageSequence = DicomSequence([item])
     # General Series
-    sc.SeriesDescription = f"Tumour heatmap ({SERIES_DESCRIPTION_SUFFIX})"
+    sc.SeriesDescription = series_description
     sc.Laterality = reference.get("Laterality") or None  # Type 2C: present, empty when unknown
     if source is not None:
         series = Dataset()

@@ -13,12 +13,11 @@ from dicom_heatmap._version import __version__
 from dicom_heatmap.heatmap import Heatmap
 from dicom_heatmap.spread import SpreadSummary
 from dicom_heatmap.writers.common import (
-    ALGORITHM_NAME, MANUFACTURER, SERIES_DESCRIPTION_SUFFIX, OutputIdentity, code, coding_scheme_identification,
+    ALGORITHM_NAME, MANUFACTURER, OutputIdentity, code, coding_scheme_identification,
 )
 
-__all__ = ["build_structured_report", "SR_SERIES_NUMBER", "CONCEPTS"]
+__all__ = ["build_structured_report", "CONCEPTS"]
 
-SR_SERIES_NUMBER = 9703
 
 #: Names of the measurements and evaluations; standard codes where one exists.
 CONCEPTS = {
@@ -77,6 +76,8 @@ def build_structured_report(
     sc_scale: float,
     parametric_map: Dataset,
     frame_of_reference_uid: str | None,
+    series_number: int,
+    series_description: str,
     domain_warning: str | None = None,
 ) -> hd.sr.Comprehensive3DSR:
     """Build the TID 1500 report.
@@ -93,6 +94,8 @@ def build_structured_report(
         parametric_map: the Parametric Map of the scores.
         frame_of_reference_uid: the source's, for 3D coordinates; None places the focus
             on the Secondary Capture instead.
+        series_number: Series Number of the report's series (see :func:`result_series`).
+        series_description: its Series Description.
         domain_warning: why the scores are no findings (an input outside the model's
             training domain), coded in the heatmap group; None when the input is inside it.
     """
@@ -171,7 +174,7 @@ def build_structured_report(
         evidence=[*evidence_sources, *secondary_captures, parametric_map],
         content=report,
         series_instance_uid=identity.uid("sr-series"),
-        series_number=SR_SERIES_NUMBER,
+        series_number=series_number,
         sop_instance_uid=identity.uid("sr"),
         instance_number=1,
         manufacturer=MANUFACTURER,
@@ -180,7 +183,7 @@ def build_structured_report(
     # SR Document General / SOP Common: declare the private coding scheme
     sr.CodingSchemeIdentificationSequence = DicomSequence([coding_scheme_identification()])
     # General Series
-    sr.SeriesDescription = f"Tumour heatmap report ({SERIES_DESCRIPTION_SUFFIX})"
+    sr.SeriesDescription = series_description
     # General Equipment
     sr.SoftwareVersions = __version__
     return sr

@@ -188,6 +188,14 @@ class Query:
             return f"{start:%Y%m%d}-{today:%Y%m%d}"
         return self.study_date
 
+    def describe(self, today: dt.date | None = None) -> str:
+        """What the query asks for, in words (for a round that found nothing)."""
+        date = self.date_range(today)
+        parts = [f"modalities {', '.join(self.modalities)}", f"study date {date}" if date else "any study date"]
+        if self.series_description:
+            parts.append(f"series description {self.series_description!r}")
+        return ", ".join(parts)
+
     def selects(self, series) -> bool:
         if not self.rules:
             return True

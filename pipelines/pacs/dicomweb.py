@@ -25,6 +25,20 @@ __all__ = ["DicomwebArchive"]
 _TRANSIENT_REASONS = range(0xA700, 0xA800)
 
 
+class _SingleJsonAccept(requests.Session):
+    """A session that asks for DICOM JSON by its one media type.
+
+    dicomweb-client sends ``Accept: application/dicom+json, application/json`` on QIDO-RS;
+    Orthanc's DICOMweb plugin reads that list as one unsupported type and logs an error on
+    every query. ``application/dicom+json`` alone is what PS3.18 names for QIDO-RS.
+    """
+
+    def prepare_request(self, request: requests.Request) -> requests.PreparedRequest:
+        if request.headers and request.headers.get("Accept") == "application/dicom+json, application/json":
+            request.headers = {**request.headers, "Accept": "application/dicom+json"}
+        return super().prepare_request(request)
+
+
 class DicomwebArchive:
     """A DICOM archive spoken to over DICOMweb.
 
@@ -35,7 +49,7 @@ class DicomwebArchive:
     def __init__(self, config: PacsConfig) -> None:
         self.node = config.pacs
         self.name = self.node.name
-        session = requests.Session()
+        session = _SingleJsonAccept()
         password = self.node.password()
         if self.node.username or password:
             session.auth = (self.node.username or "", password or "")

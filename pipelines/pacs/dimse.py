@@ -257,6 +257,8 @@ class StorageServer:
 
 def _log_rejected(event) -> None:
     requestor = event.assoc.requestor
-    log.warning("refused an association from %s (calling AE %r, called AE %r)", requestor.address,
-                requestor.ae_title, event.assoc.acceptor.ae_title)
+    # the AE title the peer asked for is in its request; the acceptor's own is always ours
+    requested = getattr(requestor.primitive, "called_ae_title", None)
+    log.warning("refused an association from %s (calling AE %r, called AE %r; ours is %r)", requestor.address,
+                requestor.ae_title, requested, event.assoc.acceptor.ae_title)
 

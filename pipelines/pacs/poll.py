@@ -70,7 +70,9 @@ class PollJob:
 
     def round(self) -> RoundSummary:
         """Query once and process every due series."""
-        summary = RoundSummary()
+        pacs = self.config.pacs
+        how = "QIDO-RS" if pacs.protocol == "dicomweb" else "C-FIND"
+        summary = RoundSummary(queried=f"PACS {pacs.name} by {how} at series level for {self.config.query.describe()}")
         try:
             found = self.archive.find_series(self.config.query)
         except ArchiveUnavailable as error:

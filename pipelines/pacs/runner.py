@@ -53,6 +53,7 @@ class RoundSummary:
     retry_later: int = 0
     stopped: str | None = None
     failures: list[str] = field(default_factory=list)
+    queried: str | None = None  # what was asked of the archive, said when nothing was found
 
     @property
     def ok(self) -> bool:
@@ -67,6 +68,8 @@ class RoundSummary:
             parts.append(f"{self.failed_earlier} failed earlier (not retried)")
         parts.append(f"{self.retry_later} to retry later")
         text = f"found {self.found} series: " + ", ".join(parts)
+        if not self.found and self.queried:
+            text += f" (asked {self.queried})"
         if self.stopped:
             text += f"; stopped early: {self.stopped}"
         return text
