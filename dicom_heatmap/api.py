@@ -297,6 +297,14 @@ class AnalysisResult:
                      if abs(through) >= 0.05 else f"; in plane; focus in slice {focus_slice}")
         return text
 
+    def slice_label(self, slice_index: int) -> str:
+        """Which slice of a CT/MR image this is, and where along the slice normal (mm, LPS)."""
+        affine = self.meta["affine"]
+        normal = np.cross(affine[:3, 2], affine[:3, 1])  # DICOM's: along a row x down a column
+        normal /= np.linalg.norm(normal)
+        position = float(normal @ (affine @ np.array([slice_index, 0.0, 0.0, 1.0]))[:3])
+        return f"slice {slice_index + 1} of {self.image.shape[0]}, at {position:.1f} mm"
+
     def _write(self, folder: Path) -> None:
         # The PNG preview is compressed in a thread of its own (zlib lets go of the GIL)
         # while the DICOM objects are built: scoring is over, so a core is free.
@@ -323,10 +331,13 @@ class AnalysisResult:
         frame_numbers = self.meta.get("frame_numbers")  # a multi-frame source: which frame each slice is
         for slice_index in range(slices):
             caption = f"dicom-heatmap {__version__} - research only, not for diagnostic use - {self._direction_caption(slice_index)}"
+            if patient:
+                caption = f"{self.slice_label(slice_index)} - {caption}"
             if self.domain_warning:
                 caption = f"WARNING: {self.domain_warning}. {caption}"
             shown = self.image[slice_index] if isinstance(self.image, np.ndarray) else self.image  # a streamed slide: one slice
-            picture, scale = render_slice(shown, self.tile_map, self.spread, slice_index, caption)
+            picture, scale = render_slice(shown, self.tile_map, self.spread, slice_index, caption,
+                                          float(np.linalg.norm(affine[:3, 2])) if spatial else None)
             if slice_index == (self.spread.focus_index or [0])[0]:
                 preview_written = preview.submit(Image.fromarray(picture).save, folder / "preview.png")
             spacing = None

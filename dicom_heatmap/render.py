@@ -53,7 +53,18 @@ def _wrap(text: str, font: ImageFont.ImageFont, width: float) -> list[str]:
     return lines + [line]
 
 
-def render_slice(image, heatmap: Heatmap, summary: SpreadSummary, slice_index: int, caption: str) -> tuple[np.ndarray, float]:
+def _scale_bar_length(pixel_mm: float, picture_width: int) -> tuple[float, str]:
+    """A round length (1, 2 or 5 times a power of ten) near a fifth of the picture, in
+    picture pixels, and its label."""
+    target_mm = picture_width * pixel_mm / 5
+    exponent = math.floor(math.log10(target_mm))
+    mm = max(m * 10.0 ** exponent for m in (1, 2, 5) if m * 10.0 ** exponent <= target_mm)
+    label = f"{mm:g} mm" if mm >= 1 else f"{mm * 1000:g} um"  # the built-in font has no µ
+    return mm / pixel_mm, label
+
+
+def render_slice(image, heatmap: Heatmap, summary: SpreadSummary, slice_index: int, caption: str,
+                 pixel_mm: float | None = None) -> tuple[np.ndarray, float]:
     """The Secondary Capture picture of one slice.
 
     Args:
@@ -64,6 +75,8 @@ def render_slice(image, heatmap: Heatmap, summary: SpreadSummary, slice_index: i
             name the direction in the caption only).
         slice_index: which slice of the heatmap.
         caption: one line of text under the picture.
+        pixel_mm: the image's pixel spacing along its columns in mm, when known: a scale
+            bar is drawn.
 
     Returns:
         the picture (rows', cols' + colour bar, 3) uint8 and the scale applied to the image.
@@ -103,21 +116,54 @@ def render_slice(image, heatmap: Heatmap, summary: SpreadSummary, slice_index: i
         draw.line([(0, edge * scale), (picture.width - 1, edge * scale)], fill=(255, 255, 255), width=1)
     for edge in grid.col_edges[1:-1]:
         draw.line([(edge * scale, 0), (edge * scale, picture.height - 1)], fill=(255, 255, 255), width=1)
+    _draw_tile_numbers(draw, grid, slice_index, scale, unit)
 
-    # colour bar: 1 at the top, 0 at the bottom
-    top, bottom = unit, picture.height - unit
-    ramp = colorize(np.linspace(1, 0, max(2, bottom - top)))
-    bar = np.repeat(ramp[:, None, :], unit, axis=1)
-    canvas.paste(Image.fromarray(bar), (picture.width + unit, top))
-    for value in (1.0, 0.5, 0.0):
-        y = top + (1 - value) * (bottom - top - 1)
-        draw.text((picture.width + 2.2 * unit, y - unit / 2), f"{value:.1f}", fill=(255, 255, 255), font=font)
+    # colour bar: 1 at the top, 0 at the bottom, under its title
+    title_font = _font(max(10, round(unit * 0.8)))
+    for index, word in enumerate(("tumour", "score")):
+        draw.text((picture.width + unit // 2, unit // 3 + index * unit), word, fill=(255, 255, 255), font=title_font)
+    top, bottom = 3 * unit, picture.height - unit
+    if bottom - top >= 2 * unit:
+        ramp = colorize(np.linspace(1, 0, bottom - top))
+        bar = np.repeat(ramp[:, None, :], unit, axis=1)
+        canvas.paste(Image.fromarray(bar), (picture.width + unit, top))
+        for value in (1.0, 0.5, 0.0):
+            y = top + (1 - value) * (bottom - top - 1)
+            draw.text((picture.width + 2.2 * unit, y - unit / 2), f"{value:.1f}", fill=(255, 255, 255), font=font)
+    if pixel_mm:
+        _draw_scale_bar(draw, pixel_mm / scale, picture.size, unit, font)
 
     if summary.directed and summary.focus_index is not None and summary.focus_index[0] == slice_index:
         _draw_arrow(draw, heatmap, summary, scale, unit, picture.size)
     for index, line in enumerate(lines):
         draw.text((unit // 2, picture.height + unit // 3 + index * unit * 1.25), line, fill=(255, 255, 255), font=font)
     return np.asarray(canvas), scale
+
+
+def _draw_tile_numbers(draw: ImageDraw.ImageDraw, grid, slice_index: int, scale: float, unit: int) -> None:
+    """Each tile's number (the method's S2) in its corner, where the tiles are large enough
+    on screen to carry it without covering much of the tile."""
+    font = _font(max(9, round(unit * 0.6)))
+    width = np.diff(grid.col_edges).min() * scale
+    height = np.diff(grid.row_edges).min() * scale
+    widest = font.getlength(str(int(grid.number(slice_index, len(grid.row_edges) - 2, len(grid.col_edges) - 2))))
+    if width < 3 * widest or height < 3 * unit * 0.6:
+        return
+    for row in range(len(grid.row_edges) - 1):
+        for col in range(len(grid.col_edges) - 1):
+            number = int(grid.number(slice_index, row, col))
+            draw.text((grid.col_edges[col] * scale + 3, grid.row_edges[row] * scale + 2), str(number),
+                      fill=(255, 255, 255), font=font, stroke_width=1, stroke_fill=(0, 0, 0))
+
+
+def _draw_scale_bar(draw: ImageDraw.ImageDraw, picture_pixel_mm: float, picture_size: tuple[int, int], unit: int,
+                    font: ImageFont.ImageFont) -> None:
+    """A bar of a round length in the picture's lower left corner, labelled."""
+    length, label = _scale_bar_length(picture_pixel_mm, picture_size[0])
+    left, y = unit, picture_size[1] - unit
+    draw.rectangle([left - 2, y - 2, left + length + 2, y + max(3, unit // 4) + 2], fill=(0, 0, 0))
+    draw.rectangle([left, y, left + length, y + max(3, unit // 4)], fill=(255, 255, 255))
+    draw.text((left, y - 1.3 * unit), label, fill=(255, 255, 255), font=font, stroke_width=2, stroke_fill=(0, 0, 0))
 
 
 def _draw_arrow(draw: ImageDraw.ImageDraw, heatmap: Heatmap, summary: SpreadSummary, scale: float, unit: int,

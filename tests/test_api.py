@@ -38,6 +38,9 @@ def test_analyze_datasets_of_a_series(scorer, tmp_path, dciodvfy):
     assert sorted(p.name for p in folder.glob("sc-*.dcm")) == ["sc-0001.dcm", "sc-0002.dcm", "sc-0003.dcm"]
     pm = pydicom.dcmread(folder / "pm.dcm")
     assert int(pm.NumberOfFrames) == 3
+    # each slice's SC caption names it and its position along the slice normal (the z of these axial slices)
+    z = [float(ds.ImagePositionPatient[2]) for ds in sorted(datasets, key=lambda ds: float(ds.ImagePositionPatient[2]))]
+    assert [result.slice_label(i) for i in range(3)] == [f"slice {i + 1} of 3, at {z[i]:.1f} mm" for i in range(3)]
     for path in folder.glob("*.dcm"):
         assert dciodvfy(path) == [], path.name
 

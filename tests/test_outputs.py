@@ -54,7 +54,7 @@ def test_outputs_share_the_study_and_say_not_for_diagnosis(analysed, key, data_d
     assert len({str(ds.StudyInstanceUID) for ds in objects}) == 1
     assert len({str(ds.SeriesInstanceUID) for ds in objects}) == 3
     for ds in objects:
-        assert "not for diagnostic use" in ds.SeriesDescription
+        assert "research only" in ds.SeriesDescription  # numbered after the source series where it has a number
     name = INPUTS[key][0]
     if name.endswith(".dcm"):
         source = pydicom.dcmread(data_dir / name, stop_before_pixels=True)
@@ -164,3 +164,20 @@ def test_demo_finds_the_known_direction_and_flags_the_ct(run_cli, tmp_path):
     ct = done.stdout.split("CT_small.dcm:")[1]
     assert "  warning: the model knows only H&E-stained breast tissue" in ct and "on this CT image" in ct
     assert len([p for p in (tmp_path / "demo").iterdir() if p.is_dir()]) == 4
+
+
+def test_pictures_carry_a_scale_bar_where_the_spacing_is_known(scorer, data_dir):
+    """The bar is a round length; it is drawn (lower left only) when the spacing is given."""
+    from dicom_heatmap import analyze
+    from dicom_heatmap.render import _scale_bar_length, render_slice
+
+    assert _scale_bar_length(0.004, 1000) == (pytest.approx(125.0), "500 um")  # 4 um pixels: a fifth is 0.8 mm
+    assert _scale_bar_length(0.5, 512) == (pytest.approx(100.0), "50 mm")  # a fifth is 51.2 mm
+    result = analyze(data_dir / "idc_mosaic_tail.png", scorer, progress=False)
+    plain, scale = render_slice(result.image[0], result.tile_map, result.spread, 0, "caption")
+    with_bar, _ = render_slice(result.image[0], result.tile_map, result.spread, 0, "caption", pixel_mm=0.004)
+    rows, cols = np.nonzero((plain != with_bar).any(axis=2))
+    assert rows.size > 0
+    height, width = result.image.shape[1:3]
+    assert rows.min() > 0.8 * height * scale and cols.max() < 0.5 * width * scale
+
