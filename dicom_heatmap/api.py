@@ -64,6 +64,8 @@ class AnalysisSettings:
         resolution_um: wanted pixel spacing in micrometres when reading a slide level.
         level: the SVS/TIFF pyramid level to read (0 = full resolution; large levels are
             streamed tile by tile).
+        pixel_size_um: the pixel size of a PNG/JPEG picture in micrometres (a picture cannot
+            say it; without it lengths are in pixels and the model's scale is not known).
     """
 
     grid: tuple[int, int] | None = None
@@ -78,6 +80,7 @@ class AnalysisSettings:
     series_uid: str | None = None
     resolution_um: float | None = None
     level: int | None = None
+    pixel_size_um: float | None = None
 
     def __post_init__(self) -> None:
         # Every value is checked and brought to one type, so that the same settings given
@@ -119,8 +122,9 @@ _SETTING_RANGES = {
     "rotate": (float, -360.0, 360.0),
     "resolution_um": (float, 0.01, 1e5),
     "level": (int, 0, 64),
+    "pixel_size_um": (float, 0.01, 1e5),
 }
-_OPTIONAL_SETTINGS = {"tile_size", "tile_size_um", "resolution_um", "level"}
+_OPTIONAL_SETTINGS = {"tile_size", "tile_size_um", "resolution_um", "level", "pixel_size_um"}
 
 
 def _checked_number(name: str, value, kind: type, low: float, high: float):
@@ -418,7 +422,7 @@ def preprocessing(settings: AnalysisSettings, key: str = "image", max_values: in
     """
     steps: list = [
         LoadInputd(key, series_uid=settings.series_uid, resolution_um=settings.resolution_um, max_values=max_values,
-                   level=settings.level),
+                   level=settings.level, pixel_size_um=settings.pixel_size_um),
         NormalizeIntensityd(key),
     ]
     if settings.crop == "foreground":

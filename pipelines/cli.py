@@ -80,6 +80,8 @@ def _add_analysis_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--resolution-um", type=_positive, metavar="UM", help="slide pixel spacing to read (nearest level)")
     parser.add_argument("--level", type=int, metavar="N", help="SVS/TIFF pyramid level to read (0 = full resolution; "
                                                                "levels over 64 megapixels are streamed tile by tile)")
+    parser.add_argument("--pixel-size-um", type=_positive, metavar="UM",
+                        help="pixel size of a PNG/JPEG picture in micrometres (a picture cannot say it)")
     parser.add_argument("--max-megavalues", type=_positive, default=512, metavar="M",
                         help="refuse inputs that would decode to more than M million pixel values (default 512)")
 
@@ -187,6 +189,7 @@ def _settings(args: argparse.Namespace):
         series_uid=args.series,
         resolution_um=args.resolution_um,
         level=args.level,
+        pixel_size_um=args.pixel_size_um,
     )
 
 
@@ -215,6 +218,10 @@ def run_analyze(args: argparse.Namespace) -> int:
             continue
         if result.domain_warning:
             print(f"dicom-heatmap: warning: {path}: {result.domain_warning}", file=sys.stderr)
+        if result.meta["frame"] == "IMAGE":
+            print(f"dicom-heatmap: notice: {path}: the pixel size is unknown, so the tiles may not be at the model's "
+                  "scale (about 200 um a tile); declare it with --pixel-size-um and choose --tile-size-um 200",
+                  file=sys.stderr)
         print(f"{path}: {result.summary_line()}")
         print(f"  -> {folder}")
     return EXIT_CODE if failed else 0

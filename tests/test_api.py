@@ -93,3 +93,20 @@ def test_tile_scorer_takes_what_users_pass(scorer, data_dir):
     np.testing.assert_allclose(scorer.score(tiles.astype(np.float32) / 255.0), batch, atol=1e-6)
     with pytest.raises(ValueError, match=r"tiles must be RGB.*shape \(224, 3\)"):
         scorer.score([np.zeros((224, 3), np.uint8)])
+
+
+def test_a_picture_with_a_declared_pixel_size_is_cut_in_micrometres(scorer, data_dir, run_cli, tmp_path):
+    """The mosaic is made of 50 px IDC tiles at about 4 um: 200 um tiles are those 50 px tiles."""
+    from PIL import Image
+
+    height, width = Image.open(data_dir / "idc_mosaic_tail.png").size[::-1]
+    result = analyze(data_dir / "idc_mosaic_tail.png", scorer, pixel_size_um=4, tile_size_um=200, progress=False)
+    assert result.heatmap.shape == (height // 50, width // 50)
+    assert result.meta["frame"] == "SLIDE" and result.spread.unit == "mm"
+    # the command line says when the scale is unknown, and refuses a declared size where the input has its own
+    plain = run_cli("analyze", data_dir / "idc_mosaic_tail.png", "--out", tmp_path / "a", "--quiet")
+    assert plain.returncode == 0 and "the pixel size is unknown" in plain.stderr
+    declared = run_cli("analyze", data_dir / "idc_mosaic_tail.png", "--out", tmp_path / "b", "--quiet", "--pixel-size-um", "4")
+    assert declared.returncode == 0 and "unknown" not in declared.stderr
+    refused = run_cli("analyze", data_dir / "CT_small.dcm", "--out", tmp_path / "c", "--quiet", "--pixel-size-um", "4")
+    assert refused.returncode == 2 and refused.stderr.count("\n") == 1 and "PNG/JPEG pictures only" in refused.stderr

@@ -600,8 +600,13 @@ def load_slide(path: Path, resolution_um: float | None = None, max_values: int =
     return (StreamedSlide(path, level) if region is None else region), meta
 
 
-def load_picture(path: Path, max_values: int = DEFAULT_MAX_VALUES) -> tuple[np.ndarray, dict]:
-    """Read a PNG/JPEG export as RGB; no physical size is known."""
+def load_picture(path: Path, max_values: int = DEFAULT_MAX_VALUES, pixel_size_um: float | None = None) -> tuple[np.ndarray, dict]:
+    """Read a PNG/JPEG export as RGB.
+
+    A picture carries no physical size: without ``pixel_size_um`` its frame is ``"IMAGE"``
+    (pixels); with it, the picture is taken as a slide region of that pixel size (frame
+    ``"SLIDE"``, lengths in mm), so tile sizes in micrometres and scale bars work.
+    """
     from PIL import Image, UnidentifiedImageError
 
     Image.MAX_IMAGE_PIXELS = None  # our own guard below, on the declared size, before decoding
@@ -614,8 +619,8 @@ def load_picture(path: Path, max_values: int = DEFAULT_MAX_VALUES) -> tuple[np.n
     meta = {
         "kind": "image",
         "modality": "OT",
-        "affine": _pixel_affine(),
-        "frame": "IMAGE",
+        "affine": _pixel_affine(pixel_size_um / 1000 if pixel_size_um else 1.0),
+        "frame": "SLIDE" if pixel_size_um else "IMAGE",
         "source_path": str(path),
         "source_datasets": [],
         "frame_of_reference_uid": None,
@@ -632,18 +637,22 @@ class LoadInput(Transform):
         max_values: most pixel values the input may decode to, checked on its header
             before decoding.
         level: for SVS/TIFF slides, the pyramid level to read (instead of choosing one).
+        pixel_size_um: the pixel size of a PNG/JPEG picture in micrometres, which the file
+            cannot say; refused for other inputs, which say their own.
 
     Returns ``(image, meta)``; see the module docstring.
     """
 
     def __init__(self, series_uid: str | None = None, resolution_um: float | None = None,
-                 max_values: int = DEFAULT_MAX_VALUES, level: int | None = None) -> None:
+                 max_values: int = DEFAULT_MAX_VALUES, level: int | None = None,
+                 pixel_size_um: float | None = None) -> None:
         if max_values < 1:
             raise ValueError(f"max_values must be positive, got {max_values}")
         self.series_uid = series_uid
         self.resolution_um = resolution_um
         self.max_values = max_values
         self.level = level
+        self.pixel_size_um = pixel_size_um
 
     def __call__(self, path: str | Path) -> tuple[np.ndarray, dict]:
         path = Path(path)
@@ -656,7 +665,10 @@ class LoadInput(Transform):
             return load_dicom_series(files, path, self.series_uid, self.resolution_um, self.max_values)
         suffix = path.suffix.lower()
         if suffix in PICTURE_SUFFIXES:
-            return load_picture(path, self.max_values)
+            return load_picture(path, self.max_values, self.pixel_size_um)
+        if self.pixel_size_um is not None:
+            raise InputError(path, "a pixel size can be declared for PNG/JPEG pictures only; this input states its own "
+                                   "(or reads as unknown)")
         if suffix in SLIDE_SUFFIXES:
             return load_slide(path, self.resolution_um, self.max_values, level=self.level)
         if path.stat().st_size == 0:
@@ -669,9 +681,10 @@ class LoadInputd(MapTransform):
     its metadata goes to ``data[f"{key}_meta_dict"]``."""
 
     def __init__(self, keys: str | Sequence[str], series_uid: str | None = None, resolution_um: float | None = None,
-                 max_values: int = DEFAULT_MAX_VALUES, level: int | None = None, allow_missing_keys: bool = False) -> None:
+                 max_values: int = DEFAULT_MAX_VALUES, level: int | None = None, pixel_size_um: float | None = None,
+                 allow_missing_keys: bool = False) -> None:
         super().__init__(keys, allow_missing_keys)
-        self.loader = LoadInput(series_uid, resolution_um, max_values, level)
+        self.loader = LoadInput(series_uid, resolution_um, max_values, level, pixel_size_um)
 
     def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
         d = dict(data)
