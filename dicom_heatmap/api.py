@@ -18,6 +18,7 @@ from typing import Sequence
 
 import numpy as np
 from PIL import Image
+from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset
 from tqdm import tqdm
 
@@ -325,6 +326,11 @@ class AnalysisResult:
         patient = self.meta["frame"] == "PATIENT"
 
         def save(ds: Dataset, name: str) -> None:
+            # SOP Common: the patient and study values are the source's, so they are written
+            # in its character set, byte for byte (highdicom sets none: ASCII)
+            source_charset = (self.meta["source_datasets"] or [reference])[0].get("SpecificCharacterSet")
+            if source_charset:
+                ds.SpecificCharacterSet = source_charset
             check_encodable(ds, self.meta["source_path"])
             ds.save_as(folder / name, enforce_file_format=True)
 
@@ -399,6 +405,15 @@ def _evidence_header(ds: Dataset) -> Dataset:
     header = Dataset()
     header.update(ds)
     header.file_meta = getattr(ds, "file_meta", Dataset())
+    charset = header.get("SpecificCharacterSet")
+    if isinstance(charset, (list, tuple)) or (charset is not None and not isinstance(charset, str)):
+        # "\ISO 2022 IR 87" (default repertoire, then code extensions) is valid DICOM that
+        # highdicom's check refuses; "ISO 2022 IR 6" is the same repertoire named. The
+        # outputs are written with the source's own value (see save in _write_all).
+        values = list(charset)
+        if values and values[0] == "":
+            # a new element: header shares the source's elements, which must stay as they are
+            header[0x00080005] = DataElement(0x00080005, "CS", ["ISO 2022 IR 6", *values[1:]])
     for keyword in PATIENT_STUDY_KEYWORDS:
         if keyword not in header:
             setattr(header, keyword, None)

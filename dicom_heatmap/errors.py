@@ -10,6 +10,7 @@ from transforms.errors import (  # noqa: F401
     InputError,
     ModelError,
     OutputError,
+    one_line,
 )
 
-__all__ = ["DicomHeatmapError", "InputError", "ModelError", "ConfigurationError", "OutputError", "EXIT_CODE"]
+__all__ = ["DicomHeatmapError", "InputError", "ModelError", "ConfigurationError", "OutputError", "EXIT_CODE", "one_line"]

@@ -286,10 +286,25 @@ def run_pacs(args: argparse.Namespace) -> int:
     return {"poll": poll, "listen": listen, "status": status}[args.pacs_command](args)
 
 
+def _console_logging(debug: bool) -> None:
+    """The console carries the project's own lines only: one per failure, warnings and
+    notices. Libraries' log records (pydicom logs a traceback for every failed decode) and
+    Python warnings (numpy, highdicom) go to the logging system at debug level, which
+    ``--debug`` shows."""
+    logging.captureWarnings(True)  # warnings.warn -> the "py.warnings" logger
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(name)s: %(message)s"))
+    if not debug:
+        handler.addFilter(lambda record: record.name == log.name or record.name.startswith(log.name + "."))
+    root = logging.getLogger()
+    root.addHandler(handler)
+    root.setLevel(logging.DEBUG if debug else logging.WARNING)
+    log.setLevel(logging.INFO)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, format="%(name)s: %(message)s")  # highdicom chats at INFO
-    log.setLevel(logging.INFO)
+    _console_logging(args.debug)
     handlers = {"analyze": run_analyze, "demo": run_demo, "train": run_train, "evaluate": run_evaluate, "bench": run_bench,
                 "pacs": run_pacs}
     try:

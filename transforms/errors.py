@@ -7,16 +7,35 @@ Messages never carry patient-identifying values: name instances by UID or by pat
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
-__all__ = ["DicomHeatmapError", "InputError", "ModelError", "ConfigurationError", "OutputError", "EXIT_CODE"]
+__all__ = ["DicomHeatmapError", "InputError", "ModelError", "ConfigurationError", "OutputError", "EXIT_CODE", "one_line"]
 
 #: Exit status of the command line for any of these errors.
 EXIT_CODE = 2
+#: Longest message; header text quoted in one (a UID, a modality) cannot make it longer.
+MAX_MESSAGE = 600
+# C0 and C1 controls, DEL, and the characters that break or reorder a terminal line
+_UNPRINTABLE = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029\u200e\u200f\u202a-\u202e\u2066-\u2069]")
+
+
+def one_line(text: str, limit: int = MAX_MESSAGE) -> str:
+    """``text`` safe for one console line: control characters shown as escapes (``\\x1b``),
+    never acted on, and the length bounded."""
+    text = _UNPRINTABLE.sub(lambda m: m.group().encode("unicode_escape").decode("ascii"), str(text))
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 class DicomHeatmapError(Exception):
-    """Base of all errors raised on purpose by dicom-heatmap."""
+    """Base of all errors raised on purpose by dicom-heatmap.
+
+    Its text is always one line (see :func:`one_line`): messages may quote header values
+    of an untrusted input, such as a transfer syntax UID holding CR LF or ESC sequences.
+    """
+
+    def __str__(self) -> str:
+        return one_line(super().__str__())
 
 
 class InputError(DicomHeatmapError):

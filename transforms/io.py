@@ -95,6 +95,13 @@ def _read_dicom(path: Path, pixels: bool = True) -> Dataset:
         raise InputError(path, f"the DICOM file is damaged or truncated ({type(error).__name__})") from None
 
 
+def _require_identity(ds: Dataset, path: Path) -> None:
+    """The UIDs every output derives from and refers to must be there."""
+    for keyword in ("SOPInstanceUID", "SOPClassUID", "StudyInstanceUID", "SeriesInstanceUID"):
+        if not str(ds.get(keyword, "") or "").strip():
+            raise InputError(path, f"the header lacks {keyword}, which the results refer to")
+
+
 def _pixels(ds: Dataset, path: Path) -> np.ndarray:
     if "PixelData" not in ds:
         raise InputError(path, "the DICOM object holds no pixel data (PixelData is missing)")
@@ -297,6 +304,8 @@ def load_dicom_series(paths: Sequence[Path], source: Path, series_uid: str | Non
         return load_dicom_image(chosen[0][0], max_values)
     if chosen[0][1].get("SOPClassUID") == WSI_SOP_CLASS:
         return load_dicom_image(_choose_wsi_level(chosen, source, resolution_um), max_values)
+    for path, ds in chosen:
+        _require_identity(ds, path)
     _check_size(source, sum(_declared_values(ds, path) for path, ds in chosen), "the series", max_values)
     first_path, first = chosen[0]
     row_dir, col_dir, _, spacing = _plane_geometry(first, first_path)
@@ -347,6 +356,7 @@ def load_dicom_image(path: Path, max_values: int = DEFAULT_MAX_VALUES) -> tuple[
         max_values: the size guard, checked on the header before decoding.
     """
     ds = _read_dicom(path)  # reads the stored (possibly compressed) bytes; nothing is decoded yet
+    _require_identity(ds, path)
     _check_size(path, _declared_values(ds, path), "the image", max_values)
     if ds.get("SOPClassUID") == WSI_SOP_CLASS:
         return _load_dicom_wsi(ds, path)

@@ -19,9 +19,10 @@ from dicom_heatmap.errors import InputError
 __all__ = ["check_encodable"]
 
 _UID = re.compile(r"^[0-2](\.(0|[1-9][0-9]*))+$")  # root 0, 1 or 2; no leading zeros
-#: Control characters no string value may hold (ESC starts character-set switching; the
-#: text VRs may also hold TAB, LF, FF and CR)
-_CONTROL = re.compile(r"[\x00-\x1a\x1c-\x1f\x7f]")
+#: Control characters no decoded string value may hold: C0 (ESC included: a valid ISO 2022
+#: escape sequence is consumed by decoding, so one left over is not text), DEL and C1. The
+#: text VRs may also hold TAB, LF, FF and CR.
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 _TEXT_VRS = {"LT", "ST", "UT"}
 _CHECKED_VRS = {"AE", "AS", "CS", "DA", "DS", "DT", "IS", "LO", "LT", "PN", "SH", "ST", "TM", "UC", "UI", "UR", "UT"}
 
@@ -31,8 +32,13 @@ def _problem(element) -> str | None:
         return None
     values = element.value if element.VM > 1 else [element.value]
     for value in values:
-        # numbers (DSfloat, IS) and names (PersonName) are checked as the text they are written as
-        text = getattr(value, "original_string", None) or (str(value) if not isinstance(value, (str, bytes)) else value)
+        # numbers (DSfloat, IS) are checked as the text they are written as; names as the
+        # text pydicom decoded with the Specific Character Set (their stored bytes may hold
+        # the escape sequences of ISO 2022, which are no characters of the name)
+        if element.VR == "PN":
+            text = str(value)
+        else:
+            text = getattr(value, "original_string", None) or (str(value) if not isinstance(value, (str, bytes)) else value)
         try:
             validate_value(element.VR, text, RAISE)
         except (ValueError, TypeError):

@@ -9,7 +9,7 @@ import signal
 import sys
 import threading
 
-from dicom_heatmap.errors import EXIT_CODE
+from dicom_heatmap.errors import EXIT_CODE, one_line
 
 from pipelines.pacs.config import load_config, parse_duration
 from pipelines.pacs.ledger import Ledger
@@ -86,7 +86,7 @@ def status(args: argparse.Namespace) -> int:
     for row in rows:
         updated = dt.datetime.fromtimestamp(row.updated).strftime("%Y-%m-%d %H:%M:%S")
         outputs = "" if row.outputs is None else str(row.outputs)
-        print(f"{row.series_uid:64}  {row.origin:6}  {row.modality[:3]:3}  {row.state:10}  {row.attempts:>5}  "
-              f"{outputs:>7}  {updated:19}  {row.last_error or ''}")
+        print(f"{one_line(row.series_uid, 64):64}  {row.origin:6}  {one_line(row.modality, 3):3}  {row.state:10}  {row.attempts:>5}  "
+              f"{outputs:>7}  {updated:19}  {one_line(row.last_error or '')}")
     print("total: " + (", ".join(f"{n} {state}" for state, n in sorted(counts.items())) or "no series"))
     return 0
