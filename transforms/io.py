@@ -29,6 +29,7 @@ Errors are :class:`InputError` from ``transforms.errors`` naming the input.
 
 from __future__ import annotations
 
+import re
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,6 +41,7 @@ from monai.transforms import MapTransform, Transform
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 
+from transforms.codestream import DEFLATED, check_codestreams, check_deflated_size
 from transforms.errors import InputError
 
 __all__ = ["LoadInput", "LoadInputd", "StreamedSlide", "load_dicom_series", "load_dicom_image", "load_slide", "load_picture"]
@@ -81,7 +83,21 @@ def _pixel_affine(spacing: float = 1.0) -> np.ndarray:
     return _affine_2d(spacing, spacing, (0, 1, 0), (1, 0, 0), (0, 0, 0))
 
 
-def _read_dicom(path: Path, pixels: bool = True) -> Dataset:
+def _deflated_body_offset(path: Path) -> int | None:
+    """Where the body of a deflated DICOM file starts; None for any other file."""
+    try:
+        meta = pydicom.filereader.read_file_meta_info(path)
+        if str(meta.get("TransferSyntaxUID", "")) != DEFLATED:
+            return None
+        return 132 + 12 + int(meta.FileMetaInformationGroupLength)  # preamble, DICM, the group length element
+    except Exception:  # not DICOM, or no group length: pydicom's own reading judges it below
+        return None
+
+
+def _read_dicom(path: Path, pixels: bool = True, max_values: int = DEFAULT_MAX_VALUES) -> Dataset:
+    offset = _deflated_body_offset(path)
+    if offset is not None:
+        check_deflated_size(path, offset, max_values)  # pydicom would inflate it whole, unbounded
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -93,6 +109,18 @@ def _read_dicom(path: Path, pixels: bool = True) -> Dataset:
         raise InputError(path, "not a DICOM file (no DICM preamble and no readable DICOM header)") from None
     except Exception as error:  # pydicom raises many kinds on a damaged file
         raise InputError(path, f"the DICOM file is damaged or truncated ({type(error).__name__})") from None
+
+
+def _shown_uid(value) -> str:
+    """A header UID as a message may quote it: only if it is one (header text is untrusted)."""
+    text = str(value or "")
+    return text if re.fullmatch(r"[0-9]+(\.[0-9]+)*", text) and len(text) <= 64 else "(not a valid UID)"
+
+
+def _shown_code(value) -> str:
+    """A header code string (Modality) as a message may quote it: only if it is a valid CS."""
+    text = str(value or "")
+    return text if re.fullmatch(r"[A-Z0-9_ ]{1,16}", text) else "?"
 
 
 def _require_identity(ds: Dataset, path: Path) -> None:
@@ -108,6 +136,7 @@ def _pixels(ds: Dataset, path: Path) -> np.ndarray:
     for keyword in ("Rows", "Columns"):
         if not ds.get(keyword):
             raise InputError(path, f"the DICOM header lacks {keyword}")
+    check_codestreams(ds, path)  # a decoder allocates what the codestream declares, not the header
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -117,7 +146,7 @@ def _pixels(ds: Dataset, path: Path) -> np.ndarray:
     except BaseException as error:  # decoders in Rust raise PanicException, a BaseException
         raise InputError(
             path,
-            f"cannot decode the pixel data (transfer syntax {ds.file_meta.get('TransferSyntaxUID', 'unknown')}: "
+            f"cannot decode the pixel data (transfer syntax {_shown_uid(ds.file_meta.get('TransferSyntaxUID'))}: "
             f"{type(error).__name__}); the file may be truncated or use an unsupported compression",
         ) from None
 
@@ -282,7 +311,7 @@ def load_dicom_series(paths: Sequence[Path], source: Path, series_uid: str | Non
     headers: list[tuple[Path, Dataset]] = []
     for path in paths:
         try:
-            headers.append((path, _read_dicom(path, pixels=False)))
+            headers.append((path, _read_dicom(path, pixels=False, max_values=max_values)))
         except InputError:
             continue
     series: dict[str, list[tuple[Path, Dataset]]] = {}
@@ -293,10 +322,12 @@ def load_dicom_series(paths: Sequence[Path], source: Path, series_uid: str | Non
         raise InputError(source, "no DICOM image found in this folder")
     if series_uid is not None:
         if series_uid not in series:
-            raise InputError(source, f"no series with Series Instance UID {series_uid}; present: {', '.join(sorted(series))}")
+            raise InputError(source, f"no series with Series Instance UID {_shown_uid(series_uid)}; present: "
+                                     f"{', '.join(_shown_uid(uid) for uid in sorted(series))}")
         chosen = series[series_uid]
     elif len(series) > 1:
-        listing = "; ".join(f"{uid} ({ds_list[0][1].get('Modality', '?')}, {len(ds_list)} files)" for uid, ds_list in sorted(series.items()))
+        listing = "; ".join(f"{_shown_uid(uid)} ({_shown_code(ds_list[0][1].get('Modality'))}, {len(ds_list)} files)"
+                            for uid, ds_list in sorted(series.items()))
         raise InputError(source, f"the folder holds {len(series)} image series; choose one with --series UID: {listing}")
     else:
         chosen = next(iter(series.values()))
@@ -320,7 +351,7 @@ def load_dicom_series(paths: Sequence[Path], source: Path, series_uid: str | Non
     ordered = [chosen[i] for i in order]
     volume = []
     for path, _ in ordered:
-        ds = _read_dicom(path)
+        ds = _read_dicom(path, max_values=max_values)
         image = _to_float_image(ds, _pixels(ds, path))
         if image.shape != (first.Rows, first.Columns):
             raise InputError(path, f"slice of {image.shape} pixels in a series of {(first.Rows, first.Columns)}")
@@ -355,7 +386,7 @@ def load_dicom_image(path: Path, max_values: int = DEFAULT_MAX_VALUES) -> tuple[
         path: the file.
         max_values: the size guard, checked on the header before decoding.
     """
-    ds = _read_dicom(path)  # reads the stored (possibly compressed) bytes; nothing is decoded yet
+    ds = _read_dicom(path, max_values=max_values)  # the stored (possibly compressed) bytes; nothing decoded yet
     _require_identity(ds, path)
     _check_size(path, _declared_values(ds, path), "the image", max_values)
     if ds.get("SOPClassUID") == WSI_SOP_CLASS:
