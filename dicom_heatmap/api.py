@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import gc
 import json
 import math
@@ -276,10 +277,7 @@ class AnalysisResult:
                 raise InputError(self.meta["source_path"], f"the results cannot be encoded from this input's header "
                                                            f"({type(error).__name__})") from None
             if final.exists():
-                retired = Path(tempfile.mkdtemp(prefix=".replaced-", dir=out_dir))
-                os.replace(final, retired / "old")
-                os.replace(staging, final)
-                shutil.rmtree(retired, ignore_errors=True)
+                _replace_folder(staging, final, out_dir)
             else:
                 os.replace(staging, final)
         except OSError as error:
@@ -385,19 +383,61 @@ class AnalysisResult:
             preview_written.result()  # its errors are this call's
 
 
+def _exchange(first: Path, second: Path) -> bool:
+    """Swap two folders in one atomic step (Linux renameat2 RENAME_EXCHANGE); False where
+    the system cannot."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        renameat2 = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    at_cwd, rename_exchange = -100, 2
+    return renameat2(at_cwd, os.fsencode(first), at_cwd, os.fsencode(second), rename_exchange) == 0
+
+
+def _replace_folder(staging: Path, final: Path, out_dir: Path) -> None:
+    """Put the complete ``staging`` folder in the place of the existing ``final`` one.
+
+    The two are exchanged atomically, so a result folder is visible at every moment; the
+    old result is then in ``staging`` (a ``.partial-PID-`` folder), which the caller or, if
+    this process is killed, the next run removes. Without the exchange, the old result is
+    moved aside to ``.replaced-PID-<name>`` first; a run killed between the two moves
+    leaves it there, and the next run moves it back (the final name is in its name).
+    """
+    if _exchange(staging, final):
+        return
+    retired = out_dir / f".replaced-{os.getpid()}-{final.name}"
+    os.replace(final, retired)
+    os.replace(staging, final)
+    shutil.rmtree(retired, ignore_errors=True)
+
+
+def _pid_is_gone(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False  # another user's live process
+    return False
+
+
 def _remove_stale_staging(out_dir: Path) -> None:
-    """Remove the half-written folders of runs that were killed (their process is gone)."""
-    for folder in out_dir.glob(".partial-*"):
-        try:
-            pid = int(folder.name.split("-")[1])
-        except (IndexError, ValueError):
+    """Clear what killed runs left: half-written (or swapped-out) ``.partial-PID-*`` folders
+    are removed; an old result moved aside (``.replaced-PID-<name>``) goes back to its name
+    if no result took it, else it is removed. Folders of live processes are left alone."""
+    for folder in [*out_dir.glob(".partial-*"), *out_dir.glob(".replaced-*")]:
+        kind, _, rest = folder.name[1:].partition("-")
+        pid_text, _, name = rest.partition("-")
+        if pid_text.isdigit() and not _pid_is_gone(int(pid_text)):
             continue
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            shutil.rmtree(folder, ignore_errors=True)
-        except PermissionError:
-            pass  # another user's live process
+        if not pid_text.isdigit() and kind == "partial":
+            continue  # not ours
+        # a legacy ".replaced-XXXX" (version 1.0 named it without a process) is stale by now
+        if kind == "replaced" and name and not (out_dir / name).exists() and (folder / "sr.dcm").exists():
+            os.replace(folder, out_dir / name)
+            continue
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def _evidence_header(ds: Dataset) -> Dataset:

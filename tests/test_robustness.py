@@ -255,3 +255,25 @@ def test_killed_runs_leave_complete_sets_only(data_dir, tmp_path):
     assert done.returncode == 0, done.stderr
     assert sorted(p.name for p in out.iterdir() if p.name.startswith(".")) == []
     assert len(list(out.iterdir())) == len(inputs)
+
+
+def test_a_replaced_result_is_swapped_whole_and_leftovers_are_cleared(run_cli, data_dir, tmp_path):
+    """A rerun replaces a result folder in one atomic exchange; a killed replace (old result
+    moved aside, new one not yet in place) is put back by the next run; stale leftovers of
+    dead processes, and version 1.0's .replaced-* folders, are removed."""
+    out = tmp_path / "out"
+    first = run_cli("analyze", data_dir / "CT_small.dcm", "--out", out, "--quiet")
+    assert first.returncode == 0, first.stderr
+    (result,) = [p for p in out.iterdir()]
+    dead = 2 ** 22 + 12345  # above the kernel's pid_max: no such process
+    os.replace(result, out / f".replaced-{dead}-{result.name}")  # killed between the two moves
+    (out / ".replaced-abc123" / "old").mkdir(parents=True)  # a 1.0 leftover
+    (out / f".partial-{dead}-xyz").mkdir()
+    second = run_cli("analyze", data_dir / "MR_small.dcm", "--out", out, "--quiet")  # any run clears the folder
+    assert second.returncode == 0, second.stderr
+    assert result.is_dir() and (result / "sr.dcm").is_file()  # the moved-aside result is back
+    assert sorted(p.name for p in out.iterdir() if p.name.startswith(".")) == []
+    before = (result / "sr.dcm").stat().st_ino
+    third = run_cli("analyze", data_dir / "CT_small.dcm", "--out", out, "--quiet")
+    assert third.returncode == 0 and (result / "sr.dcm").stat().st_ino != before  # replaced, same name
+    assert sorted(p.name for p in out.iterdir() if p.name.startswith(".")) == []
