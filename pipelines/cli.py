@@ -196,6 +196,7 @@ def _settings(args: argparse.Namespace):
 def run_analyze(args: argparse.Namespace) -> int:
     from dicom_heatmap.api import analyze
     from dicom_heatmap.scorer import TileScorer
+    from transforms.io import PICTURE_SUFFIXES
 
     settings = _settings(args)
     scorer = TileScorer.load(args.model, precision=args.precision, backend=args.backend)
@@ -218,7 +219,7 @@ def run_analyze(args: argparse.Namespace) -> int:
             continue
         if result.domain_warning:
             print(f"dicom-heatmap: warning: {path}: {result.domain_warning}", file=sys.stderr)
-        if result.meta["frame"] == "IMAGE":
+        if result.meta["frame"] == "IMAGE" and path.suffix.lower() in PICTURE_SUFFIXES:
             print(f"dicom-heatmap: notice: {path}: the pixel size is unknown, so the tiles may not be at the model's "
                   "scale (about 200 um a tile); declare it with --pixel-size-um and choose --tile-size-um 200",
                   file=sys.stderr)

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pydicom
+import tifffile
 from PIL import Image
 from pydicom.encaps import encapsulate
 from pydicom.uid import (DeflatedExplicitVRLittleEndian, ExplicitVRLittleEndian, JPEG2000Lossless, JPEGBaseline8Bit,
@@ -25,7 +26,7 @@ PLANTED = "Zyxwv"
 class Case:
     name: str
     path: Path
-    expect: str  # "refused": exit 2 with one line containing ``message``; "kept": exit 0
+    expect: str  # "refused": exit 2, one line with ``message``; "kept": exit 0, names exact; "analysed": exit 0
     message: str = ""
 
 
@@ -155,4 +156,30 @@ def make_cases(folder: Path) -> list[Case]:
         ds.SpecificCharacterSet = charset
         ds.PatientName = value
         write(name, ds, "kept")
+    # 4. slides: a TIFF's own layout (openslide aborts its process on a 2**20 tile side)
+    tiff = folder / "small.tif"
+    tifffile.imwrite(tiff, np.full((512, 512, 3), 200, np.uint8), tile=(256, 256), photometric="rgb", compression="zlib")
+    for name, values, message in [("tiff_huge_tile", {322: 1 << 20, 323: 1 << 20}, "tiles of 1048576 x 1048576"),
+                                  ("tiff_huge_level", {256: 200_000, 257: 200_000}, "smallest level has 40,000,000,000")]:
+        path = folder / f"{name}.tif"
+        path.write_bytes(_patch_tiff(tiff.read_bytes(), values))
+        cases.append(Case(name, path, "refused", message))
+    # a single-level 20,480-pixel-square slide: streamed, its thumbnail read in bands
+    tile = np.full((256, 256, 3), 235, np.uint8)
+    tile[::7] = 120
+    single = folder / "single_level_20k.tif"
+    tifffile.imwrite(single, (tile for _ in range(80 * 80)), shape=(20480, 20480, 3), dtype=np.uint8, tile=(256, 256),
+                     photometric="rgb", compression="zlib")
+    cases.append(Case("single_level_20k", single, "analysed"))
     return cases
+
+
+def _patch_tiff(data: bytes, values: dict[int, int]) -> bytes:
+    """A little-endian classic TIFF with the LONG values of tags in its first IFD replaced."""
+    raw = bytearray(data)
+    ifd = struct.unpack("<I", raw[4:8])[0]
+    for index in range(struct.unpack("<H", raw[ifd:ifd + 2])[0]):
+        entry = ifd + 2 + 12 * index
+        if struct.unpack("<H", raw[entry:entry + 2])[0] in values:
+            raw[entry + 8:entry + 12] = struct.pack("<I", values[struct.unpack("<H", raw[entry:entry + 2])[0]])
+    return bytes(raw)

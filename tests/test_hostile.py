@@ -58,6 +58,8 @@ def test_every_hostile_input_ends_clean(outcomes, dciodvfy):
         if run["rc"] != 0:
             problems.append(f"{name}: a valid input was refused: {lines}")
             continue
+        if case.expect == "analysed":
+            continue
         (folder,) = [p for p in out.iterdir() if p.is_dir() and not p.name.startswith(".")]
         source = pydicom.dcmread(case.path)
         for path in sorted(folder.glob("*.dcm")):

@@ -462,6 +462,13 @@ def _load_dicom_wsi(ds: Dataset, path: Path) -> tuple[np.ndarray, dict]:
 
 #: Slide levels of more pixels than this are streamed tile by tile instead of read whole.
 STREAM_ABOVE_PIXELS = 64 * 1024 * 1024
+#: Pixels of one band when a level with no small level is thumbnailed by streaming.
+BAND_PIXELS = 16 * 1024 * 1024
+#: Most pixels of one TIFF tile or strip (a reader decodes one whole).
+MAX_PIECE_PIXELS = 64 * 1024 * 1024
+#: A slide whose smallest level has more pixels than this times the size guard is refused:
+#: its tissue map would read that whole level, band by band.
+STREAMED_LEVEL_FACTOR = 4
 
 #: Widest region (pixels of the level read) that adjacent tiles are read together in.
 _LONGEST_READ = 4096
@@ -581,10 +588,56 @@ class StreamedSlide:
             height, width = self.shape[1:3]
             scale = min(1.0, max_side / max(height, width))
             size = (max(1, round(width * scale)), max(1, round(height * scale)))
-            picture = np.asarray(self._slide.get_thumbnail(size).convert("RGB").resize(size))
+            source = self._slide.get_best_level_for_downsample(self._downsamples[self.level] / scale)
+            source_width, source_height = self._slide.level_dimensions[source]
+            if source_width * source_height <= STREAM_ABOVE_PIXELS:
+                picture = np.asarray(self._slide.get_thumbnail(size).convert("RGB").resize(size))
+            else:  # no small level: openslide would hold the whole level; read it in bands instead
+                picture = self._banded_thumbnail(source, size)
             picture.flags.writeable = False
             self._thumbnails[max_side] = (picture, picture.shape[0] / height)
         return self._thumbnails[max_side]
+
+
+    def _banded_thumbnail(self, level: int, size: tuple[int, int]) -> np.ndarray:
+        """A ``size`` picture of pyramid ``level`` read in bands of rows, each shrunk before
+        the next is read: memory stays at one band however large the level."""
+        from PIL import Image
+
+        width, height = self._slide.level_dimensions[level]
+        band = max(1, BAND_PIXELS // width)
+        rows = []
+        for top in range(0, height, band):
+            rows_here = min(band, height - top)
+            pixels = self._read(level, 0, top, width, rows_here)
+            out_top, out_bottom = round(top * size[1] / height), round((top + rows_here) * size[1] / height)
+            if out_bottom > out_top:
+                rows.append(np.asarray(Image.fromarray(pixels).resize((size[0], out_bottom - out_top), Image.BOX)))
+        return np.concatenate(rows)
+
+
+def _check_tiff_layout(path: Path, max_values: int) -> None:
+    """Refuse a TIFF-based slide whose tiles or strips, or whose smallest level, no reader
+    could hold, before openslide opens it (a tile side of 2**20 aborts openslide's
+    process; a 200,000-pixel-square level without a smaller one cannot be mapped)."""
+    import tifffile
+
+    try:
+        with tifffile.TiffFile(path) as tiff:
+            pages = [(page.imagewidth, page.imagelength, page.tilewidth, page.tilelength, page.rowsperstrip)
+                     for page in tiff.pages]
+    except Exception:  # not a TIFF (another openslide format), or damaged: openslide judges it
+        return
+    for index, (width, length, tile_width, tile_length, rows_per_strip) in enumerate(pages):
+        piece = tile_width * tile_length if tile_width else width * min(rows_per_strip or length, length)
+        if piece > MAX_PIECE_PIXELS:
+            what = f"tiles of {tile_width} x {tile_length}" if tile_width else f"strips of {width} x {rows_per_strip}"
+            raise InputError(path, f"TIFF page {index} has {what} pixels, more than any reader can hold at once "
+                                   f"({MAX_PIECE_PIXELS:,}); refused before reading")
+    smallest = min((width * length for width, length, *_ in pages), default=0)
+    if smallest > STREAMED_LEVEL_FACTOR * max_values:
+        raise InputError(path, f"the slide's smallest level has {smallest:,} pixels and no smaller level to map its "
+                               "tissue from; raise the limit (--max-megavalues) only if you can wait for it to be read")
 
 
 def load_slide(path: Path, resolution_um: float | None = None, max_values: int = DEFAULT_MAX_VALUES,
@@ -601,6 +654,7 @@ def load_slide(path: Path, resolution_um: float | None = None, max_values: int =
     """
     import openslide
 
+    _check_tiff_layout(path, max_values)
     try:
         slide = openslide.OpenSlide(str(path))
     except (openslide.OpenSlideError, OSError) as error:
