@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import sys
 import tempfile
 import threading
 import warnings
@@ -33,6 +34,13 @@ from dicom_heatmap.errors import ConfigurationError
 from dicom_heatmap.network import HeadedVGG16
 
 __all__ = ["BACKENDS", "openvino_available", "cache_dir", "OpenVinoExtractor"]
+
+# OpenVINO's converter reports usage through openvino_telemetry, which writes an "intel"
+# folder (a client id) into the home directory on import; a hospital tool neither phones
+# home nor writes outside its folders. With the module unimportable, OpenVINO uses its own
+# no-op stub (openvino.tools.ovc.telemetry_stub). Set before anything imports openvino.
+if "openvino_telemetry" not in sys.modules:
+    sys.modules["openvino_telemetry"] = None  # type: ignore[assignment]
 
 #: What ``backend`` may be: ``auto`` is OpenVINO on a CPU where it is installed, else torch.
 BACKENDS = ("auto", "torch", "openvino")

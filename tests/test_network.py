@@ -154,3 +154,22 @@ def test_the_converted_network_is_cached_and_a_damaged_entry_is_replaced(tmp_pat
     entries[1].write_text("<damaged")
     np.testing.assert_array_equal(TileScorer.load(backend="openvino", precision="bf16").score(tiles), first)
     assert entries[1].read_text().startswith("<?xml")  # written again
+
+
+def test_openvino_conversion_writes_nothing_outside_its_folders(data_dir, tmp_path):
+    """OpenVINO's telemetry would write ~/intel/openvino_ga_cid on the first conversion."""
+    import os
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    home = tmp_path / "home"
+    home.mkdir()
+    env = {**os.environ, "HOME": str(home), "DICOM_HEATMAP_CACHE": str(tmp_path / "cache")}
+    done = subprocess.run([sys.executable, "-m", "pipelines.cli", "analyze", str(data_dir / "idc_mosaic_tail.png"), "--out",
+                           str(tmp_path / "out"), "--quiet", "--backend", "openvino", "--precision", "fp32"],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert any((tmp_path / "cache").iterdir())  # it did convert
+    assert list(home.rglob("*")) == []
