@@ -440,3 +440,37 @@ def test_the_readme_example_configuration_and_rules_work(tmp_path):
         SeriesRef("1", "2", "MR", 40, "T1", "HEAD"): False,
     }
     assert {series: config.query.selects(series) for series in cases} == cases
+
+
+def test_silent_connections_do_not_block_the_listener(tmp_path, orthanc, our_port):
+    """Ten TCP connections that send part of a PDU and go quiet (slowloris) must neither
+    block real associations nor hold their slots for long."""
+    import socket
+
+    from pynetdicom import AE
+    from pynetdicom.sop_class import Verification
+
+    config = write_config(tmp_path / "pacs.yaml", orthanc, our_port)
+    node = start_pacs("listen", "--config", config)
+
+    def echo() -> bool:
+        ae = AE(ae_title="ORTHANC")
+        ae.add_requested_context(Verification)
+        ae.acse_timeout = ae.network_timeout = 5
+        return accepts(ae.associate("127.0.0.1", our_port, ae_title=OUR_AE))
+
+    silent = []
+    try:
+        wait_for(echo, what="the listener to accept associations", process=node)
+        for _ in range(12):
+            connection = socket.create_connection(("127.0.0.1", our_port))
+            connection.sendall(b"\x01\x00\x00\x00\x00\x00")  # the start of an A-ASSOCIATE-RQ, then nothing
+            silent.append(connection)
+        started = time.monotonic()
+        assert echo(), "a real association was refused while silent connections were open"
+        assert time.monotonic() - started < 5
+    finally:
+        for connection in silent:
+            connection.close()
+        node.send_signal(signal.SIGTERM)
+        node.communicate(timeout=60)

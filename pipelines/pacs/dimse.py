@@ -57,6 +57,12 @@ def store_status_is_success(status: int) -> bool:
     return status == 0x0000 or status in _STORE_WARNINGS
 
 
+#: Associations our SCP holds at once (pynetdicom's default is 10).
+MAX_ASSOCIATIONS = 64
+#: Seconds a peer has, once connected, to complete its association request.
+HANDSHAKE_TIMEOUT_S = 5.0
+
+
 def _new_ae(config: PacsConfig) -> AE:
     ae = AE(ae_title=config.ae_title)
     for name in ("acse_timeout", "dimse_timeout", "network_timeout", "connection_timeout"):
@@ -235,6 +241,12 @@ class StorageServer:
 
     def __enter__(self) -> "StorageServer":
         ae = _new_ae(self.config)
+        # Half-open connections (a peer that connects, sends part of a request and goes
+        # quiet) must not hold the slots real peers need: many slots, and a short time
+        # to complete the association request; an established one idles out after
+        # pacs.timeout.
+        ae.maximum_associations = MAX_ASSOCIATIONS
+        ae.acse_timeout = min(HANDSHAKE_TIMEOUT_S, self.config.pacs.timeout_s)
         ae.require_called_aet = True
         ae.require_calling_aet = list(self.calling_aets)
         for context in AllStoragePresentationContexts:
