@@ -156,6 +156,9 @@ def make_cases(folder: Path) -> list[Case]:
         ds.SpecificCharacterSet = charset
         ds.PatientName = value
         write(name, ds, "kept")
+    negative = _base(pixels)
+    negative.SliceThickness = "-2.5"
+    write("negative_slice_thickness", negative, "kept")  # the PM must not copy it (dciodvfy)
     # 4. slides: a TIFF's own layout (openslide aborts its process on a 2**20 tile side)
     tiff = folder / "small.tif"
     tifffile.imwrite(tiff, np.full((512, 512, 3), 200, np.uint8), tile=(256, 256), photometric="rgb", compression="zlib")

@@ -110,3 +110,25 @@ def test_a_picture_with_a_declared_pixel_size_is_cut_in_micrometres(scorer, data
     assert declared.returncode == 0 and "unknown" not in declared.stderr
     refused = run_cli("analyze", data_dir / "CT_small.dcm", "--out", tmp_path / "c", "--quiet", "--pixel-size-um", "4")
     assert refused.returncode == 2 and refused.stderr.count("\n") == 1 and "PNG/JPEG pictures only" in refused.stderr
+
+
+def test_16_bit_colour_is_scaled_and_links_out_of_a_series_folder_are_not_followed(scorer, data_dir, tmp_path):
+    from PIL import Image
+
+    rgb = np.asarray(Image.open(data_dir / "idc_mosaic_tail.png").convert("RGB"))[:200, :300]
+    ds = pydicom.dcmread(data_dir / "CT_small.dcm")
+    ds.Rows, ds.Columns = rgb.shape[:2]
+    ds.SamplesPerPixel, ds.PhotometricInterpretation, ds.PlanarConfiguration = 3, "RGB", 0
+    ds.BitsAllocated = ds.BitsStored = 16
+    ds.HighBit, ds.PixelRepresentation = 15, 0
+    ds.PixelData = (rgb.astype(np.uint16) * 257).tobytes()  # the same picture on 16 bits
+    result = analyze(ds, scorer, grid=(2, 3), progress=False)
+    assert np.array_equal(result.image[0], rgb)  # scaled, not wrapped to the low byte
+    # a series folder whose third file is a link to a file outside it: two slices are read
+    paths = write_series(tmp_path / "outside", slices=3)
+    folder = tmp_path / "series"
+    folder.mkdir()
+    for path in paths[:2]:
+        path.rename(folder / path.name)
+    (folder / "link.dcm").symlink_to(paths[2])
+    assert analyze(folder, scorer, grid=(2, 2), progress=False).heatmap.shape[0] == 2

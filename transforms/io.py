@@ -44,7 +44,8 @@ from pydicom.errors import InvalidDicomError
 from transforms.codestream import DEFLATED, check_codestreams, check_deflated_size
 from transforms.errors import InputError
 
-__all__ = ["LoadInput", "LoadInputd", "StreamedSlide", "load_dicom_series", "load_dicom_image", "load_slide", "load_picture"]
+__all__ = ["LoadInput", "LoadInputd", "StreamedSlide", "load_dicom_series", "load_dicom_image", "load_slide", "load_picture",
+           "slice_thickness"]
 
 # pydicom warns about every over-long value of real-world headers (a 66-character UID,
 # say); the loaders judge what matters and raise InputError for it
@@ -121,6 +122,16 @@ def _shown_code(value) -> str:
     """A header code string (Modality) as a message may quote it: only if it is a valid CS."""
     text = str(value or "")
     return text if re.fullmatch(r"[A-Z0-9_ ]{1,16}", text) else "?"
+
+
+def slice_thickness(ds: Dataset) -> float:
+    """Slice Thickness in mm where it is a positive finite number; 1 otherwise (a negative or
+    infinite value would flip or break the geometry the outputs describe)."""
+    try:
+        value = float(ds.get("SliceThickness", 1) or 1)
+    except (TypeError, ValueError):
+        return 1.0
+    return value if np.isfinite(value) and value > 0 else 1.0
 
 
 def _require_identity(ds: Dataset, path: Path) -> None:
@@ -401,6 +412,10 @@ def load_dicom_image(path: Path, max_values: int = DEFAULT_MAX_VALUES) -> tuple[
     if samples == 3:
         if ds.get("PhotometricInterpretation", "").startswith("YBR"):
             pixels = pydicom.pixels.convert_color_space(pixels, ds.PhotometricInterpretation, "RGB")
+        stored = int(ds.get("BitsStored", 8) or 8)
+        if pixels.dtype != np.uint8 or stored > 8:  # 16-bit colour: scaled to 8 bits, never wrapped
+            top = float(2 ** min(max(stored, 8), 16) - 1)
+            pixels = np.clip(np.round(pixels.astype(np.float32) * (255.0 / top)), 0, 255)
         image = pixels.astype(np.uint8)[None]
     elif samples == 1:
         image = _to_float_image(ds, pixels)[None, ..., None]
@@ -410,7 +425,7 @@ def load_dicom_image(path: Path, max_values: int = DEFAULT_MAX_VALUES) -> tuple[
     if "ImageOrientationPatient" in ds and "ImagePositionPatient" in ds and "PixelSpacing" in ds:
         row_dir, col_dir, position, spacing = _plane_geometry(ds, path)
         affine, frame = _affine_2d(spacing[0], spacing[1], row_dir, col_dir, position), "PATIENT"
-        affine[:3, 0] *= float(ds.get("SliceThickness", 1) or 1)
+        affine[:3, 0] *= slice_thickness(ds)
     meta = {
         "kind": "image" if samples == 3 or ds.get("Modality") not in ("CT", "MR", "PT") else "series",
         "modality": str(ds.get("Modality", "OT")),
@@ -754,7 +769,10 @@ class LoadInput(Transform):
         if not path.exists():
             raise InputError(path, "no such file or folder")
         if path.is_dir():
-            files = sorted(p for p in path.rglob("*") if p.is_file() and not p.name.startswith("."))
+            inside = path.resolve()
+            # a link that leads out of the folder is not part of the series (nor read)
+            files = sorted(p for p in path.rglob("*") if p.is_file() and not p.name.startswith(".")
+                           and p.resolve().is_relative_to(inside))
             if not files:
                 raise InputError(path, "the folder is empty")
             return load_dicom_series(files, path, self.series_uid, self.resolution_um, self.max_values)

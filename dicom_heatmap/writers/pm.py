@@ -11,6 +11,7 @@ from pydicom.dataset import Dataset
 from dicom_heatmap._version import __version__
 from dicom_heatmap.heatmap import Heatmap
 from dicom_heatmap.writers.common import MANUFACTURER, OutputIdentity
+from transforms.io import slice_thickness
 
 __all__ = ["build_parametric_map", "geometry_carrier"]
 
@@ -66,7 +67,7 @@ def build_parametric_map(heatmap: Heatmap, sources: list[Dataset], identity: Out
     row_step, col_step, slice_step = affine[:3, 1], affine[:3, 2], affine[:3, 0]
     spacing = (float(np.linalg.norm(row_step)), float(np.linalg.norm(col_step)))
     orientation = np.concatenate([col_step / spacing[1], row_step / spacing[0]])
-    thickness = float(np.linalg.norm(slice_step)) if heatmap.scores.shape[0] > 1 else float(sources[0].get("SliceThickness", 1) or 1)
+    thickness = float(np.linalg.norm(slice_step)) if heatmap.scores.shape[0] > 1 else slice_thickness(sources[0])
     positions = [
         hd.PlanePositionSequence(coordinate_system="PATIENT", image_position=[round(float(v), 6) for v in heatmap.centre((s, 0, 0))])
         for s in range(heatmap.scores.shape[0])
