@@ -380,13 +380,25 @@ def parametric_maps(orthanc: Orthanc) -> dict[str, np.ndarray]:
 
 @pytest.mark.parametrize("text, message", [
     ("ae_title: DHEATMAP\nwork_dir: w\npacs: {protocol: dimse, host: h, port: 104}\n", "pacs.ae_title: required"),
-    ("ae_title: DHEATMAP\nwork_dir: w\npacs: {ae_title: PACS, host: h, port: 70000}\n", "pacs.port: a TCP port"),
+    ("ae_title: DHEATMAP\nwork_dir: w\npacs: {ae_title: PACS, host: h, port: 70000}\n", "pacs.port: 70000 is not allowed"),
     ("ae_title: WAY_TOO_LONG_AE_TITLE\nwork_dir: w\npacs: {ae_title: PACS, host: h, port: 104}\n", "ae_title: an AE title"),
     ("ae_title: DHEATMAP\nwork_dir: w\npacs: {ae_title: PACS, host: h, port: 104}\nquery: {modality: CT}\n",
      "unknown key 'modality'"),
     ("ae_title: DHEATMAP\nwork_dir: w\npacs: {protocol: dicomweb, url: 'http://u:p@h/dicom-web'}\n",
      "put no credentials in the URL"),
     ("ae_title: [unclosed\n", "not valid YAML at line"),
+    # what the schema and the strict YAML reading refuse (each was once read as something else)
+    ("ae_title: DHEATMAP\nwork_dir: w\nport: true\npacs: {ae_title: PACS, host: h, port: 104}\n", "port: True is not allowed"),
+    ("ae_title: DHEATMAP\nwork_dir: w\npacs: {ae_title: PACS, host: h, port: 104, timeout: 0}\n",
+     "pacs.timeout: 0 is not allowed here (a duration above 0"),
+    ("ae_title: DHEATMAP\nwork_dir: w\npacs: {ae_title: PACS, host: h, port: 104}\nanalysis: {rotate: .inf}\n",
+     "analysis.rotate: inf is not allowed"),
+    ("ae_title: DHEATMAP\nwork_dir: w\npacs: {ae_title: PACS, host: h, port: 104}\nretry: {max_attempts: .inf}\n",
+     "retry.max_attempts: inf is not allowed"),
+    ("ae_title: DHEATMAP\nwork_dir: w\npacs: {ae_title: PACS, host: h, port: 104}\nquery: {study_date: 20260230}\n",
+     "20260230 is no date of the calendar"),
+    ("ae_title: DHEATMAP\nwork_dir: w\nwork_dir: v\npacs: {ae_title: PACS, host: h, port: 104}\n", "'work_dir' appears twice"),
+    ("a: &a [x, x, x]\nb: [*a, *a, *a]\n", "anchors and aliases are not allowed"),
 ])
 def test_a_wrong_configuration_is_named_by_file_and_key(tmp_path, capsys, text, message):
     from pipelines.cli import main
@@ -474,3 +486,22 @@ def test_silent_connections_do_not_block_the_listener(tmp_path, orthanc, our_por
             connection.close()
         node.send_signal(signal.SIGTERM)
         node.communicate(timeout=60)
+
+
+def test_configuration_files_that_are_not_what_they_seem_are_refused(tmp_path, capsys):
+    from pipelines.cli import main
+
+    base = "ae_title: DHEATMAP\nwork_dir: w\npacs: {ae_title: PACS, host: h, port: 104}\n"
+    cases = {
+        "latin1.yaml": (base.encode() + "query: {series_description: 'Thorax \xe9'}\n".encode("latin-1"), "is not UTF-8 text"),
+        "rules.yaml": ((base + "query: {rules: r.yaml}\n").encode(), "rule 1.exclude: 'false' is not allowed"),
+        "tls.yaml": ((base + "tls: {ca_file: ca.pem, cert_file: ca.pem, key_file: ca.pem}\n").encode(),
+                     "the certificates cannot be used"),
+    }
+    (tmp_path / "r.yaml").write_text("- {modalities: [CT], exclude: 'false'}\n")  # a string, not false
+    (tmp_path / "ca.pem").write_text("not a certificate\n")
+    for name, (content, message) in cases.items():
+        (tmp_path / name).write_bytes(content)
+        assert main(["pacs", "status", "--config", str(tmp_path / name)]) == 2
+        stderr = capsys.readouterr().err
+        assert message in stderr and stderr.count("\n") == 1, (name, stderr)

@@ -20,7 +20,7 @@ from typing import Any
 import yaml
 
 from dicom_heatmap.api import AnalysisSettings
-from dicom_heatmap.errors import ConfigurationError
+from dicom_heatmap.errors import ConfigurationError, one_line
 
 __all__ = ["PacsConfig", "RemoteNode", "Query", "SelectionRule", "RetryPolicy", "TlsSettings", "load_config"]
 
@@ -32,6 +32,149 @@ _DURATION = re.compile(r"^(\d+(?:\.\d+)?)\s*(s|m|h)?$")
 
 def _where(path: Path, key: str) -> str:
     return f"{path}: {key}"
+
+
+# The shape of pacs.yaml, declared: every key's type and range. The file is checked against
+# it before anything is read from it; the code below adds only what a schema cannot say
+# (paths relative to the file, a real calendar date, one key requiring another).
+_POSITIVE_DURATION = {"description": "a duration above 0: seconds, or such as 30s, 5m, 2h", "anyOf": [
+    {"type": "number", "exclusiveMinimum": 0, "maximum": 604800},
+    {"type": "string", "pattern": r"^(?!0+(\.0+)?\s*[smh]?$)\d{1,6}(\.\d+)?\s*[smh]?$"}]}
+_DURATION_OR_ZERO = {"description": "a duration: seconds, or such as 30s, 5m, 2h", "anyOf": [
+    {"type": "number", "minimum": 0, "maximum": 604800}, {"type": "string", "pattern": r"^\d{1,6}(\.\d+)?\s*[smh]?$"}]}
+_NAME = {"type": "string", "minLength": 1, "maxLength": 64}
+_NAMES = {"anyOf": [_NAME, {"type": "array", "items": _NAME, "maxItems": 64}]}
+_PATH = {"type": "string", "minLength": 1, "maxLength": 4096}
+_PAIR = {"type": "array", "items": {"type": "integer", "minimum": 1, "maximum": 100000}, "minItems": 2, "maxItems": 2}
+_PORT = {"type": "integer", "minimum": 1, "maximum": 65535}
+SCHEMA = {
+    "type": "object",
+    "additionalProperties": False,
+    "required": ["ae_title", "pacs", "work_dir"],
+    "properties": {
+        "ae_title": {"type": "string"},
+        "bind": {"type": "string", "minLength": 1, "maxLength": 255},
+        "port": _PORT,
+        "allowed_peers": _NAMES,
+        "pacs": {
+            "type": "object",
+            "additionalProperties": False,
+            "properties": {
+                "protocol": {"enum": ["dimse", "dicomweb"]},
+                "ae_title": {"type": "string"},
+                "host": {"type": "string", "minLength": 1, "maxLength": 255},
+                "port": _PORT,
+                "retrieve": {"enum": ["c-get", "c-move"]},
+                "url": {"type": "string", "maxLength": 2048},
+                "username": _NAME,
+                "password_env": {"type": "string", "pattern": "^[A-Za-z_][A-Za-z0-9_]{0,127}$"},
+                "password_file": _PATH,
+                "timeout": _POSITIVE_DURATION,
+                "tls": {"type": "boolean"},
+            },
+        },
+        "query": {
+            "type": ["object", "null"],
+            "additionalProperties": False,
+            "properties": {
+                "modalities": _NAMES,
+                "study_date": {"type": ["string", "integer"]},
+                "series_description": _NAME,
+                "rules": _PATH,
+            },
+        },
+        "quiet": _POSITIVE_DURATION,
+        "work_dir": _PATH,
+        "ledger": _PATH,
+        "retry": {
+            "type": ["object", "null"],
+            "additionalProperties": False,
+            "properties": {
+                "max_attempts": {"type": "integer", "minimum": 1, "maximum": 1000},
+                "backoff": _DURATION_OR_ZERO,
+                "backoff_max": _DURATION_OR_ZERO,
+            },
+        },
+        "tls": {
+            "type": ["object", "null"],
+            "additionalProperties": False,
+            "properties": {"ca_file": _PATH, "cert_file": _PATH, "key_file": _PATH},
+        },
+        "analysis": {
+            "type": ["object", "null"],
+            "additionalProperties": False,
+            "properties": {
+                "model": _PATH,
+                "precision": {"enum": ["auto", "fp32", "bf16", "fp16"]},
+                "backend": {"enum": ["auto", "torch", "openvino"]},
+                "grid": _PAIR,
+                "tile_size": {"type": "integer", "minimum": 8, "maximum": 100000},
+                "tile_size_um": {"type": "number", "exclusiveMinimum": 0, "maximum": 1e6},
+                "tissue_threshold": {"type": "number", "minimum": 0, "maximum": 1},
+                "threshold": {"type": "number", "minimum": 0, "maximum": 1},
+                "crop": {"enum": ["foreground", "template"]},
+                "crop_size": _PAIR,
+                "zoom": {"type": "number", "minimum": 1 / 64, "maximum": 8},
+                "rotate": {"type": "number", "minimum": -360, "maximum": 360},
+                "resolution_um": {"type": "number", "exclusiveMinimum": 0, "maximum": 1e5},
+                "level": {"type": "integer", "minimum": 0, "maximum": 64},
+            },
+        },
+    },
+}
+RULE_SCHEMA = {
+    "type": "object",
+    "additionalProperties": False,
+    "properties": {
+        "modalities": _NAMES,
+        "series_description": _NAME,
+        "body_part": _NAME,
+        "min_instances": {"type": "integer", "minimum": 0, "maximum": 1_000_000},
+        "exclude": {"type": "boolean"},
+    },
+}
+
+
+def _validate(raw: Any, schema: dict, path: Path, prefix: str = "") -> None:
+    """Check ``raw`` against ``schema``; the first error names the file and the dotted key."""
+    import jsonschema
+
+    validator = jsonschema.Draft202012Validator(schema)
+    error = next(iter(sorted(validator.iter_errors(raw), key=lambda e: list(map(str, e.absolute_path)))), None)
+    if error is None:
+        return
+    key = ".".join(str(part) for part in error.absolute_path) or "the file"
+    if error.validator == "additionalProperties":
+        unknown = sorted(set(error.instance) - set(error.schema.get("properties", {})))
+        message = f"unknown key {unknown[0]!r} (known: {', '.join(sorted(error.schema['properties']))})"
+    elif error.validator == "required":
+        missing = [k for k in error.validator_value if k not in error.instance]
+        key, message = ".".join([*map(str, error.absolute_path), missing[0]]), "required"
+    else:
+        rule = error.schema.get("description") or f"{error.validator}: {one_line(str(error.validator_value), 160)}"
+        message = f"{one_line(repr(error.instance), 80)} is not allowed here ({rule})"
+    raise ConfigurationError(f"{path}: {prefix}{key}: {message}")
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """YAML as configuration needs it: no duplicate keys (the second would silently win), no
+    anchors or aliases (an alias bomb expands a small file into gigabytes)."""
+
+    def compose_node(self, parent, index):
+        if self.check_event(yaml.AliasEvent) or getattr(self.peek_event(), "anchor", None):
+            mark = self.peek_event().start_mark
+            raise yaml.constructor.ConstructorError(None, None, "anchors and aliases are not allowed here", mark)
+        return super().compose_node(parent, index)
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(None, None, f"the key {one_line(repr(key), 64)} appears twice",
+                                                        key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
 
 
 def parse_duration(text: str | float | int, what: str = "duration") -> float:
@@ -270,27 +413,7 @@ class PacsConfig:
         return self.ledger or self.work_dir / "ledger.sqlite"
 
 
-_TOP_KEYS = {"ae_title", "bind", "port", "allowed_peers", "pacs", "query", "quiet", "work_dir", "ledger", "retry",
-             "tls", "analysis"}
-_PACS_KEYS = {"protocol", "ae_title", "host", "port", "retrieve", "url", "username", "password_env", "password_file",
-              "timeout", "tls"}
-_QUERY_KEYS = {"modalities", "study_date", "series_description", "rules"}
-_RULE_KEYS = {"modalities", "series_description", "body_part", "min_instances", "exclude"}
-_RETRY_KEYS = {"max_attempts", "backoff", "backoff_max"}
 _TLS_KEYS = {"ca_file", "cert_file", "key_file"}
-_ANALYSIS_KEYS = {"model", "precision", "backend", "grid", "tile_size", "tile_size_um", "tissue_threshold", "threshold", "crop",
-                  "crop_size", "zoom", "rotate", "resolution_um", "level"}
-
-
-def _mapping(value: Any, where: str, allowed: set[str]) -> dict:
-    if value is None:
-        return {}
-    if not isinstance(value, dict):
-        raise ConfigurationError(f"{where}: expected a mapping of keys, got {type(value).__name__}")
-    unknown = sorted(set(map(str, value)) - allowed)
-    if unknown:
-        raise ConfigurationError(f"{where}: unknown key {unknown[0]!r} (known: {', '.join(sorted(allowed))})")
-    return value
 
 
 def _path(value: Any, base: Path, where: str) -> Path:
@@ -316,19 +439,22 @@ def _number(value: Any, where: str, minimum: float = 0) -> float:
 
 def _read_yaml(path: Path, what: str) -> Any:
     try:
-        text = path.read_text()
+        text = path.read_bytes().decode("utf-8")
     except OSError as error:
         raise ConfigurationError(f"{path}: cannot read the {what} ({error.strerror})") from None
+    except UnicodeDecodeError as error:
+        raise ConfigurationError(f"{path}: the {what} is not UTF-8 text (byte {error.start})") from None
     try:
-        return yaml.safe_load(text)
+        return yaml.load(text, Loader=_StrictLoader)  # noqa: S506 - a SafeLoader
     except yaml.YAMLError as error:
         mark = getattr(error, "problem_mark", None)
         place = f" at line {mark.line + 1}" if mark else ""
-        raise ConfigurationError(f"{path}: not valid YAML{place}") from None
+        problem = f": {one_line(error.problem, 120)}" if getattr(error, "problem", None) else ""
+        raise ConfigurationError(f"{path}: not valid YAML{place}{problem}") from None
 
 
 def _remote(raw: Any, path: Path) -> RemoteNode:
-    raw = _mapping(raw, _where(path, "pacs"), _PACS_KEYS)
+    raw = raw or {}
     protocol = raw.get("protocol", "dimse")
     if protocol not in ("dimse", "dicomweb"):
         raise ConfigurationError(f"{_where(path, 'pacs.protocol')}: 'dimse' or 'dicomweb', got {protocol!r}")
@@ -375,7 +501,7 @@ def _rules(value: Any, path: Path) -> tuple[SelectionRule, ...]:
     rules = []
     for index, item in enumerate(raw):
         where = _where(rules_path, f"rule {index + 1}")
-        item = _mapping(item, where, _RULE_KEYS)
+        _validate(item, RULE_SCHEMA, rules_path, f"rule {index + 1}.")
         rules.append(SelectionRule(
             modalities=_strings(item["modalities"], where + ".modalities") if "modalities" in item else (),
             series_description=item.get("series_description"),
@@ -387,7 +513,7 @@ def _rules(value: Any, path: Path) -> tuple[SelectionRule, ...]:
 
 
 def _query(raw: Any, path: Path) -> Query:
-    raw = _mapping(raw, _where(path, "query"), _QUERY_KEYS)
+    raw = raw or {}
     modalities = _strings(raw.get("modalities", ["CT", "MR", "SM"]), _where(path, "query.modalities"))
     study_date = raw.get("study_date")
     if study_date is not None:
@@ -395,13 +521,18 @@ def _query(raw: Any, path: Path) -> Query:
         if study_date != "today" and not _LAST_DAYS.match(study_date) and not (
                 _DATE_RANGE.match(study_date) and study_date.strip("-")):
             raise ConfigurationError(f"{_where(path, 'query.study_date')}: expected YYYYMMDD, YYYYMMDD-YYYYMMDD, "
-                                     f"'today' or 'last N days', got {study_date!r}")
+                                     f"'today' or 'last N days', got {one_line(repr(study_date), 40)}")
+        for day in re.findall(r"\d{8}", study_date):
+            try:
+                dt.datetime.strptime(day, "%Y%m%d")
+            except ValueError:
+                raise ConfigurationError(f"{_where(path, 'query.study_date')}: {day} is no date of the calendar") from None
     return Query(modalities, study_date, raw.get("series_description"),
                  _rules(raw["rules"], path) if "rules" in raw else ())
 
 
 def _analysis(raw: Any, path: Path) -> tuple[Path | None, str, str, AnalysisSettings]:
-    raw = dict(_mapping(raw, _where(path, "analysis"), _ANALYSIS_KEYS))
+    raw = dict(raw or {})
     model = raw.pop("model", None)
     model = _path(model, path.parent, _where(path, "analysis.model")) if model else None
     precision = raw.pop("precision", "auto")
@@ -416,10 +547,6 @@ def _analysis(raw: Any, path: Path) -> tuple[Path | None, str, str, AnalysisSett
             if not (isinstance(value, list) and len(value) == 2 and all(isinstance(v, int) and v > 0 for v in value)):
                 raise ConfigurationError(f"{_where(path, 'analysis.' + pair)}: expected [rows, cols], got {value!r}")
             raw[pair] = tuple(value)
-    if "tile_size_um" in raw:
-        raw["tile_size_um"] = _number(raw.pop("tile_size_um"), _where(path, "analysis.tile_size_um"))
-    if "resolution_um" in raw:
-        raw["resolution_um"] = _number(raw.pop("resolution_um"), _where(path, "analysis.resolution_um"))
     try:
         settings = AnalysisSettings(**raw)
     except ConfigurationError as error:
@@ -436,12 +563,13 @@ def load_config(path: str | Path) -> PacsConfig:
         ConfigurationError: naming the file and the key that is wrong.
     """
     path = Path(path).resolve()
-    raw = _mapping(_read_yaml(path, "PACS configuration"), str(path), _TOP_KEYS)
+    raw = _read_yaml(path, "PACS configuration")
+    _validate(raw, SCHEMA, path)
     for key in ("ae_title", "pacs", "work_dir"):
         if key not in raw:
             raise ConfigurationError(f"{_where(path, key)}: required")
-    retry = _mapping(raw.get("retry"), _where(path, "retry"), _RETRY_KEYS)
-    tls = _mapping(raw.get("tls"), _where(path, "tls"), _TLS_KEYS) if raw.get("tls") else None
+    retry = raw.get("retry") or {}
+    tls = raw.get("tls") or None
     if tls is not None:
         missing = sorted(_TLS_KEYS - set(tls))
         if missing:
@@ -450,6 +578,12 @@ def load_config(path: str | Path) -> PacsConfig:
         for file in (tls.ca_file, tls.cert_file, tls.key_file):
             if not file.is_file():
                 raise ConfigurationError(f"{_where(path, 'tls')}: {file} does not exist")
+        try:
+            tls.context(server=True)  # read now: a file that is no PEM certificate or key fails here, not mid-job
+        except (ssl.SSLError, OSError, ValueError) as error:
+            raise ConfigurationError(f"{_where(path, 'tls')}: the certificates cannot be used "
+                                     f"({one_line(getattr(error, 'reason', None) or type(error).__name__, 80)}); "
+                                     "give PEM files of a certificate, its key and the CA") from None
     pacs = _remote(raw["pacs"], path)
     if pacs.tls and tls is None:
         raise ConfigurationError(f"{_where(path, 'pacs.tls')}: needs the certificates of the top-level tls section")
