@@ -28,10 +28,13 @@ from dicom_heatmap.errors import ConfigurationError, DicomHeatmapError, InputErr
 from dicom_heatmap.heatmap import Heatmap
 from dicom_heatmap.render import render_slice
 from dicom_heatmap.scorer import MODEL_DOMAIN, MODEL_MODALITIES, TileScorer
-from dicom_heatmap.spread import SpreadSummary, analyze_spread
+from dicom_heatmap.spread import SpreadSummary, analyze_spread, lesion_masks
 from dicom_heatmap.checksum import file_sha256
 from dicom_heatmap.writers.common import PATIENT_STUDY_KEYWORDS, OutputIdentity, result_series, synthetic_reference
+from dicom_heatmap.writers.geojson import build_feature_collection
+from dicom_heatmap.writers.nifti import write_score_volume
 from dicom_heatmap.writers.pm import build_parametric_map, geometry_carrier
+from dicom_heatmap.writers.seg import build_segmentation
 from dicom_heatmap.writers.sc import build_secondary_capture
 from dicom_heatmap.writers.sr import build_structured_report
 from dicom_heatmap.writers.validation import check_encodable
@@ -251,8 +254,11 @@ class AnalysisResult:
             "tiles": tiles,
         }
 
-    def save(self, out_dir: str | Path) -> Path:
-        """Write SC (one per slice), PM, SR, a PNG preview and ``result.json``.
+    def save(self, out_dir: str | Path, viewer_files: bool = True) -> Path:
+        """Write SC (one per slice), PM, SR, a PNG preview and ``result.json``; with
+        ``viewer_files``, also what viewers open: ``scores.nii.gz`` and ``seg.dcm`` (a CT or MR
+        image; the SEG where the image is the source's own pixel grid) or ``heatmap.geojson``
+        (a slide or picture, for QuPath).
 
         The files go to ``out_dir/<derived UID>/``; the folder appears whole or not at all
         (written under a temporary name, then renamed).
@@ -270,7 +276,7 @@ class AnalysisResult:
         staging = Path(tempfile.mkdtemp(prefix=f".partial-{os.getpid()}-", dir=out_dir))
         try:
             try:
-                self._write(staging)
+                self._write(staging, viewer_files)
             except (OSError, DicomHeatmapError):
                 raise
             except Exception as error:  # a header value highdicom/pydicom cannot encode
@@ -300,6 +306,29 @@ class AnalysisResult:
                      if abs(through) >= 0.05 else f"; in plane; focus in slice {focus_slice}")
         return text
 
+    def _write_viewer_files(self, folder: Path, evidence: list[Dataset], reference: Dataset, save, uids: dict) -> dict:
+        """Files for viewers: for a CT/MR image, the score volume as NIfTI and the lesions as a
+        DICOM SEG on the source's pixels; for a slide or picture, the tiles and lesion outlines
+        as GeoJSON in full-resolution pixel coordinates (QuPath). Returns their names; the
+        UIDs of DICOM ones go into ``uids``."""
+        lesions = lesion_masks(self.tile_map, self.settings.threshold)
+        written = {}
+        if self.tile_map.frame == "PATIENT":
+            write_score_volume(self.tile_map, folder / "scores.nii.gz")
+            written["score_volume"] = "scores.nii.gz"
+            if _on_source_grid(self, evidence):
+                seg = build_segmentation(self.tile_map, lesions, evidence, self.identity, *result_series(reference, "seg"))
+                if seg is not None:
+                    save(seg, "seg.dcm")
+                    written["segmentation"] = "seg.dcm"
+                    uids["seg"] = str(seg.SOPInstanceUID)
+        elif self.meta.get("level0_pixels") and self.image.shape[0] == 1:
+            collection = build_feature_collection(self.tile_map, lesions, self.meta["affine"], self.meta["level0_pixels"],
+                                                  self.settings.threshold)
+            (folder / "heatmap.geojson").write_text(json.dumps(collection, separators=(",", ":")))
+            written["geojson"] = "heatmap.geojson"
+        return written
+
     def slice_label(self, slice_index: int) -> str:
         """Which slice of a CT/MR image this is, and where along the slice normal (mm, LPS)."""
         affine = self.meta["affine"]
@@ -308,13 +337,13 @@ class AnalysisResult:
         position = float(normal @ (affine @ np.array([slice_index, 0.0, 0.0, 1.0]))[:3])
         return f"slice {slice_index + 1} of {self.image.shape[0]}, at {position:.1f} mm"
 
-    def _write(self, folder: Path) -> None:
+    def _write(self, folder: Path, viewer_files: bool) -> None:
         # The PNG preview is compressed in a thread of its own (zlib lets go of the GIL)
         # while the DICOM objects are built: scoring is over, so a core is free.
         with ThreadPoolExecutor(1, thread_name_prefix="preview") as preview:
-            self._write_all(folder, preview)
+            self._write_all(folder, preview, viewer_files)
 
-    def _write_all(self, folder: Path, preview: ThreadPoolExecutor) -> None:
+    def _write_all(self, folder: Path, preview: ThreadPoolExecutor, viewer_files: bool) -> None:
         evidence = [_evidence_header(s) for s in self.meta["source_datasets"]]
         reference = evidence[0] if evidence else synthetic_reference(self.identity, self.meta["modality"])
         affine = self.meta["affine"]
@@ -377,10 +406,20 @@ class AnalysisResult:
                              "preview": "preview.png",
                              "uids": {"sc_series": str(secondary_captures[0].SeriesInstanceUID),
                                       "pm": str(pm.SOPInstanceUID), "sr": str(sr.SOPInstanceUID)}}
+        if viewer_files:
+            result["outputs"].update(self._write_viewer_files(folder, evidence, reference, save, result["outputs"]["uids"]))
         # compact: the C encoder (indent forces the pure-Python one, seconds for a large slide)
         (folder / "result.json").write_text(json.dumps(result, separators=(",", ":")))
         if preview_written is not None:
             preview_written.result()  # its errors are this call's
+
+
+def _on_source_grid(result: "AnalysisResult", evidence: list[Dataset]) -> bool:
+    """Whether the analysed image is the source images' own pixel grid, slice for slice."""
+    settings = result.settings
+    if settings.crop or settings.zoom != 1.0 or settings.rotate % 360 or len(evidence) != result.image.shape[0]:
+        return False
+    return all((int(ds.Rows), int(ds.Columns)) == tuple(result.image.shape[1:3]) for ds in evidence)
 
 
 def _exchange(first: Path, second: Path) -> bool:

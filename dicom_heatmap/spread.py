@@ -52,7 +52,7 @@ import numpy as np
 
 from dicom_heatmap.heatmap import Heatmap
 
-__all__ = ["SpreadSummary", "analyze_spread", "COMPASS", "direction_words"]
+__all__ = ["SpreadSummary", "analyze_spread", "lesion_masks", "COMPASS", "direction_words"]
 
 #: The 8 bins of the in-plane flow histogram, counter-clockwise from "right" on screen.
 COMPASS = ("right", "up-right", "up", "up-left", "left", "down-left", "down", "down-right")
@@ -323,6 +323,24 @@ def _direction(heatmap: Heatmap, scores: np.ndarray, tiles: np.ndarray, focus_fi
     return found
 
 
+def _lesions(heatmap: Heatmap, threshold: float) -> tuple[np.ndarray, list[np.ndarray]]:
+    """The lesion tiles - the analysed tiles whose scores, smoothed by :data:`LESION_SIGMA`
+    over the analysed tiles, reach ``threshold`` - and their connected parts of at least
+    :data:`MIN_LESION_TILES`, the dominant one (most tumour) first."""
+    analysed = heatmap.analysed
+    values = np.nan_to_num(heatmap.scores.astype(np.float64), nan=0.0)
+    mask = analysed & (_smooth(values, LESION_SIGMA, analysed.astype(np.float64)) >= threshold)
+    parts = [part for part in _components(mask) if part.sum() >= MIN_LESION_TILES]
+    parts.sort(key=lambda part: -float(values[part].sum()))
+    return mask, parts
+
+
+def lesion_masks(heatmap: Heatmap, threshold: float = 0.5) -> list[np.ndarray]:
+    """Boolean (slices, rows, cols) tile mask of each lesion, the dominant one first: the
+    lesions :func:`analyze_spread` reports, for the segmentation and outline outputs."""
+    return _lesions(heatmap, threshold)[1]
+
+
 def analyze_spread(heatmap: Heatmap, threshold: float = 0.5) -> SpreadSummary:
     """Run the spread analysis of a heatmap (see the module docstring).
 
@@ -358,19 +376,16 @@ def analyze_spread(heatmap: Heatmap, threshold: float = 0.5) -> SpreadSummary:
     if not analysed.any() or flow_count == 0:
         return SpreadSummary(**summary)  # nothing analysed, or a flat field: nothing to report
 
-    # lesions: the scores smoothed over the analysed tiles, at or above the threshold
-    lesion_mask = analysed & (_smooth(values, LESION_SIGMA, analysed.astype(np.float64)) >= threshold)
+    lesion_mask, parts = _lesions(heatmap, threshold)
     # every lesion tile counts the same from here on: the scores' noise inside a lesion
     # would otherwise move the maximum about on the plateau of a large one
     lesion_scores = lesion_mask.astype(np.float64)
     focus_field = _smooth(lesion_scores, FOCUS_SIGMA)
-    parts = [p for p in _components(lesion_mask) if p.sum() >= MIN_LESION_TILES]
     if not parts:  # no lesion: the focus is where the scores are highest, smoothed the same way
         focus = _peak(_smooth(values, FOCUS_SIGMA), analysed)
         summary.update(focus_tile=int(heatmap.grid.number(*focus)), focus_index=list(focus),
                        focus_position=[round(float(v), 3) for v in heatmap.centre(focus)])
         return SpreadSummary(**summary)
-    parts.sort(key=lambda part: -float(values[part].sum()))  # the dominant lesion (most tumour) first
     lesions = [_direction(heatmap, lesion_scores, part, focus_field, tile_measure) for part in parts]
     whole = _direction(heatmap, lesion_scores, np.logical_or.reduce(parts), focus_field, tile_measure)
     summary.update(

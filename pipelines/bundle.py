@@ -89,10 +89,12 @@ class HeatmapWorkflow:
         inferer: the :class:`TileGridInferer`.
         settings: the :class:`AnalysisSettings` the preprocessing was configured with.
         output_dir: where each input's result folder goes.
+        viewer_files: also write the files viewers open (see :meth:`AnalysisResult.save`).
     """
 
     def __init__(self, dataset: Dataset, scorer: TileScorer, inferer: TileGridInferer, settings: AnalysisSettings,
-                 output_dir: str | Path) -> None:
+                 output_dir: str | Path, viewer_files: bool = True) -> None:
+        self.viewer_files = viewer_files
         self.dataset = dataset
         self.scorer = scorer
         self.inferer = inferer
@@ -106,7 +108,7 @@ class HeatmapWorkflow:
             with project_errors():
                 data = self.dataset[index]
             result = analyze_prepared(data, self.scorer, self.settings, self.inferer)
-            folder = result.save(self.output_dir)
+            folder = result.save(self.output_dir, viewer_files=self.viewer_files)
             if result.domain_warning:
                 print(f"warning: {result.meta['source_path']}: {result.domain_warning}")
             print(f"{result.meta['source_path']}: {result.summary_line()}\n  -> {folder}")

@@ -102,6 +102,8 @@ def build_parser() -> argparse.ArgumentParser:
     analyze.add_argument("inputs", nargs="+", type=Path, metavar="INPUT", help="DICOM folder or file, SVS/TIFF slide, PNG/JPEG")
     analyze.add_argument("--out", type=Path, required=True, help="output folder (one subfolder per input)")
     analyze.add_argument("--quiet", action="store_true", help="no progress bar")
+    analyze.add_argument("--no-viewer-files", dest="viewer_files", action="store_false",
+                         help="write no scores.nii.gz / seg.dcm (CT, MR) or heatmap.geojson (slides, pictures)")
     _add_analysis_options(analyze)
 
     demo = commands.add_parser("demo", help="analyse the sample data shipped in the repository")
@@ -204,7 +206,7 @@ def run_analyze(args: argparse.Namespace) -> int:
     for path in args.inputs:
         try:
             result = analyze(path, scorer, settings, progress=not args.quiet, max_values=int(args.max_megavalues * 1e6))
-            folder = result.save(args.out)
+            folder = result.save(args.out, viewer_files=args.viewer_files)
         except DicomHeatmapError as error:
             print(f"dicom-heatmap: error: {error}", file=sys.stderr)
             failed += 1

@@ -132,3 +132,15 @@ def test_16_bit_colour_is_scaled_and_links_out_of_a_series_folder_are_not_follow
         path.rename(folder / path.name)
     (folder / "link.dcm").symlink_to(paths[2])
     assert analyze(folder, scorer, grid=(2, 2), progress=False).heatmap.shape[0] == 2
+
+
+def test_result_series_are_recognised_as_results():
+    """The PACS job never analyses its own results: every description result_series writes reads as one."""
+    from dicom_heatmap.writers.common import is_result_description, result_series
+
+    numbered, plain = pydicom.Dataset(), pydicom.Dataset()
+    numbered.SeriesNumber, numbered.SeriesDescription = 7, "AX T2 FLAIR WITH A LONG DESCRIPTION OF THE SERIES"
+    for kind in ("sc", "pm", "sr", "seg"):
+        for reference in (numbered, plain):
+            assert is_result_description(result_series(reference, kind)[1])
+    assert not is_result_description("AX T2 FLAIR") and not is_result_description("Tumour board (research only) notes")

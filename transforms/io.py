@@ -19,6 +19,10 @@ Every loader gives the pixels as a numpy array shaped (slices, rows, columns, ch
     one pydicom Dataset per slice (no pixel data) for DICOM inputs, else an empty list.
 ``frame_of_reference_uid``
     the source's Frame of Reference UID where it has one.
+``level0_pixels`` (slides and pictures)
+    ``(scale, offset)``: a position ``p`` of the frame (x or y) lies at ``p * scale + offset``
+    in the corner-based pixel coordinates of the file's full-resolution level, as slide
+    viewers and QuPath place objects.
 ``content_key`` (slides only, optional)
     a cheap identity of the file's content: OpenSlide's ``openslide.quickhash-1`` (sha256
     of the properties and the smallest level) where the format has one. Output UIDs of a
@@ -468,6 +472,7 @@ def _load_dicom_wsi(ds: Dataset, path: Path) -> tuple[np.ndarray, dict]:
         "modality": "SM",
         "affine": affine,
         "frame": "SLIDE",
+        "level0_pixels": (1.0 / spacing[1], 0.5),  # this file's own pixels
         "source_path": str(path),
         "source_datasets": [_header(ds)],
         "frame_of_reference_uid": str(ds.get("FrameOfReferenceUID", "")) or None,
@@ -702,6 +707,8 @@ def load_slide(path: Path, resolution_um: float | None = None, max_values: int =
         "modality": "SM",
         "affine": _pixel_affine(spacing or 1.0),
         "frame": "SLIDE" if spacing else "IMAGE",
+        # level-0 pixels per frame unit (mm, or pixels of this level), centres half a pixel in
+        "level0_pixels": (1.0 / base_mm if spacing else downsamples[level], 0.5 * downsamples[level]),
         "source_path": str(path),
         "source_datasets": [],
         "frame_of_reference_uid": None,
@@ -731,6 +738,7 @@ def load_picture(path: Path, max_values: int = DEFAULT_MAX_VALUES, pixel_size_um
         "modality": "OT",
         "affine": _pixel_affine(pixel_size_um / 1000 if pixel_size_um else 1.0),
         "frame": "SLIDE" if pixel_size_um else "IMAGE",
+        "level0_pixels": (1000.0 / pixel_size_um if pixel_size_um else 1.0, 0.5),
         "source_path": str(path),
         "source_datasets": [],
         "frame_of_reference_uid": None,

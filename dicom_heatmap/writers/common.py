@@ -13,7 +13,7 @@ from dicom_heatmap._version import __version__
 
 __all__ = [
     "ALGORITHM_NAME", "MANUFACTURER", "SERIES_DESCRIPTION_SUFFIX", "OutputIdentity",
-    "synthetic_reference", "patient_orientation", "CODING_SCHEME", "code", "PATIENT_STUDY_KEYWORDS", "result_series",
+    "synthetic_reference", "patient_orientation", "CODING_SCHEME", "code", "PATIENT_STUDY_KEYWORDS", "result_series", "is_result_description",
 ]
 
 ALGORITHM_NAME = "dicom-heatmap VGG16 13-head tile scorer"
@@ -80,24 +80,25 @@ def derived_uid(*parts: object) -> UID:
 
 
 #: kind: (offset of the Series Number, what the series holds)
-_RESULT_SERIES = {"sc": (1, "Tumour heatmap"), "pm": (2, "Tumour score map"), "sr": (3, "Tumour report")}
+_RESULT_SERIES = {"sc": (1, "Tumour heatmap"), "pm": (2, "Tumour score map"), "sr": (3, "Tumour report"),
+                  "seg": (4, "Tumour lesions")}
 #: Series Numbers of results whose source has none (slide files, pictures): 9701-9703.
 _UNNUMBERED_BASE = 9700
 _LO_MAX = 64
 
 
 def result_series(reference: Dataset, kind: str) -> tuple[int, str]:
-    """Series Number and Series Description of one result series (``kind``: sc, pm or sr).
+    """Series Number and Series Description of one result series (``kind``: sc, pm, sr or seg).
 
-    Results of source series N are numbered N * 1000 + 1, 2, 3 and their description names
+    Results of source series N are numbered N * 1000 + 1, 2, 3, 4 and their description names
     series N and its description, so that in an archive's list of a study holding several
     analysed series each result series says which series it came from. A source without
-    a Series Number gives 9701-9703. The source's description is quoted only if it is
+    a Series Number gives 9701-9704. The source's description is quoted only if it is
     printable ASCII (it is shortened to fit the 64 characters of LO).
 
     Args:
         reference: the source header (its SeriesNumber and SeriesDescription are read).
-        kind: ``"sc"``, ``"pm"`` or ``"sr"``.
+        kind: ``"sc"``, ``"pm"``, ``"sr"`` or ``"seg"``.
     """
     if kind not in _RESULT_SERIES:
         raise ValueError(f"kind must be one of {', '.join(_RESULT_SERIES)}, got {kind!r}")
@@ -117,6 +118,14 @@ def result_series(reference: Dataset, kind: str) -> tuple[int, str]:
         if described and room > 3:
             text += f" '{described}'"
     return source_number * 1000 + offset, f"{text} (research only)"
+
+
+def is_result_description(description: str) -> bool:
+    """Whether a Series Description is one :func:`result_series` writes (the PACS job never
+    analyses its own results)."""
+    text = str(description or "")
+    return text.startswith(tuple(name for _, name in _RESULT_SERIES.values())) and (
+        text.endswith("(research only)") or text.endswith(f"({SERIES_DESCRIPTION_SUFFIX})"))
 
 
 def synthetic_reference(identity: OutputIdentity, modality: str) -> Dataset:

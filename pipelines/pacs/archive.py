@@ -16,7 +16,7 @@ from typing import Protocol
 from pydicom.dataset import Dataset
 
 from dicom_heatmap.errors import DicomHeatmapError, InputError
-from dicom_heatmap.writers.common import SERIES_DESCRIPTION_SUFFIX
+from dicom_heatmap.writers.common import is_result_description
 
 from pipelines.pacs.config import PacsConfig, Query
 from pipelines.pacs.ledger import SeriesRef
@@ -62,7 +62,7 @@ def series_from_answer(answer: Dataset, modality: str, source: str) -> SeriesRef
 
 def is_our_output(series: SeriesRef) -> bool:
     """Series that hold dicom-heatmap results (never analysed again)."""
-    return series.series_description.endswith(f"({SERIES_DESCRIPTION_SUFFIX})")
+    return is_result_description(series.series_description)
 
 
 def write_instance(folder: Path, sop_uid: str, encoded: bytes) -> Path:

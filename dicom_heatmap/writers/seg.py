@@ -1,0 +1,82 @@
+"""DICOM Segmentation of the lesions, on the source images' own pixels.
+
+One binary segment per lesion (the dominant first), each the pixels of its tiles, so
+viewers that overlay a SEG on its source series (OHIF, 3D Slicer, a PACS viewer) show it
+where the heatmap found it. Written only when the analysed image is the source's pixel
+grid (no crop, zoom or rotation).
+"""
+
+from __future__ import annotations
+
+import highdicom as hd
+import numpy as np
+from pydicom.dataset import Dataset
+from pydicom.sr.codedict import codes
+
+from dicom_heatmap._version import __version__
+from dicom_heatmap.heatmap import Heatmap
+from dicom_heatmap.writers.common import ALGORITHM_NAME, MANUFACTURER, OutputIdentity
+
+__all__ = ["build_segmentation", "pixel_mask"]
+
+
+def pixel_mask(heatmap: Heatmap, tiles: np.ndarray) -> np.ndarray:
+    """(slices, rows, cols) boolean pixels of the tiles set in ``tiles`` (slices, R, C)."""
+    grid = heatmap.grid
+    rows = np.repeat(np.arange(len(grid.row_edges) - 1), np.diff(grid.row_edges))
+    cols = np.repeat(np.arange(len(grid.col_edges) - 1), np.diff(grid.col_edges))
+    return tiles[:, rows][:, :, cols]
+
+
+def build_segmentation(heatmap: Heatmap, lesions: list[np.ndarray], sources: list[Dataset], identity: OutputIdentity,
+                       series_number: int, series_description: str) -> hd.seg.Segmentation | None:
+    """The lesions as a binary Segmentation of ``sources``; None without a lesion.
+
+    Args:
+        heatmap: the scores on the sources' pixel grid (one slice per source, in order).
+        lesions: boolean tile masks of the lesions, dominant first.
+        sources: the source images (headers), one per slice of the heatmap.
+        identity: gives the deterministic UIDs.
+        series_number: Series Number of the segmentation's series.
+        series_description: its Series Description.
+    """
+    if len(sources) != heatmap.scores.shape[0]:
+        raise ValueError(f"sources must hold one image per slice ({heatmap.scores.shape[0]}), got {len(sources)}")
+    if not lesions:
+        return None
+    algorithm = hd.AlgorithmIdentificationSequence(name=ALGORITHM_NAME, version=__version__,
+                                                   family=codes.cid7162.ArtificialIntelligence)
+    segments = [
+        hd.seg.SegmentDescription(
+            segment_number=index + 1,
+            segment_label=f"Lesion {index + 1}" + (" (dominant)" if index == 0 else ""),
+            segmented_property_category=codes.SCT.MorphologicallyAbnormalStructure,
+            segmented_property_type=codes.SCT.Neoplasm,
+            algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
+            algorithm_identification=algorithm,
+        )
+        for index in range(len(lesions))
+    ]
+    # labels: each pixel the number of its lesion (lesions do not overlap), 0 elsewhere
+    labels = np.zeros(pixel_mask(heatmap, lesions[0]).shape, dtype=np.uint8)
+    for index, lesion in enumerate(lesions):
+        labels[pixel_mask(heatmap, lesion)] = index + 1
+    seg = hd.seg.Segmentation(
+        source_images=sources,
+        pixel_array=labels if len(sources) > 1 else labels[0],
+        segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
+        segment_descriptions=segments,
+        series_instance_uid=identity.uid("seg-series"),
+        series_number=series_number,
+        sop_instance_uid=identity.uid("seg"),
+        instance_number=1,
+        manufacturer=MANUFACTURER,
+        manufacturer_model_name="dicom-heatmap",
+        software_versions=__version__,
+        device_serial_number="0",
+        content_description="Lesion tiles of the tumour heatmap (research use only)",
+        omit_empty_frames=False,
+    )
+    # General Series
+    seg.SeriesDescription = series_description
+    return seg

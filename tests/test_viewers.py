@@ -1,0 +1,94 @@
+"""Files for viewers, read back as a viewer would: GeoJSON (QuPath) with shapely, the score
+volume with SimpleITK, the SEG with highdicom; every tile checked against result.json."""
+
+from __future__ import annotations
+
+import json
+
+import highdicom as hd
+import numpy as np
+import openslide
+import pydicom
+import pytest
+import SimpleITK as sitk
+from shapely.geometry import shape
+
+from conftest import write_series
+from dicom_heatmap import analyze
+from dicom_heatmap.spread import lesion_masks
+
+
+def _tiles(folder):
+    result = json.loads((folder / "result.json").read_text())
+    return result, {t["number"]: t for t in result["tiles"]}
+
+
+@pytest.mark.parametrize("sample,options", [("idc_mosaic_tail.png", {}), ("idc_mosaic_tail.png", {"pixel_size_um": 4.0}),
+                                            ("cmu_small_region.svs", {"level": 0}), ("pyramid.tif", {"level": 1})])
+def test_geojson_tiles_lie_on_full_resolution_pixels(sample, options, scorer, data_dir, tmp_path):
+    if sample == "pyramid.tif":  # levels 4096 and 1024 px: level 1 is 4x coarser than level 0
+        from pipelines.bench import make_synthetic_slide
+
+        data_dir = tmp_path
+        make_synthetic_slide(tmp_path / sample, side=4096, tile=256, smallest=1024)
+    folder = analyze(data_dir / sample, scorer, progress=False, **options).save(tmp_path / "out")
+    result, tiles = _tiles(folder)
+    features = json.loads((folder / "heatmap.geojson").read_text())["features"]
+    tile_features = [f for f in features if f["properties"]["objectType"] == "tile"]
+    assert len(tile_features) == sum(t["analysed"] for t in tiles.values())
+    downsample = 1.0
+    if "level" in options:
+        with openslide.OpenSlide(str(data_dir / sample)) as slide:
+            downsample = slide.level_downsamples[options["level"]]
+    for feature in tile_features:
+        properties = feature["properties"]
+        tile = tiles[properties["measurements"]["tile number"]]
+        assert properties["measurements"]["score"] == pytest.approx(tile["score"], abs=1e-6)
+        top, left, bottom, right = tile["box"]
+        expected = np.array([left, top, right, bottom]) * downsample  # corner-based pixels of level 0
+        assert np.allclose(shape(feature["geometry"]).bounds, expected, atol=1e-3 * downsample)
+    lesions = [f for f in features if f["properties"]["objectType"] == "annotation"]
+    assert len(lesions) == len(result["spread"]["lesions"])
+    for feature, lesion in zip(lesions, result["spread"]["lesions"]):
+        outline = shape(feature["geometry"])
+        assert outline.is_valid and feature["properties"]["measurements"]["tiles"] == lesion["tiles"]
+        focus = tiles[lesion["focus_tile"]]["box"]
+        centre = ((focus[1] + focus[3]) / 2 * downsample, (focus[0] + focus[2]) / 2 * downsample)
+        assert outline.buffer(1e-6).contains(shape({"type": "Point", "coordinates": centre}))
+
+
+def test_ct_score_volume_and_segmentation_land_on_the_source(scorer, tmp_path, dciodvfy):
+    paths = write_series(tmp_path / "ct", slices=4, spacing=3.0)
+    result = analyze(tmp_path / "ct", scorer, grid=(6, 6), threshold=0.05, progress=False)
+    folder = result.save(tmp_path / "out")
+    _, tiles = _tiles(folder)
+    # the NIfTI resampled onto the source series (nearest): each tile's score on its pixels
+    reader = sitk.ImageSeriesReader()
+    reader.SetFileNames(sitk.ImageSeriesReader().GetGDCMSeriesFileNames(str(tmp_path / "ct")))
+    source = reader.Execute()
+    scores = sitk.ReadImage(str(folder / "scores.nii.gz"))
+    resampled = sitk.GetArrayFromImage(sitk.Resample(scores, source, sitk.Transform(), sitk.sitkNearestNeighbor, np.nan))
+    order = np.argsort([float(pydicom.dcmread(p).ImagePositionPatient[2]) for p in reader.GetFileNames()])
+    checked = 0
+    for tile in tiles.values():
+        if not tile["analysed"]:
+            continue
+        top, left, bottom, right = tile["box"]
+        value = resampled[tile["slice"], (top + bottom) // 2, (left + right) // 2]
+        assert value == pytest.approx(tile["score"], abs=1e-6), tile["number"]
+        checked += 1
+    assert checked >= 3 and list(order) == sorted(order)
+    # the SEG: one segment per lesion, on the source instances, the dominant lesion's tiles
+    seg = hd.seg.segread(folder / "seg.dcm")
+    assert dciodvfy(folder / "seg.dcm") == []
+    lesions = result.spread.lesions
+    assert len(seg.SegmentSequence) == len(lesions) >= 1
+    referenced = {str(item.ReferencedSOPInstanceUID) for series in seg.ReferencedSeriesSequence
+                  for item in series.ReferencedInstanceSequence}
+    assert referenced == {str(pydicom.dcmread(p).SOPInstanceUID) for p in paths}
+    sources = [str(pydicom.dcmread(p).SOPInstanceUID) for p in paths]
+    mask = seg.get_pixels_by_source_instance(source_sop_instance_uids=sources, segment_numbers=[1])  # (n, rows, cols, 1)
+    dominant = lesion_masks(result.tile_map, result.settings.threshold)[0]
+    numbers = result.tile_map.grid.number(*np.nonzero(dominant))
+    expected = sum((tiles[n]["box"][2] - tiles[n]["box"][0]) * (tiles[n]["box"][3] - tiles[n]["box"][1]) for n in numbers)
+    assert int(mask.sum()) == expected > 0 and len(numbers) == lesions[0]["tiles"]
