@@ -33,7 +33,7 @@ from dicom_heatmap.checksum import file_sha256
 from dicom_heatmap.writers.common import PATIENT_STUDY_KEYWORDS, OutputIdentity, result_series, synthetic_reference
 from dicom_heatmap.writers.geojson import build_feature_collection
 from dicom_heatmap.writers.nifti import write_score_volume
-from dicom_heatmap.writers.pm import build_parametric_map, geometry_carrier
+from dicom_heatmap.writers.pm import build_parametric_map, geometry_carrier, on_slide
 from dicom_heatmap.writers.seg import build_segmentation
 from dicom_heatmap.writers.sc import build_secondary_capture
 from dicom_heatmap.writers.sr import build_structured_report
@@ -307,22 +307,23 @@ class AnalysisResult:
         return text
 
     def _write_viewer_files(self, folder: Path, evidence: list[Dataset], reference: Dataset, save, uids: dict) -> dict:
-        """Files for viewers: for a CT/MR image, the score volume as NIfTI and the lesions as a
-        DICOM SEG on the source's pixels; for a slide or picture, the tiles and lesion outlines
-        as GeoJSON in full-resolution pixel coordinates (QuPath). Returns their names; the
-        UIDs of DICOM ones go into ``uids``."""
+        """Files for viewers: for a CT/MR image, the score volume as NIfTI; for a slide or
+        picture, the tiles and lesion outlines as GeoJSON in full-resolution pixel coordinates
+        (QuPath); for a CT/MR image or a DICOM whole-slide image analysed on its own pixels,
+        the lesions as a DICOM SEG. Returns their names; the UIDs of DICOM ones go into
+        ``uids``."""
         lesions = lesion_masks(self.tile_map, self.settings.threshold)
         written = {}
         if self.tile_map.frame == "PATIENT":
             write_score_volume(self.tile_map, folder / "scores.nii.gz")
             written["score_volume"] = "scores.nii.gz"
-            if _on_source_grid(self, evidence):
-                seg = build_segmentation(self.tile_map, lesions, evidence, self.identity, *result_series(reference, "seg"))
-                if seg is not None:
-                    save(seg, "seg.dcm")
-                    written["segmentation"] = "seg.dcm"
-                    uids["seg"] = str(seg.SOPInstanceUID)
-        elif self.meta.get("level0_pixels") and self.image.shape[0] == 1:
+        if evidence and (self.tile_map.frame == "PATIENT" or on_slide(evidence[0])) and _on_source_grid(self, evidence):
+            seg = build_segmentation(self.tile_map, lesions, evidence, self.identity, *result_series(reference, "seg"))
+            if seg is not None:
+                save(seg, "seg.dcm")
+                written["segmentation"] = "seg.dcm"
+                uids["seg"] = str(seg.SOPInstanceUID)
+        if self.tile_map.frame != "PATIENT" and self.meta.get("level0_pixels") and self.image.shape[0] == 1:
             collection = build_feature_collection(self.tile_map, lesions, self.meta["affine"], self.meta["level0_pixels"],
                                                   self.settings.threshold)
             (folder / "heatmap.geojson").write_text(json.dumps(collection, separators=(",", ":")))
@@ -393,7 +394,10 @@ class AnalysisResult:
             save(sc, sc_files[-1])
             secondary_captures.append(sc)
         for_uid = self.meta.get("frame_of_reference_uid") if patient and evidence else None
-        pm_sources = evidence if for_uid else [geometry_carrier(secondary_captures[0], affine, scale, self.identity)]
+        if for_uid or (evidence and on_slide(evidence[0]) and _on_source_grid(self, evidence)):
+            pm_sources = evidence  # on the source's own patient or slide coordinates
+        else:
+            pm_sources = [geometry_carrier(secondary_captures[0], affine, scale, self.identity)]
         pm = build_parametric_map(self.tile_map, pm_sources, self.identity, *result_series(reference, "pm"))
         save(pm, "pm.dcm")
         sr = build_structured_report(
@@ -419,7 +423,9 @@ def _on_source_grid(result: "AnalysisResult", evidence: list[Dataset]) -> bool:
     settings = result.settings
     if settings.crop or settings.zoom != 1.0 or settings.rotate % 360 or len(evidence) != result.image.shape[0]:
         return False
-    return all((int(ds.Rows), int(ds.Columns)) == tuple(result.image.shape[1:3]) for ds in evidence)
+    # a whole-slide image's frames are tiles of its total pixel matrix
+    return all((int(ds.get("TotalPixelMatrixRows", ds.Rows)), int(ds.get("TotalPixelMatrixColumns", ds.Columns)))
+               == tuple(result.image.shape[1:3]) for ds in evidence)
 
 
 def _exchange(first: Path, second: Path) -> bool:

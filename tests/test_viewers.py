@@ -92,3 +92,43 @@ def test_ct_score_volume_and_segmentation_land_on_the_source(scorer, tmp_path, d
     numbers = result.tile_map.grid.number(*np.nonzero(dominant))
     expected = sum((tiles[n]["box"][2] - tiles[n]["box"][0]) * (tiles[n]["box"][3] - tiles[n]["box"][1]) for n in numbers)
     assert int(mask.sum()) == expected > 0 and len(numbers) == lesions[0]["tiles"]
+
+
+def test_whole_slide_map_and_segmentation_lie_on_the_slide(scorer, data_dir, tmp_path, dciodvfy):
+    """On a DICOM whole-slide image with its own slide coordinates, the PM and the SEG are
+    placed on them: three tile centres map to the same slide position through the PM as
+    through the source; the SEG covers the source's total pixel matrix."""
+    from highdicom.spatial import PixelToReferenceTransformer
+
+    source = pydicom.dcmread(data_dir / "wsi_lymph_node.dcm")
+    source.FrameOfReferenceUID = pydicom.uid.generate_uid()  # the sample's is 66 characters, not a valid UID
+    origin = pydicom.Dataset()  # the sample has no Total Pixel Matrix Origin: a realistic one, in mm on the glass
+    origin.XOffsetInSlideCoordinateSystem, origin.YOffsetInSlideCoordinateSystem = 20.5, 41.25
+    source.TotalPixelMatrixOriginSequence = [origin]
+    source.save_as(tmp_path / "wsi.dcm")
+    result = analyze(tmp_path / "wsi.dcm", scorer, grid=(5, 8), threshold=0.3, progress=False)
+    folder = result.save(tmp_path / "out")
+    _, tiles = _tiles(folder)
+    assert dciodvfy(folder / "pm.dcm") == [] and dciodvfy(folder / "seg.dcm") == []
+    pm = pydicom.dcmread(folder / "pm.dcm")
+    assert pm.FrameOfReferenceUID == source.FrameOfReferenceUID
+    on_source = PixelToReferenceTransformer.for_image(source, for_total_pixel_matrix=True)
+    on_map = PixelToReferenceTransformer.for_image(pm, for_total_pixel_matrix=True)
+    origin_px = on_source(np.array([[0, 0]]))[0]
+    per_column = on_source(np.array([[1, 0]]))[0] - origin_px
+    per_row = on_source(np.array([[0, 1]]))[0] - origin_px
+    for number in (1, 20, 40):
+        tile = tiles[number]
+        top, left, bottom, right = tile["box"]
+        centre = origin_px + ((left + right) / 2 - 0.5) * per_column + ((top + bottom) / 2 - 0.5) * per_row
+        through_map = on_map(np.array([[tile["col"], tile["row"]]]))[0]
+        assert np.allclose(through_map, centre, atol=0.5 * float(np.linalg.norm(per_column))), number  # within half a pixel
+    seg = hd.seg.segread(folder / "seg.dcm")
+    assert (int(seg.TotalPixelMatrixRows), int(seg.TotalPixelMatrixColumns)) == (source.TotalPixelMatrixRows,
+                                                                                  source.TotalPixelMatrixColumns)
+    assert seg.FrameOfReferenceUID == source.FrameOfReferenceUID and len(seg.SegmentSequence) == len(result.spread.lesions)
+    mask = seg.get_total_pixel_matrix(segment_numbers=[1])[..., 0]
+    dominant = lesion_masks(result.tile_map, 0.3)[0]
+    numbers = result.tile_map.grid.number(*np.nonzero(dominant))
+    assert int(mask.sum()) == sum((tiles[n]["box"][2] - tiles[n]["box"][0]) * (tiles[n]["box"][3] - tiles[n]["box"][1])
+                                  for n in numbers) > 0

@@ -3,7 +3,8 @@
 One binary segment per lesion (the dominant first), each the pixels of its tiles, so
 viewers that overlay a SEG on its source series (OHIF, 3D Slicer, a PACS viewer) show it
 where the heatmap found it. Written only when the analysed image is the source's pixel
-grid (no crop, zoom or rotation).
+grid (no crop, zoom or rotation): a CT/MR series or image, or a DICOM whole-slide image
+with its own slide coordinates.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from pydicom.sr.codedict import codes
 from dicom_heatmap._version import __version__
 from dicom_heatmap.heatmap import Heatmap
 from dicom_heatmap.writers.common import ALGORITHM_NAME, MANUFACTURER, OutputIdentity
+from transforms.io import WSI_SOP_CLASS
 
 __all__ = ["build_segmentation", "pixel_mask"]
 
@@ -61,9 +63,19 @@ def build_segmentation(heatmap: Heatmap, lesions: list[np.ndarray], sources: lis
     labels = np.zeros(pixel_mask(heatmap, lesions[0]).shape, dtype=np.uint8)
     for index, lesion in enumerate(lesions):
         labels[pixel_mask(heatmap, lesion)] = index + 1
+    # a whole-slide image: the mask is its total pixel matrix, cut into highdicom's tiles,
+    # each placed in the slide's coordinates
+    tiled = {}
+    if sources[0].get("SOPClassUID") == WSI_SOP_CLASS:
+        measures = sources[0].SharedFunctionalGroupsSequence[0].PixelMeasuresSequence[0]
+        tiled = {"tile_pixel_array": True, "dimension_organization_type": "TILED_SPARSE",
+                 # slide images often omit Slice Thickness, which the SEG's pixel measures need
+                 "pixel_measures": hd.PixelMeasuresSequence(pixel_spacing=[float(v) for v in measures.PixelSpacing],
+                                                            slice_thickness=float(measures.get("SliceThickness") or 0.001))}
     seg = hd.seg.Segmentation(
         source_images=sources,
         pixel_array=labels if len(sources) > 1 else labels[0],
+        **tiled,
         segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
         segment_descriptions=segments,
         series_instance_uid=identity.uid("seg-series"),
@@ -79,4 +91,7 @@ def build_segmentation(heatmap: Heatmap, lesions: list[np.ndarray], sources: lis
     )
     # General Series
     seg.SeriesDescription = series_description
+    # General Image: Type 2C, present and empty where the source has none (slides)
+    if "PatientOrientation" not in seg:
+        seg.PatientOrientation = sources[0].get("PatientOrientation") or None
     return seg
