@@ -174,6 +174,10 @@ def make_cases(folder: Path) -> list[Case]:
     tifffile.imwrite(single, (tile for _ in range(80 * 80)), shape=(20480, 20480, 3), dtype=np.uint8, tile=(256, 256),
                      photometric="rgb", compression="zlib")
     cases.append(Case("single_level_20k", single, "analysed"))
+    # a 12,000-pixel-square picture of one colour: 450 kB, just under the default guard
+    plain = folder / "plain_12000.png"
+    Image.new("RGB", (12000, 12000), (230, 200, 220)).save(plain)
+    cases.append(Case("plain_12000_png", plain, "analysed"))
     return cases
 
 

@@ -45,7 +45,7 @@ def test_every_hostile_input_ends_clean(outcomes, dciodvfy):
         lines = run["stderr"].splitlines()
         if run["peak_kb"] > PEAK_LIMIT_KB:
             problems.append(f"{name}: peak memory {run['peak_kb'] / 1024:.0f} MB")
-        if "Traceback" in console or "Warning" in console:
+        if "Traceback" in console or "Warning" in console or "warnings.warn" in console:
             problems.append(f"{name}: library output on the console: {console[:300]!r}")
         if case.expect == "refused":
             if run["rc"] != 2 or len(lines) != 1 or case.message not in lines[0]:

@@ -178,10 +178,17 @@ class GridSplit(Transform):
         slices, height, width = image.shape[:3]
         rows, cols = self._grid_shape(height, width, meta)
         row_edges, col_edges = _edges(height, rows), _edges(width, cols)
-        if isinstance(image, np.ndarray):
+        side = max(THUMBNAIL_SIDE, 8 * max(rows, cols))
+        if isinstance(image, np.ndarray) and max(height, width) <= 2 * side:
             mask, scale = tissue_mask(image, meta["tissue_rule"]), 1.0
+        elif isinstance(image, np.ndarray):
+            # a large picture held whole: its tissue map from every k-th pixel, as a streamed
+            # slide's from its thumbnail (the per-pixel map of a 12,000-pixel-square picture
+            # took gigabytes)
+            step = -(-max(height, width) // side)
+            mask, scale = tissue_mask(image[:, ::step, ::step], meta["tissue_rule"], 1.0 / step), 1.0 / step
         else:  # a streamed slide: the tissue map comes from its thumbnail, a few pixels per tile
-            thumbnail, scale = image.thumbnail(max(THUMBNAIL_SIDE, 8 * max(rows, cols)))
+            thumbnail, scale = image.thumbnail(side)
             mask = tissue_mask(thumbnail[None], meta["tissue_rule"], scale)
         fraction = _box_means(mask, row_edges * scale, col_edges * scale)
         is_tissue = fraction >= self.tissue_threshold if self.tissue_threshold > 0 else np.ones_like(fraction, dtype=bool)

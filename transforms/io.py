@@ -730,7 +730,7 @@ def load_picture(path: Path, max_values: int = DEFAULT_MAX_VALUES, pixel_size_um
     try:
         with Image.open(path) as picture:
             _check_size(path, picture.width * picture.height * 3, "the picture", max_values)
-            image = np.asarray(picture.convert("RGB"))
+            image = np.asarray(picture if picture.mode == "RGB" else picture.convert("RGB"))  # no second copy
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as error:  # Pillow's PNG chunk errors are SyntaxError
         raise InputError(path, f"cannot read the picture ({type(error).__name__}: the file is damaged or not an image)") from None
     meta = {
