@@ -21,7 +21,6 @@ import numpy as np
 from PIL import Image
 from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset
-from tqdm import tqdm
 
 from dicom_heatmap._version import __version__
 from dicom_heatmap.errors import ConfigurationError, DicomHeatmapError, InputError, OutputError

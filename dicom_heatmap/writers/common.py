@@ -13,7 +13,7 @@ from dicom_heatmap._version import __version__
 
 __all__ = [
     "ALGORITHM_NAME", "MANUFACTURER", "SERIES_DESCRIPTION_SUFFIX", "OutputIdentity",
-    "synthetic_reference", "patient_orientation", "CODING_SCHEME", "code", "PATIENT_STUDY_KEYWORDS", "result_series", "is_result_description",
+    "synthetic_reference", "patient_orientation", "CODING_SCHEME", "code", "PATIENT_STUDY_KEYWORDS", "result_series", "is_result_description", "equipment",
 ]
 
 ALGORITHM_NAME = "dicom-heatmap VGG16 13-head tile scorer"
@@ -29,6 +29,13 @@ PATIENT_STUDY_KEYWORDS = (
     "PatientName", "PatientID", "PatientBirthDate", "PatientSex",
     "StudyDate", "StudyTime", "ReferringPhysicianName", "StudyID", "AccessionNumber",
 )
+
+
+def equipment() -> dict:
+    """The General Equipment arguments highdicom's image constructors take, the same in
+    every output."""
+    return {"manufacturer": MANUFACTURER, "manufacturer_model_name": "dicom-heatmap", "software_versions": __version__,
+            "device_serial_number": "none"}
 
 
 def code(value: str, meaning: str) -> hd.sr.CodedConcept:

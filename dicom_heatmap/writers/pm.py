@@ -9,9 +9,8 @@ import highdicom as hd
 import numpy as np
 from pydicom.dataset import Dataset
 
-from dicom_heatmap._version import __version__
 from dicom_heatmap.heatmap import Heatmap
-from dicom_heatmap.writers.common import MANUFACTURER, OutputIdentity
+from dicom_heatmap.writers.common import OutputIdentity, equipment
 from transforms.io import WSI_SOP_CLASS, slice_thickness
 
 __all__ = ["build_parametric_map", "geometry_carrier", "on_slide"]
@@ -134,10 +133,7 @@ def build_parametric_map(heatmap: Heatmap, sources: list[Dataset], identity: Out
         series_number=series_number,
         sop_instance_uid=identity.uid("pm"),
         instance_number=1,
-        manufacturer=MANUFACTURER,
-        manufacturer_model_name="dicom-heatmap",
-        software_versions=__version__,
-        device_serial_number="none",
+        **equipment(),
         contains_recognizable_visual_features=False,
         real_world_value_mappings=[mapping],
         voi_lut_transformations=[hd.VOILUTTransformation(window_center=0.5, window_width=1.0)],

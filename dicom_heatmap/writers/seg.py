@@ -16,7 +16,7 @@ from pydicom.sr.codedict import codes
 
 from dicom_heatmap._version import __version__
 from dicom_heatmap.heatmap import Heatmap
-from dicom_heatmap.writers.common import ALGORITHM_NAME, MANUFACTURER, OutputIdentity
+from dicom_heatmap.writers.common import ALGORITHM_NAME, OutputIdentity, equipment
 from transforms.io import WSI_SOP_CLASS
 
 __all__ = ["build_segmentation", "pixel_mask"]
@@ -82,10 +82,7 @@ def build_segmentation(heatmap: Heatmap, lesions: list[np.ndarray], sources: lis
         series_number=series_number,
         sop_instance_uid=identity.uid("seg"),
         instance_number=1,
-        manufacturer=MANUFACTURER,
-        manufacturer_model_name="dicom-heatmap",
-        software_versions=__version__,
-        device_serial_number="0",
+        **equipment(),
         content_description="Lesion tiles of the tumour heatmap (research use only)",
         omit_empty_frames=False,
     )
