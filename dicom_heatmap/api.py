@@ -286,7 +286,7 @@ class AnalysisResult:
             else:
                 os.replace(staging, final)
         except OSError as error:
-            raise OutputError(out_dir, f"cannot write the results ({error.strerror or error})") from None
+            raise OutputError(out_dir, f"cannot write the results ({_os_reason(error)})") from None
         finally:
             if staging.exists():
                 shutil.rmtree(staging, ignore_errors=True)
@@ -425,6 +425,18 @@ def _on_source_grid(result: "AnalysisResult", evidence: list[Dataset]) -> bool:
     # a whole-slide image's frames are tiles of its total pixel matrix
     return all((int(ds.get("TotalPixelMatrixRows", ds.Rows)), int(ds.get("TotalPixelMatrixColumns", ds.Columns)))
                == tuple(result.image.shape[1:3]) for ds in evidence)
+
+
+def _os_reason(error: OSError) -> str:
+    """The system's words for an OSError (``No space left on device``), found through the
+    exceptions it was raised from: pydicom re-raises a write error with its traceback as
+    the message and no errno."""
+    cause: BaseException | None = error
+    while cause is not None:
+        if isinstance(cause, OSError) and cause.errno:
+            return os.strerror(cause.errno)
+        cause = cause.__cause__ or cause.__context__
+    return type(error).__name__
 
 
 def _exchange(first: Path, second: Path) -> bool:

@@ -76,3 +76,29 @@ def test_bad_input_does_not_stop_the_others(run_cli, data_dir, tmp_path):
     assert str(fake) in done.stderr
     assert len([p for p in out.iterdir() if p.is_dir()]) == 1
     assert [p.name for p in out.iterdir() if p.name.startswith(".")] == []
+
+
+def test_a_full_disk_is_one_line_and_leaves_nothing(data_dir, tmp_path):
+    """Files may not grow past 64 kB (RLIMIT_FSIZE; the SC is larger), as on a full disk:
+    one line with the system's reason, no traceback text from pydicom inside it, and no
+    folder left behind."""
+    import resource
+    import signal
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    def limited():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails (EFBIG) instead of killing
+        resource.setrlimit(resource.RLIMIT_FSIZE, (64 * 1024, 64 * 1024))
+
+    out = tmp_path / "out"
+    done = subprocess.run([sys.executable, "-m", "pipelines.cli", "analyze", str(data_dir / "CT_small.dcm"), "--out", str(out),
+                           "--quiet", "--backend", "torch", "--precision", "fp32"], cwd=ROOT, capture_output=True, text=True,
+                          preexec_fn=limited, timeout=300)
+    assert done.returncode == 2
+    lines = [line for line in done.stderr.splitlines() if "warning:" not in line]
+    assert len(lines) == 1 and "cannot write the results (File too large)" in lines[0], done.stderr
+    assert "Traceback" not in done.stderr
+    assert not out.exists() or list(out.iterdir()) == []
