@@ -45,6 +45,7 @@ def run_demo(out_dir: str | Path) -> int:
             scores = np.nan_to_num(result.heatmap, nan=0.0)
             print(f"  against the known layout: tile AUC {roc_auc(layout.ravel(), scores.ravel()):.3f}; "
                   f"expected direction right (0 deg), found {result.spread.words} ({result.spread.angle_deg} deg)")
-        print(f"  -> {folder}/ (sc-*.dcm, pm.dcm, sr.dcm, preview.png, result.json)")
+        names = sorted(p.name for p in folder.iterdir() if not p.name.startswith("sc-"))
+        print(f"  -> {folder}/ (sc-*.dcm, {', '.join(names)})")
     print(f"\nAll outputs are in {out_dir}/. Research use only, not for diagnosis.")
     return 0
