@@ -145,6 +145,9 @@ def make_cases(folder: Path) -> list[Case]:
     cases_path.write_bytes(body[:132] + b"\x02\x00\x00\x00UL\x04\x00" + struct.pack("<I", len(elements)) + elements
                            + body[meta_end:])
     cases.append(Case("syntax_injection", cases_path, "refused", ""))
+    bogus = _base(pixels)
+    bogus.SpecificCharacterSet = "ISO_IR 999"
+    write("bogus_character_set", bogus, "refused", "is not a term DICOM defines")
     missing = _base(pixels)
     del missing.SOPInstanceUID
     write("no_sop_instance_uid", missing, "refused", "lacks SOPInstanceUID")

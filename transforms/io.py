@@ -139,10 +139,17 @@ def slice_thickness(ds: Dataset) -> float:
 
 
 def _require_identity(ds: Dataset, path: Path) -> None:
-    """The UIDs every output derives from and refers to must be there."""
+    """The UIDs every output derives from and refers to must be there, and the character set
+    the outputs will copy the patient's values in must be one DICOM defines."""
     for keyword in ("SOPInstanceUID", "SOPClassUID", "StudyInstanceUID", "SeriesInstanceUID"):
         if not str(ds.get(keyword, "") or "").strip():
             raise InputError(path, f"the header lacks {keyword}, which the results refer to")
+    charset = ds.get("SpecificCharacterSet")
+    values = [] if not charset else [charset] if isinstance(charset, str) else list(charset)
+    for index, value in enumerate(values):
+        if str(value) not in pydicom.charset.python_encoding or (value == "" and index > 0):
+            raise InputError(path, f"Specific Character Set {_shown_code(value)} is not a term DICOM defines, so the "
+                                   "patient's names can be neither read nor copied exactly")
 
 
 def _pixels(ds: Dataset, path: Path) -> np.ndarray:
