@@ -122,5 +122,5 @@ def test_whole_slide_level_follows_the_wanted_resolution():
         return ds
 
     levels = [("l0", level(0.00025, 80000)), ("l1", level(0.001, 20000)), ("l2", level(0.004, 5000)), ("l3", level(0.016, 1250))]
-    assert _choose_wsi_level(levels, "slide", 0.0011) == "l1"
+    assert _choose_wsi_level(levels, "slide", 1.1) == "l1"  # micrometres
     assert _choose_wsi_level(levels, "slide", None) == "l3"  # the finest level of at most 4096 px
