@@ -255,9 +255,14 @@ class AnalysisResult:
 
     def save(self, out_dir: str | Path, viewer_files: bool = True) -> Path:
         """Write SC (one per slice), PM, SR, a PNG preview and ``result.json``; with
-        ``viewer_files``, also what viewers open: ``scores.nii.gz`` and ``seg.dcm`` (a CT or MR
-        image; the SEG where the image is the source's own pixel grid) or ``heatmap.geojson``
-        (a slide or picture, for QuPath).
+        ``viewer_files``, also what viewers open: ``scores.nii.gz`` (a CT or MR image),
+        ``heatmap.geojson`` (a slide or picture, for QuPath) and ``seg.dcm`` (a CT/MR image, or
+        a DICOM whole-slide image with its own slide coordinates, analysed on its own pixels
+        and holding a lesion).
+
+        Args:
+            out_dir: the folder the result folder goes into.
+            viewer_files: also write the files for viewers.
 
         The files go to ``out_dir/<derived UID>/``; the folder appears whole or not at all
         (written under a temporary name, then renamed).
