@@ -331,16 +331,20 @@ def load_dicom_series(paths: Sequence[Path], source: Path, series_uid: str | Non
         max_values: the size guard, checked on the headers before decoding.
     """
     headers: list[tuple[Path, Dataset]] = []
+    refused: InputError | None = None  # the first DICOM file refused (not merely another kind of file)
     for path in paths:
         try:
             headers.append((path, _read_dicom(path, pixels=False, max_values=max_values)))
-        except InputError:
-            continue
+        except InputError as error:
+            if refused is None and "not a DICOM file" not in error.problem:
+                refused = error
     series: dict[str, list[tuple[Path, Dataset]]] = {}
     for path, ds in headers:
         if "Rows" in ds and ds.get("SeriesInstanceUID"):
             series.setdefault(str(ds.SeriesInstanceUID), []).append((path, ds))
     if not series:
+        if refused is not None:  # say why the folder's DICOM file was refused, not that there is none
+            raise refused
         raise InputError(source, "no DICOM image found in this folder")
     if series_uid is not None:
         if series_uid not in series:
