@@ -23,7 +23,7 @@ from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset
 
 from dicom_heatmap._version import __version__
-from dicom_heatmap.errors import ConfigurationError, DicomHeatmapError, InputError, OutputError
+from dicom_heatmap.errors import ConfigurationError, DicomHeatmapError, InputError, OutputError, is_uid
 from dicom_heatmap.heatmap import Heatmap
 from dicom_heatmap.render import render_slice
 from dicom_heatmap.scorer import MODEL_DOMAIN, MODEL_MODALITIES, TileScorer
@@ -109,7 +109,7 @@ class AnalysisSettings:
             raise ConfigurationError(f"crop must be 'foreground' or 'template', got {self.crop!r}")
         if (self.crop == "template") != (self.crop_size is not None):
             raise ConfigurationError("crop 'template' and crop_size (rows, cols) go together")
-        if self.series_uid is not None and not re.fullmatch(r"[0-9]+(\.[0-9]+)*", str(self.series_uid)):
+        if self.series_uid is not None and not is_uid(self.series_uid):
             raise ConfigurationError("series_uid must be a DICOM UID (digits and dots)")
 
     def canonical(self) -> str:

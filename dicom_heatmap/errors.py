@@ -10,7 +10,8 @@ from transforms.errors import (  # noqa: F401
     InputError,
     ModelError,
     OutputError,
+    is_uid,
     one_line,
 )
 
-__all__ = ["DicomHeatmapError", "InputError", "ModelError", "ConfigurationError", "OutputError", "EXIT_CODE", "one_line"]
+__all__ = ["DicomHeatmapError", "InputError", "ModelError", "ConfigurationError", "OutputError", "EXIT_CODE", "one_line", "is_uid"]

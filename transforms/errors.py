@@ -10,7 +10,8 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-__all__ = ["DicomHeatmapError", "InputError", "ModelError", "ConfigurationError", "OutputError", "EXIT_CODE", "one_line"]
+__all__ = ["DicomHeatmapError", "InputError", "ModelError", "ConfigurationError", "OutputError", "EXIT_CODE", "one_line",
+           "is_uid"]
 
 #: Exit status of the command line for any of these errors.
 EXIT_CODE = 2
@@ -18,6 +19,17 @@ EXIT_CODE = 2
 MAX_MESSAGE = 600
 # C0 and C1 controls, DEL, and the characters that break or reorder a terminal line
 _UNPRINTABLE = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029\u200e\u200f\u202a-\u202e\u2066-\u2069]")
+
+
+_UID = re.compile(r"[0-2](\.(0|[1-9][0-9]*))+")  # root 0, 1 or 2; no leading zeros
+
+
+def is_uid(value: object) -> bool:
+    """Whether ``value`` is a valid DICOM UID: digits and dots, root 0, 1 or 2, no leading
+    zeros, at most 64 characters. The one check of the project, for what it copies, names
+    files by, or quotes in a message."""
+    text = str(value or "")
+    return len(text) <= 64 and _UID.fullmatch(text) is not None
 
 
 def one_line(text: str, limit: int = MAX_MESSAGE) -> str:

@@ -46,7 +46,7 @@ from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 
 from transforms.codestream import DEFLATED, check_codestreams, check_deflated_size
-from transforms.errors import InputError
+from transforms.errors import InputError, is_uid
 
 __all__ = ["LoadInput", "LoadInputd", "StreamedSlide", "load_dicom_series", "load_dicom_image", "load_slide", "load_picture",
            "slice_thickness"]
@@ -119,7 +119,7 @@ def _read_dicom(path: Path, pixels: bool = True, max_values: int = DEFAULT_MAX_V
 def _shown_uid(value) -> str:
     """A header UID as a message may quote it: only if it is one (header text is untrusted)."""
     text = str(value or "")
-    return text if re.fullmatch(r"[0-9]+(\.[0-9]+)*", text) and len(text) <= 64 else "(not a valid UID)"
+    return text if is_uid(text) else "(not a valid UID)"
 
 
 def _shown_code(value) -> str:

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import copy
-import re
 
 import highdicom as hd
 import numpy as np
 from pydicom.dataset import Dataset
 
 from dicom_heatmap.heatmap import Heatmap
+from dicom_heatmap.errors import is_uid
 from dicom_heatmap.writers.common import OutputIdentity, equipment
 from transforms.io import WSI_SOP_CLASS, slice_thickness
 
@@ -47,8 +47,7 @@ def on_slide(source: Dataset) -> bool:
     (Slide) and a valid Frame of Reference UID."""
     return (source.get("SOPClassUID") == WSI_SOP_CLASS and bool(source.get("TotalPixelMatrixOriginSequence"))
             and len(source.get("ImageOrientationSlide") or []) == 6
-            and bool(re.fullmatch(r"[0-2](\.(0|[1-9][0-9]*))+", str(source.get("FrameOfReferenceUID", ""))))
-            and len(str(source.FrameOfReferenceUID)) <= 64)
+            and is_uid(source.get("FrameOfReferenceUID")))
 
 
 def _patient_geometry(heatmap: Heatmap, source: Dataset):

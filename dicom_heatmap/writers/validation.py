@@ -14,11 +14,10 @@ from pydicom.config import RAISE
 from pydicom.dataset import Dataset
 from pydicom.valuerep import validate_value
 
-from dicom_heatmap.errors import InputError
+from dicom_heatmap.errors import InputError, is_uid
 
 __all__ = ["check_encodable"]
 
-_UID = re.compile(r"^[0-2](\.(0|[1-9][0-9]*))+$")  # root 0, 1 or 2; no leading zeros
 #: Control characters no decoded string value may hold: C0 (ESC included: a valid ISO 2022
 #: escape sequence is consumed by decoding, so one left over is not text), DEL and C1. The
 #: text VRs may also hold TAB, LF, FF and CR.
@@ -43,7 +42,7 @@ def _problem(element) -> str | None:
             validate_value(element.VR, text, RAISE)
         except (ValueError, TypeError):
             return f"is not a valid {element.VR} value"
-        if element.VR == "UI" and not _UID.match(str(value)):
+        if element.VR == "UI" and not is_uid(value):
             return "is not a valid UID (root 0, 1 or 2, digits and dots, no leading zeros)"
         characters = text if isinstance(text, str) else ""
         if element.VR in _TEXT_VRS:

@@ -9,13 +9,12 @@ pass (the archive is down, refuses the association, times out) and
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 from typing import Protocol
 
 from pydicom.dataset import Dataset
 
-from dicom_heatmap.errors import DicomHeatmapError, InputError
+from dicom_heatmap.errors import DicomHeatmapError, InputError, is_uid
 from dicom_heatmap.writers.common import is_result_description
 
 from pipelines.pacs.config import PacsConfig, Query
@@ -23,9 +22,6 @@ from pipelines.pacs.ledger import SeriesRef
 
 __all__ = ["Archive", "ArchiveUnavailable", "ArchiveRefused", "open_archive", "checked_uid",
            "is_our_output", "series_from_answer", "write_instance"]
-
-_UID = re.compile(r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*$")
-
 
 class ArchiveUnavailable(DicomHeatmapError):
     """The archive cannot be reached or does not answer now; trying later may work."""
@@ -42,7 +38,7 @@ def checked_uid(value: object, what: str) -> str:
     separator, ``..``, a patient name) is refused here.
     """
     text = str(value or "").strip().rstrip("\x00")
-    if len(text) > 64 or not _UID.match(text):
+    if not is_uid(text):
         raise InputError(what, "not a valid DICOM UID (digits and dots, at most 64 characters)")
     return text
 
