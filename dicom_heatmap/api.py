@@ -46,7 +46,7 @@ from transforms.intensity import NormalizeIntensityd
 from transforms.io import DEFAULT_MAX_VALUES, LoadInputd
 from transforms.spatial import CropForegroundd, CropTemplated, Rotated, Zoomd
 
-__all__ = ["AnalysisSettings", "AnalysisResult", "analyze", "analyze_prepared", "preprocessing", "project_errors"]
+__all__ = ["SETTING_RANGES", "AnalysisSettings", "AnalysisResult", "analyze", "analyze_prepared", "preprocessing", "project_errors"]
 
 
 @dataclass(frozen=True)
@@ -90,7 +90,7 @@ class AnalysisSettings:
         # Every value is checked and brought to one type, so that the same settings given
         # from the CLI, the API, the bundle or pacs.yaml (8 or 8.0, a list or a tuple) give
         # the same canonical text, hence the same output UIDs.
-        for name, (kind, low, high) in _SETTING_RANGES.items():
+        for name, (kind, low, high) in SETTING_RANGES.items():
             value = getattr(self, name)
             if value is None and name in _OPTIONAL_SETTINGS:
                 continue
@@ -116,8 +116,8 @@ class AnalysisSettings:
         return json.dumps(asdict(self), sort_keys=True)
 
 
-#: name: (type, least, most) of each numeric setting.
-_SETTING_RANGES = {
+#: name: (type, least, most) of each numeric setting (pacs.yaml's schema is built from it too).
+SETTING_RANGES = {
     "tile_size": (int, 8, 100_000),
     "tile_size_um": (float, 0.01, 1e6),
     "tissue_threshold": (float, 0.0, 1.0),

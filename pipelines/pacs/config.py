@@ -19,7 +19,7 @@ from typing import Any
 
 import yaml
 
-from dicom_heatmap.api import AnalysisSettings
+from dicom_heatmap.api import SETTING_RANGES, AnalysisSettings
 from dicom_heatmap.errors import ConfigurationError, one_line
 
 __all__ = ["PacsConfig", "RemoteNode", "Query", "SelectionRule", "RetryPolicy", "TlsSettings", "load_config"]
@@ -108,16 +108,11 @@ SCHEMA = {
                 "precision": {"enum": ["auto", "fp32", "bf16", "fp16"]},
                 "backend": {"enum": ["auto", "torch", "openvino"]},
                 "grid": _PAIR,
-                "tile_size": {"type": "integer", "minimum": 8, "maximum": 100000},
-                "tile_size_um": {"type": "number", "exclusiveMinimum": 0, "maximum": 1e6},
-                "tissue_threshold": {"type": "number", "minimum": 0, "maximum": 1},
-                "threshold": {"type": "number", "minimum": 0, "maximum": 1},
                 "crop": {"enum": ["foreground", "template"]},
                 "crop_size": _PAIR,
-                "zoom": {"type": "number", "minimum": 1 / 64, "maximum": 8},
-                "rotate": {"type": "number", "minimum": -360, "maximum": 360},
-                "resolution_um": {"type": "number", "exclusiveMinimum": 0, "maximum": 1e5},
-                "level": {"type": "integer", "minimum": 0, "maximum": 64},
+                # the numeric settings, with the ranges AnalysisSettings itself checks
+                **{name: {"type": "integer" if kind is int else "number", "minimum": low, "maximum": high}
+                   for name, (kind, low, high) in SETTING_RANGES.items() if name != "pixel_size_um"},
             },
         },
     },
@@ -188,12 +183,6 @@ def parse_duration(text: str | float | int, what: str = "duration") -> float:
 def _ae_title(value: Any, where: str) -> str:
     if not isinstance(value, str) or not _AE_TITLE.match(value):
         raise ConfigurationError(f"{where}: an AE title is 1 to 16 printable characters without backslash, got {value!r}")
-    return value
-
-
-def _port(value: Any, where: str) -> int:
-    if not isinstance(value, int) or not 1 <= value <= 65535:
-        raise ConfigurationError(f"{where}: a TCP port is a whole number 1..65535, got {value!r}")
     return value
 
 
@@ -423,18 +412,9 @@ def _path(value: Any, base: Path, where: str) -> Path:
     return path if path.is_absolute() else base / path
 
 
-def _strings(value: Any, where: str) -> tuple[str, ...]:
-    if isinstance(value, str):
-        value = [value]
-    if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
-        raise ConfigurationError(f"{where}: expected a list of names, got {value!r}")
-    return tuple(value)
-
-
-def _number(value: Any, where: str, minimum: float = 0) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or value < minimum:
-        raise ConfigurationError(f"{where}: expected a number >= {minimum}, got {value!r}")
-    return float(value)
+def _names(value: str | list) -> tuple[str, ...]:
+    """One name or a list of names (the schema has checked them) as a tuple."""
+    return (value,) if isinstance(value, str) else tuple(value)
 
 
 def _read_yaml(path: Path, what: str) -> Any:
@@ -485,7 +465,7 @@ def _remote(raw: Any, path: Path) -> RemoteNode:
         raise ConfigurationError(f"{_where(path, 'pacs.tls')}: true or false, got {raw['tls']!r}")
     return RemoteNode(
         protocol, ae_title=_ae_title(raw["ae_title"], _where(path, "pacs.ae_title")), host=str(raw["host"]),
-        port=_port(raw["port"], _where(path, "pacs.port")), retrieve=retrieve, timeout_s=timeout,
+        port=raw["port"], retrieve=retrieve, timeout_s=timeout,
         tls=raw.get("tls", False),
     )
 
@@ -500,21 +480,20 @@ def _rules(value: Any, path: Path) -> tuple[SelectionRule, ...]:
                                  "{{modalities: [CT], series_description: '*chest*'}})")
     rules = []
     for index, item in enumerate(raw):
-        where = _where(rules_path, f"rule {index + 1}")
         _validate(item, RULE_SCHEMA, rules_path, f"rule {index + 1}.")
         rules.append(SelectionRule(
-            modalities=_strings(item["modalities"], where + ".modalities") if "modalities" in item else (),
+            modalities=_names(item.get("modalities", ())),
             series_description=item.get("series_description"),
             body_part=item.get("body_part"),
-            min_instances=int(_number(item.get("min_instances", 0), where + ".min_instances")),
-            exclude=bool(item.get("exclude", False)),
+            min_instances=item.get("min_instances", 0),
+            exclude=item.get("exclude", False),
         ))
     return tuple(rules)
 
 
 def _query(raw: Any, path: Path) -> Query:
     raw = raw or {}
-    modalities = _strings(raw.get("modalities", ["CT", "MR", "SM"]), _where(path, "query.modalities"))
+    modalities = _names(raw.get("modalities", ["CT", "MR", "SM"]))
     study_date = raw.get("study_date")
     if study_date is not None:
         study_date = str(study_date).strip()
@@ -595,15 +574,15 @@ def load_config(path: str | Path) -> PacsConfig:
         pacs=pacs,
         work_dir=_path(raw["work_dir"], path.parent, _where(path, "work_dir")),
         bind=bind,
-        port=_port(raw.get("port", 11112), _where(path, "port")),
+        port=raw.get("port", 11112),
         allowed_peers=tuple(_ae_title(p, _where(path, "allowed_peers")) for p in
-                            _strings(raw.get("allowed_peers", []), _where(path, "allowed_peers")))
+                            _names(raw.get("allowed_peers", [])))
         if raw.get("allowed_peers") else (),
         query=_query(raw.get("query"), path),
         quiet_s=parse_duration(raw.get("quiet", 30), _where(path, "quiet")),
         ledger=_path(raw["ledger"], path.parent, _where(path, "ledger")) if raw.get("ledger") else None,
         retry=RetryPolicy(
-            max_attempts=int(_number(retry.get("max_attempts", 5), _where(path, "retry.max_attempts"), 1)),
+            max_attempts=retry.get("max_attempts", 5),
             backoff_s=parse_duration(retry.get("backoff", 60), _where(path, "retry.backoff")),
             backoff_max_s=parse_duration(retry.get("backoff_max", 3600), _where(path, "retry.backoff_max")),
         ),
