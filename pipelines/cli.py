@@ -21,7 +21,7 @@ import sys
 import traceback
 from pathlib import Path
 
-from dicom_heatmap.errors import EXIT_CODE, ConfigurationError, DicomHeatmapError
+from dicom_heatmap.errors import EXIT_CODE, DicomHeatmapError
 
 __all__ = ["main", "build_parser"]
 
@@ -38,20 +38,14 @@ def _pair(text: str) -> tuple[int, int]:
     return rows, cols
 
 
-def _number(text: str) -> float:
-    """A finite number (argparse type): ``nan`` and ``inf`` are refused here, with the option named."""
+def _positive(text: str) -> float:
+    """A finite number above 0 (argparse type) for options that are no analysis setting;
+    settings are checked, with the rest, by AnalysisSettings."""
     try:
         value = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not math.isfinite(value):
-        raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
-    return value
-
-
-def _positive(text: str) -> float:
-    value = _number(text)
-    if not value > 0:
+    if not (math.isfinite(value) and value > 0):
         raise argparse.ArgumentTypeError(f"expected a number above 0, got {text!r}")
     return value
 
@@ -61,12 +55,12 @@ def _add_analysis_options(parser: argparse.ArgumentParser) -> None:
     exclusive = grid.add_mutually_exclusive_group()
     exclusive.add_argument("--grid", type=_pair, metavar="ROWSxCOLS", help="an exact grid, e.g. 8x12")
     exclusive.add_argument("--tile-size", type=int, metavar="PX", help="tile side in pixels")
-    exclusive.add_argument("--tile-size-um", type=_positive, metavar="UM", help="tile side in micrometres (needs a known pixel spacing)")
+    exclusive.add_argument("--tile-size-um", type=float, metavar="UM", help="tile side in micrometres (needs a known pixel spacing)")
     pre = parser.add_argument_group("preprocessing (applied in this order)")
     pre.add_argument("--crop", choices=["foreground", "template"], help="crop to the tissue box, or a template window on the most tissue")
     pre.add_argument("--crop-size", type=_pair, metavar="ROWSxCOLS", help="size of the template window in pixels")
-    pre.add_argument("--zoom", type=_positive, default=1.0, help="resampling factor (default 1)")
-    pre.add_argument("--rotate", type=_number, default=0.0, metavar="DEG", help="counter-clockwise rotation in degrees")
+    pre.add_argument("--zoom", type=float, default=1.0, help="resampling factor (default 1)")
+    pre.add_argument("--rotate", type=float, default=0.0, metavar="DEG", help="counter-clockwise rotation in degrees")
     parser.add_argument("--model", type=Path, help="model file (default: the shipped models/model.pt)")
     parser.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"], default="auto",
                         help="precision of the conv layers: auto = bf16 on CPUs with bf16 instructions, fp16 on a GPU, "
@@ -74,13 +68,13 @@ def _add_analysis_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--backend", choices=["auto", "torch", "openvino"], default="auto",
                         help="runtime of the conv layers: auto = OpenVINO for bf16 on a CPU, torch otherwise; "
                              "it enters the output UIDs")
-    parser.add_argument("--tissue-threshold", type=_number, default=0.25, help="least tissue share of an analysed tile (default 0.25)")
-    parser.add_argument("--threshold", type=_number, default=0.5, help="score at or above which a tile counts as tumour (default 0.5)")
+    parser.add_argument("--tissue-threshold", type=float, default=0.25, help="least tissue share of an analysed tile (default 0.25)")
+    parser.add_argument("--threshold", type=float, default=0.5, help="score at or above which a tile counts as tumour (default 0.5)")
     parser.add_argument("--series", metavar="UID", help="Series Instance UID to analyse from a folder holding several")
-    parser.add_argument("--resolution-um", type=_positive, metavar="UM", help="slide pixel spacing to read (nearest level)")
+    parser.add_argument("--resolution-um", type=float, metavar="UM", help="slide pixel spacing to read (nearest level)")
     parser.add_argument("--level", type=int, metavar="N", help="SVS/TIFF pyramid level to read (0 = full resolution; "
                                                                "levels over 64 megapixels are streamed tile by tile)")
-    parser.add_argument("--pixel-size-um", type=_positive, metavar="UM",
+    parser.add_argument("--pixel-size-um", type=float, metavar="UM",
                         help="pixel size of a PNG/JPEG picture in micrometres (a picture cannot say it)")
     parser.add_argument("--max-megavalues", type=_positive, default=512, metavar="M",
                         help="refuse inputs that would decode to more than M million pixel values (default 512)")
@@ -176,8 +170,6 @@ def build_parser() -> argparse.ArgumentParser:
 def _settings(args: argparse.Namespace):
     from dicom_heatmap.api import AnalysisSettings
 
-    if (args.crop == "template") != (args.crop_size is not None):
-        raise ConfigurationError("--crop template and --crop-size go together")
     return AnalysisSettings(
         grid=args.grid,
         tile_size=args.tile_size,
