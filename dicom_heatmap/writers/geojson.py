@@ -20,15 +20,21 @@ _TUMOUR = {"name": "Tumor", "color": [200, 0, 0]}  # QuPath's own class name and
 _OTHER = {"name": "Stroma", "color": [150, 200, 150]}
 
 
-def _tile_corners(heatmap: Heatmap, pixel_affine: np.ndarray, level0: tuple[float, float], row: int, col: int) -> list:
-    """The tile's four corners (x, y) in level-0 pixel coordinates, clockwise from top left."""
+def _corners(heatmap: Heatmap, pixel_affine: np.ndarray, level0: tuple[float, float]) -> np.ndarray:
+    """(rows, cols, 4, 2) corners (x, y) of every tile in level-0 pixel coordinates,
+    clockwise from top left, in one matrix product (a slide has tens of thousands)."""
     grid = heatmap.grid
-    top, bottom = grid.row_edges[row] - 0.5, grid.row_edges[row + 1] - 0.5  # pixel edges, centres at integers
-    left, right = grid.col_edges[col] - 0.5, grid.col_edges[col + 1] - 0.5
-    index = np.array([[0, top, left, 1], [0, top, right, 1], [0, bottom, right, 1], [0, bottom, left, 1]], dtype=float)
-    frame = (pixel_affine @ index.T).T[:, :2]  # slide or picture axes: x right, y down
+    rows = np.asarray(grid.row_edges, dtype=float) - 0.5  # pixel edges; pixel centres sit at integers
+    cols = np.asarray(grid.col_edges, dtype=float) - 0.5
+    top, bottom = rows[:-1, None], rows[1:, None]
+    left, right = cols[None, :-1], cols[None, 1:]
+    top, bottom, left, right = np.broadcast_arrays(top, bottom, left, right)  # each (rows, cols)
+    corner_rows = np.stack([top, top, bottom, bottom], axis=-1)
+    corner_cols = np.stack([left, right, right, left], axis=-1)
+    index = np.stack([np.zeros_like(corner_rows), corner_rows, corner_cols, np.ones_like(corner_rows)], axis=-1)
+    frame = index @ pixel_affine.T  # slide or picture axes: x right, y down
     scale, offset = level0
-    return [(round(float(x), 3), round(float(y), 3)) for x, y in frame * scale + offset]
+    return np.round(frame[..., :2] * scale + offset, 3)
 
 
 def build_feature_collection(heatmap: Heatmap, lesions: list[np.ndarray], pixel_affine: np.ndarray,
@@ -48,12 +54,10 @@ def build_feature_collection(heatmap: Heatmap, lesions: list[np.ndarray], pixel_
     if not 0 <= threshold <= 1:
         raise ValueError(f"threshold must lie in 0..1, got {threshold}")
 
+    corners = _corners(heatmap, pixel_affine, level0)
     features = []
-    polygons: dict[tuple[int, int], Polygon] = {}
-    rows, cols = np.nonzero(heatmap.analysed[0])
-    for row, col in zip(rows.tolist(), cols.tolist()):
-        corners = _tile_corners(heatmap, pixel_affine, level0, row, col)
-        polygons[row, col] = Polygon(corners)
+    for row, col in zip(*(axis.tolist() for axis in np.nonzero(heatmap.analysed[0]))):
+        ring = corners[row, col].tolist()
         score = float(heatmap.scores[0, row, col])
         number = int(heatmap.grid.number(0, row, col))
         measurements = {"tile number": number, "score": round(score, 6),
@@ -62,18 +66,18 @@ def build_feature_collection(heatmap: Heatmap, lesions: list[np.ndarray], pixel_
                              for i, p in enumerate(heatmap.layer_probabilities[0, row, col])})
         features.append({
             "type": "Feature",
-            "geometry": {"type": "Polygon", "coordinates": [[*map(list, corners), list(corners[0])]]},
+            "geometry": {"type": "Polygon", "coordinates": [ring + ring[:1]]},
             "properties": {"objectType": "tile", "name": f"tile {number}",
                            "classification": _TUMOUR if score >= threshold else _OTHER,
                            "measurements": measurements},
         })
     for index, mask in enumerate(lesions):
-        cells = [polygons[row, col] for row, col in zip(*np.nonzero(mask[0])) if (row, col) in polygons]
-        outline = shapely.union_all(cells)
+        tiles = np.nonzero(mask[0] & heatmap.analysed[0])
+        outline = shapely.union_all([Polygon(corners[row, col]) for row, col in zip(*tiles)])
         features.append({
             "type": "Feature",
             "geometry": mapping(outline),
             "properties": {"objectType": "annotation", "name": f"lesion {index + 1}" + (" (dominant)" if index == 0 else ""),
-                           "classification": _TUMOUR, "measurements": {"tiles": len(cells)}},
+                           "classification": _TUMOUR, "measurements": {"tiles": len(tiles[0])}},
         })
     return {"type": "FeatureCollection", "features": features}
