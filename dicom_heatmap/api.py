@@ -310,7 +310,8 @@ class AnalysisResult:
                      if abs(through) >= 0.05 else f"; in plane; focus in slice {focus_slice}")
         return text
 
-    def _write_viewer_files(self, folder: Path, evidence: list[Dataset], reference: Dataset, save, uids: dict) -> dict:
+    def _write_viewer_files(self, folder: Path, evidence: list[Dataset], reference: Dataset, on_source_grid: bool, save,
+                            uids: dict) -> dict:
         """Files for viewers: for a CT/MR image, the score volume as NIfTI; for a slide or
         picture, the tiles and lesion outlines as GeoJSON in full-resolution pixel coordinates
         (QuPath); for a CT/MR image or a DICOM whole-slide image analysed on its own pixels,
@@ -321,7 +322,7 @@ class AnalysisResult:
         if self.tile_map.frame == "PATIENT":
             write_score_volume(self.tile_map, folder / "scores.nii.gz")
             written["score_volume"] = "scores.nii.gz"
-        if evidence and (self.tile_map.frame == "PATIENT" or on_slide(evidence[0])) and _on_source_grid(self, evidence):
+        if evidence and (self.tile_map.frame == "PATIENT" or on_slide(evidence[0])) and on_source_grid:
             seg = build_segmentation(self.tile_map, lesions, evidence, self.identity, *result_series(reference, "seg"))
             if seg is not None:
                 save(seg, "seg.dcm")
@@ -357,10 +358,12 @@ class AnalysisResult:
         col_dir = affine[:3, 2] / np.linalg.norm(affine[:3, 2])
         patient = self.meta["frame"] == "PATIENT"
 
+        # SOP Common: the patient and study values are the source's, so they are written in
+        # its character set, byte for byte (highdicom sets none: ASCII)
+        source_charset = (self.meta["source_datasets"] or [reference])[0].get("SpecificCharacterSet")
+        on_source_grid = _on_source_grid(self, evidence)
+
         def save(ds: Dataset, name: str) -> None:
-            # SOP Common: the patient and study values are the source's, so they are written
-            # in its character set, byte for byte (highdicom sets none: ASCII)
-            source_charset = (self.meta["source_datasets"] or [reference])[0].get("SpecificCharacterSet")
             if source_charset:
                 ds.SpecificCharacterSet = source_charset
             check_encodable(ds, self.meta["source_path"])
@@ -398,7 +401,7 @@ class AnalysisResult:
             save(sc, sc_files[-1])
             secondary_captures.append(sc)
         for_uid = self.meta.get("frame_of_reference_uid") if patient and evidence else None
-        if for_uid or (evidence and on_slide(evidence[0]) and _on_source_grid(self, evidence)):
+        if for_uid or (evidence and on_slide(evidence[0]) and on_source_grid):
             pm_sources = evidence  # on the source's own patient or slide coordinates
         else:
             pm_sources = [geometry_carrier(secondary_captures[0], affine, scale, self.identity)]
@@ -415,7 +418,8 @@ class AnalysisResult:
                              "uids": {"sc_series": str(secondary_captures[0].SeriesInstanceUID),
                                       "pm": str(pm.SOPInstanceUID), "sr": str(sr.SOPInstanceUID)}}
         if viewer_files:
-            result["outputs"].update(self._write_viewer_files(folder, evidence, reference, save, result["outputs"]["uids"]))
+            result["outputs"].update(self._write_viewer_files(folder, evidence, reference, on_source_grid, save,
+                                                              result["outputs"]["uids"]))
         # compact: the C encoder (indent forces the pure-Python one, seconds for a large slide)
         (folder / "result.json").write_text(json.dumps(result, separators=(",", ":")))
         if preview_written is not None:
