@@ -25,6 +25,7 @@ from pydicom.dataset import Dataset
 from dicom_heatmap._version import __version__
 from dicom_heatmap.errors import ConfigurationError, DicomHeatmapError, InputError, OutputError, is_uid
 from dicom_heatmap.heatmap import Heatmap
+from dicom_heatmap.network import DEFAULT_FIELD_OF_VIEW_UM
 from dicom_heatmap.render import render_slice
 from dicom_heatmap.scorer import MODEL_DOMAIN, MODEL_MODALITIES, TileScorer
 from dicom_heatmap.spread import SpreadSummary, analyze_spread, lesion_masks
@@ -41,12 +42,17 @@ from monai.transforms import Compose
 
 from dicom_heatmap.inferer import TileGridInferer
 from transforms._dictionary import meta_key
-from transforms.grid import GridSplitd
+from transforms.grid import GridSplitd, TileGrid
 from transforms.intensity import NormalizeIntensityd
 from transforms.io import DEFAULT_MAX_VALUES, LoadInputd
 from transforms.spatial import CropForegroundd, CropTemplated, Rotated, Zoomd
 
-__all__ = ["SETTING_RANGES", "AnalysisSettings", "AnalysisResult", "analyze", "analyze_prepared", "preprocessing", "project_errors"]
+__all__ = ["SETTING_RANGES", "AnalysisSettings", "AnalysisResult", "analyze", "analyze_prepared", "preprocessing", "project_errors",
+           "model_patch_side", "MIN_PATCH_SIDE"]
+
+
+#: Fewest pixels a side of a model patch: on a coarser image tiles are scored whole.
+MIN_PATCH_SIDE = 16
 
 
 @dataclass(frozen=True)
@@ -168,6 +174,7 @@ class AnalysisResult:
         model_checksum: sha256 of the model file.
         identity: what the output UIDs derive from.
         precision: the precision the conv layers ran in (``fp32``, ``bf16``, ``fp16``).
+        field_of_view_um: the model's field of view: the side of the patches it scored.
     """
 
     image: np.ndarray
@@ -178,6 +185,35 @@ class AnalysisResult:
     model_checksum: str
     identity: OutputIdentity
     precision: str = "fp32"
+    field_of_view_um: float = DEFAULT_FIELD_OF_VIEW_UM
+
+    @property
+    def patch_scores(self) -> np.ndarray | None:
+        """Scores of the model's patches, (rows', cols') on the lattice of
+        :attr:`patch_grid`; NaN = not analysed. None where each tile was scored whole (see
+        :func:`model_patch_side`)."""
+        patches = self.tile_map.patches
+        return None if patches is None else patches.scores[0]
+
+    @property
+    def patch_grid(self) -> TileGrid | None:
+        """The lattice of the model's patches (edges in image pixels), or None."""
+        return None if self.tile_map.patches is None else self.tile_map.patches.grid
+
+    @property
+    def scale_notice(self) -> str | None:
+        """Why the tiles were scored whole rather than as patches at the model's scale, for
+        an input the model knows (a slide or picture); None when they were patches."""
+        if self.tile_map.patches is not None or self.domain_warning:
+            return None
+        if self.meta["frame"] == "IMAGE":
+            declare = "declare it with --pixel-size-um" if self.meta["kind"] == "image" else "the file does not state it"
+            return (f"the pixel size is unknown ({declare}), so each tile was scored whole, shrunk or stretched to the "
+                    f"model's input: the scores mean most where a tile covers about {self.field_of_view_um:g} um")
+        spacing_um = float(np.linalg.norm(np.asarray(self.meta["affine"])[:3, 1]) * 1000.0)
+        return (f"the image read is too coarse for the model ({spacing_um:.3g} um per pixel: a {self.field_of_view_um:g} um "
+                f"patch would be under {MIN_PATCH_SIDE} pixels), so each tile was scored whole; read a finer level "
+                "with --resolution-um or --level")
 
     @property
     def heatmap(self) -> np.ndarray:
@@ -247,10 +283,23 @@ class AnalysisResult:
             "settings": asdict(self.settings),
             "grid": {"slices": grid.shape[0], "rows": grid.shape[1], "cols": grid.shape[2],
                      "numbering": "1-based, slice by slice, rows top to bottom, columns left to right"},
+            "patches": self._patches_dict(clean),
             "statistics": self.tile_map.statistics(self.spread.threshold),
             "spread": self.spread.to_dict(),
             "heatmap": np.array(scores, dtype=object).reshape(grid.shape).tolist(),
             "tiles": tiles,
+        }
+
+    def _patches_dict(self, clean) -> dict:
+        """result.json's account of what the model saw: patches at its scale, or whole tiles."""
+        patches = self.patch_grid
+        if patches is None:
+            return {"scored": "whole tiles", "field_of_view_um": self.field_of_view_um, "notice": self.scale_notice}
+        return {
+            "scored": "patches at the model's scale; a tile's score is the tissue-weighted mean of the patches it overlaps",
+            "field_of_view_um": self.field_of_view_um,
+            "row_edges": patches.row_edges.tolist(), "col_edges": patches.col_edges.tolist(),
+            "scores": np.array(clean(self.patch_scores.ravel().tolist()), dtype=object).reshape(patches.shape[1:]).tolist(),
         }
 
     def save(self, out_dir: str | Path, viewer_files: bool = True) -> Path:
@@ -534,15 +583,23 @@ def _source_key(meta: dict) -> str:
     return meta.get("content_key") or file_sha256(Path(meta["source_path"]))
 
 
-def preprocessing(settings: AnalysisSettings, key: str = "image", max_values: int = DEFAULT_MAX_VALUES) -> Compose:
+def preprocessing(settings: AnalysisSettings, key: str = "image", max_values: int = DEFAULT_MAX_VALUES,
+                  model_scale_um: float = DEFAULT_FIELD_OF_VIEW_UM / 48) -> Compose:
     """The dictionary transforms from the input path to the tile grid, for ``settings``.
 
-    The bundle's ``configs/inference.json`` lists the same transforms by ``_target_``.
-    ``max_values`` is the loader's size guard (it does not change results, so it is no setting).
+    The bundle's ``configs/inference.json`` builds its preprocessing with this function.
+
+    Args:
+        settings: the analysis settings.
+        key: the image key of the data dictionary.
+        max_values: the loader's size guard (it does not change results, so it is no setting).
+        model_scale_um: micrometres per pixel of the model's input (the shipped model's by
+            default): without ``resolution_um`` or ``level``, slides are read at a level that
+            suits it.
     """
     steps: list = [
         LoadInputd(key, series_uid=settings.series_uid, resolution_um=settings.resolution_um, max_values=max_values,
-                   level=settings.level, pixel_size_um=settings.pixel_size_um),
+                   level=settings.level, pixel_size_um=settings.pixel_size_um, model_scale_um=model_scale_um),
         NormalizeIntensityd(key),
     ]
     if settings.crop == "foreground":
@@ -571,16 +628,43 @@ def analyze_prepared(data: dict, scorer: TileScorer, settings: AnalysisSettings,
     """
     image, meta, grid = data[key], data[meta_key(key)], data[f"{key}_grid"]
     inferer = inferer or TileGridInferer()
+    patch_side = model_patch_side(meta, scorer, image.shape[0])
+    # the model sees its own field of view: patches on a lattice fixed by the image and the
+    # model's scale; the grid asked for only sets the heatmap's resolution
+    scored_grid = grid.lattice(patch_side, settings.tissue_threshold) if patch_side else grid
     # A slide file without a cheap content key is hashed whole (seconds for a multi-GB
     # file): in a thread of its own while the tiles are scored.
     with ThreadPoolExecutor(1, thread_name_prefix="source-key") as background:
         source_key = background.submit(_source_key, meta)
-        numbers, scored = inferer((image, grid), scorer)
+        numbers, scored = inferer((image, scored_grid), scorer)
         source_key = source_key.result()
-    tile_map = Heatmap.assemble(grid, numbers, scored.scores, scored.layer_probabilities, meta["affine"], meta["frame"], image.shape[1:3])
+    scored_map = Heatmap.assemble(scored_grid, numbers, scored.scores, scored.layer_probabilities, meta["affine"], meta["frame"],
+                                  image.shape[1:3])
+    tile_map = Heatmap.pooled(scored_map, grid, meta["affine"], image.shape[1:3]) if patch_side else scored_map
     spread = analyze_spread(tile_map, settings.threshold)
-    identity = OutputIdentity(source_key, scorer.identity, settings.canonical())
-    return AnalysisResult(image, meta, tile_map, spread, settings, scorer.checksum, identity, scorer.precision)
+    method = settings.canonical() + (f"|patches of {scorer.field_of_view_um:g} um" if patch_side else "")
+    identity = OutputIdentity(source_key, scorer.identity, method)
+    return AnalysisResult(image, meta, tile_map, spread, settings, scorer.checksum, identity, scorer.precision,
+                          scorer.field_of_view_um)
+
+
+def model_patch_side(meta: dict, scorer: TileScorer, slices: int = 1) -> tuple[float, float] | None:
+    """Pixels (along rows, along columns) of one model patch - the model's field of view -
+    on an image of ``meta``; None where patches cannot be cut at the model's scale: the
+    pixel spacing is unknown (a picture without a declared pixel size, a slide without
+    one), the modality is not the model's (CT, MR and volumes are tiled as before), or the
+    image is so coarse that a patch would be under :data:`MIN_PATCH_SIDE` pixels.
+
+    Args:
+        meta: the loader's metadata after preprocessing (its ``affine`` is in mm).
+        scorer: the model; its ``field_of_view_um`` is the patch side.
+        slices: slices of the image (patches are cut from single images only).
+    """
+    if meta["frame"] == "IMAGE" or meta["modality"] not in MODEL_MODALITIES or slices != 1:
+        return None
+    spacing_um = np.linalg.norm(np.asarray(meta["affine"])[:3, 1:3], axis=0) * 1000.0
+    side = scorer.field_of_view_um / spacing_um
+    return (float(side[0]), float(side[1])) if side.min() >= MIN_PATCH_SIDE else None
 
 
 def analyze(
@@ -619,7 +703,8 @@ def analyze(
             return analyze(target, scorer, settings, progress, max_values)
     with warnings.catch_warnings(), project_errors():
         warnings.simplefilter("ignore")
-        data = preprocessing(settings, max_values=max_values)({"image": Path(source)})
+        data = preprocessing(settings, max_values=max_values,
+                             model_scale_um=scorer.field_of_view_um / scorer.input_size)({"image": Path(source)})
     return analyze_prepared(data, scorer, settings, TileGridInferer(progress))
 
 

@@ -22,6 +22,9 @@ class Heatmap:
         tile_affine: 4x4 map from tile index (slice, row, col, 1) to the position of the
             tile centre in ``frame`` (mm, or pixels when ``frame`` is ``"IMAGE"``).
         frame: ``"PATIENT"``, ``"SLIDE"`` or ``"IMAGE"``, as the loaders name it.
+        patches: where the tiles were pooled from patches at the model's scale (see
+            :meth:`pooled`), the heatmap of those patches; None where each tile was scored
+            whole.
     """
 
     grid: TileGrid
@@ -29,6 +32,7 @@ class Heatmap:
     layer_probabilities: np.ndarray
     tile_affine: np.ndarray
     frame: str
+    patches: "Heatmap | None" = None
 
     @classmethod
     def assemble(cls, grid: TileGrid, numbers: np.ndarray, scores: np.ndarray, layer_probabilities: np.ndarray,
@@ -59,6 +63,40 @@ class Heatmap:
             [0, 0, 0, 1],
         ])
         return cls(grid, heat, layers, pixel_affine @ to_pixels, frame)
+
+    @classmethod
+    def pooled(cls, patches: "Heatmap", grid: TileGrid, pixel_affine: np.ndarray, image_shape: tuple[int, int]) -> "Heatmap":
+        """The heatmap of ``grid`` whose tile values are pooled from a heatmap of patches.
+
+        A tile's value is the mean of the scored patches it overlaps, each weighted by the
+        pixels it shares with the tile times its tissue share: the share of cancerous tissue
+        in the tile (S6), read at the model's scale. A tile of too little tissue, or that no
+        scored patch overlaps, stays NaN (not analysed).
+
+        Args:
+            patches: scores on a lattice over the same image (:meth:`TileGrid.lattice`).
+            grid: the grid the user asked for.
+            pixel_affine: 4x4 map of pixel index (slice, row, col, 1) to position.
+            image_shape: (rows, cols) of the image in pixels.
+        """
+        rows, cols = grid.overlaps(patches.grid)
+        scored = patches.analysed
+        weight = np.where(scored, patches.grid.tissue_fraction, 0.0)
+        values = np.concatenate([patches.scores[..., None], patches.layer_probabilities], axis=-1)
+        values = np.where(scored[..., None], values, 0.0) * weight[..., None]
+
+        def pool(field: np.ndarray) -> np.ndarray:  # (slices, R', C', k) -> (slices, R, C, k)
+            return np.einsum("ri,sijk,cj->srck", rows, field, cols, optimize=True)
+
+        totals = pool(weight[..., None])[..., 0]
+        means = pool(values) / np.where(totals > 0, totals, 1.0)[..., None]
+        analysed = grid.is_tissue & (totals > 0)
+        means[~analysed] = np.nan
+        numbers = np.flatnonzero(analysed.ravel()) + 1
+        flat = means.reshape(-1, means.shape[-1])[numbers - 1].astype(np.float32)
+        tile_map = cls.assemble(grid, numbers, flat[:, 0], flat[:, 1:], pixel_affine, patches.frame, image_shape)
+        tile_map.patches = patches
+        return tile_map
 
     @property
     def analysed(self) -> np.ndarray:

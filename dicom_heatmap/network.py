@@ -20,13 +20,15 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-__all__ = ["VGG16_CONV_WIDTHS", "HeadedVGG16", "BinaryHead", "OUTPUT_CHANNELS"]
+__all__ = ["VGG16_CONV_WIDTHS", "HeadedVGG16", "BinaryHead", "OUTPUT_CHANNELS", "DEFAULT_FIELD_OF_VIEW_UM"]
 
 #: Output channels of the 13 conv layers; "M" marks a 2x2 max pool.
 VGG16_LAYOUT = (64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M")
 VGG16_CONV_WIDTHS = tuple(c for c in VGG16_LAYOUT if c != "M")
 HIDDEN_UNITS = 512
 TUMOUR = 1
+#: Physical side of the IDC training tiles (50 px of a 40x slide downsampled 16:1), in micrometres.
+DEFAULT_FIELD_OF_VIEW_UM = 200.0
 #: Columns of the forward output: the fused score, then the 13 head probabilities.
 OUTPUT_CHANNELS = 14
 
@@ -50,6 +52,10 @@ class HeadedVGG16(nn.Module):
         dropout: dropout between the fully connected layers of the stage-1 classifier.
         mean: per-channel mean of the input after scaling 0..255 to 0..1.
         std: per-channel standard deviation, as ``mean``.
+        field_of_view_um: the physical side of the tiles the network was trained on, in
+            micrometres (the IDC tiles: 50 px at about 4 um per pixel). It is stored with
+            the weights; :class:`dicom_heatmap.TileScorer` cuts patches of this side from
+            sources whose pixel spacing is known.
     """
 
 
@@ -61,12 +67,15 @@ class HeadedVGG16(nn.Module):
         dropout: float = 0.5,
         mean: tuple[float, float, float] = (0.5, 0.5, 0.5),
         std: tuple[float, float, float] = (0.25, 0.25, 0.25),
+        field_of_view_um: float = DEFAULT_FIELD_OF_VIEW_UM,
     ) -> None:
         super().__init__()
         if input_size < 32:
             raise ValueError(f"input_size must be at least 32 (five 2x2 pools), got {input_size}")
         if not 0 < width_multiplier <= 1:
             raise ValueError(f"width_multiplier must lie in (0, 1], got {width_multiplier}")
+        if not 10 <= field_of_view_um <= 10_000:
+            raise ValueError(f"field_of_view_um must lie in 10..10000 micrometres, got {field_of_view_um}")
         widths = [max(8, int(round(c * width_multiplier))) for c in VGG16_CONV_WIDTHS]
         self.conv_widths = tuple(widths)
         self.tumour = TUMOUR  # an attribute, not the global, so TorchScript compiles ``forward``
@@ -75,6 +84,7 @@ class HeadedVGG16(nn.Module):
         self.register_buffer("input_size", torch.tensor(input_size, dtype=torch.int64))
         self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1))
         self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1))
+        self.register_buffer("field_of_view_um", torch.tensor(float(field_of_view_um), dtype=torch.float32))
 
         layers: list[nn.Module] = []
         self.tap_indices = []  # index in ``features`` of each conv's ReLU
@@ -166,7 +176,8 @@ class HeadedVGG16(nn.Module):
             batch_norm = "features.1.running_mean" in state
         except KeyError as missing:
             raise ValueError(f"not a HeadedVGG16 state dict: key {missing} is missing") from None
-        net = cls(input_size=input_size, width_multiplier=first_width / VGG16_CONV_WIDTHS[0], batch_norm=batch_norm)
+        net = cls(input_size=input_size, width_multiplier=first_width / VGG16_CONV_WIDTHS[0], batch_norm=batch_norm,
+                  field_of_view_um=float(state.get("field_of_view_um", DEFAULT_FIELD_OF_VIEW_UM)))
         return net.load_weights(state)
 
     def compact_state_dict(self) -> dict[str, torch.Tensor]:
@@ -187,6 +198,8 @@ class HeadedVGG16(nn.Module):
 
     def load_weights(self, state: dict[str, torch.Tensor]) -> "HeadedVGG16":
         """Load a state dict, stored weights in any float precision (see :meth:`compact_state_dict`)."""
+        # model files from before 1.2 do not store their field of view: theirs is the IDC tile's
+        state = {"field_of_view_um": torch.tensor(DEFAULT_FIELD_OF_VIEW_UM), **state}
         self.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in state.items()})
         return self
 

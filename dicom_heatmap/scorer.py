@@ -86,6 +86,9 @@ class TileScorer:
 
     Build one with :meth:`load`. ``network`` is the eval-mode network with batch norm
     folded; ``checksum`` is the sha256 of the model file (it enters output UIDs).
+    ``field_of_view_um`` is the physical side of the tiles the model was trained on (stored
+    in the model file): :func:`dicom_heatmap.analyze` scores patches of that side where the
+    source's pixel spacing is known.
 
     The conv layers run in ``precision`` on ``backend``: torch (bf16 or fp16 through
     autocast, channels-last) or OpenVINO (CPU; see :mod:`dicom_heatmap.runtime`); the 13
@@ -127,6 +130,7 @@ class TileScorer:
         self.checksum = checksum
         self.batch_size = batch_size
         self.input_size = int(network.input_size)
+        self.field_of_view_um = float(network.field_of_view_um)
 
     @property
     def identity(self) -> str:

@@ -323,6 +323,13 @@ def _direction(heatmap: Heatmap, scores: np.ndarray, tiles: np.ndarray, focus_fi
     return found
 
 
+def _tile_measure(heatmap: Heatmap) -> float:
+    """Area (2D) or volume (3D) of one tile in frame units."""
+    steps_frame = heatmap.tile_affine[:3, :3]  # columns: one tile step along slice, row, col
+    in_plane_area = float(np.linalg.norm(np.cross(steps_frame[:, 1], steps_frame[:, 2])))
+    return in_plane_area * (heatmap.tile_spacing[0] if heatmap.scores.shape[0] > 1 else 1.0)
+
+
 def _lesions(heatmap: Heatmap, threshold: float) -> tuple[np.ndarray, list[np.ndarray]]:
     """The lesion tiles - the analysed tiles whose scores, smoothed by :data:`LESION_SIGMA`
     over the analysed tiles, reach ``threshold`` - and their connected parts of at least
@@ -337,8 +344,46 @@ def _lesions(heatmap: Heatmap, threshold: float) -> tuple[np.ndarray, list[np.nd
 
 def lesion_masks(heatmap: Heatmap, threshold: float = 0.5) -> list[np.ndarray]:
     """Boolean (slices, rows, cols) tile mask of each lesion, the dominant one first: the
-    lesions :func:`analyze_spread` reports, for the segmentation and outline outputs."""
-    return _lesions(heatmap, threshold)[1]
+    lesions :func:`analyze_spread` reports, for the segmentation and outline outputs.
+
+    Where the lesions were read on the model's patches, a tile belongs to a lesion when at
+    least half of the scored patch pixels it holds do; a lesion that fills no tile so is left out.
+    """
+    parts = _lesions(_reading(heatmap), threshold)[1]
+    if heatmap.patches is None:
+        return parts
+    rows, cols = heatmap.grid.overlaps(heatmap.patches.grid)
+    scored = heatmap.patches.analysed.astype(np.float64)
+    held = np.einsum("ri,sij,cj->src", rows, scored, cols)
+    masks = [heatmap.analysed & (np.einsum("ri,sij,cj->src", rows, part * scored, cols) >= 0.5 * np.maximum(held, 1e-9))
+             for part in parts]
+    return [mask for mask in masks if mask.any()]
+
+
+def _reading(heatmap: Heatmap) -> Heatmap:
+    """The map the lesions are read on: the model's patches where the tiles were pooled from
+    them (the same whatever grid was asked for), else the tiles."""
+    return heatmap.patches if heatmap.patches is not None else heatmap
+
+
+def _on_grid(heatmap: Heatmap, reading: Heatmap, found: dict) -> dict:
+    """A lesion read on ``reading`` told in ``heatmap``'s tiles: the focus tile is the tile
+    holding the focus patch's centre, and the image direction is in tile-index axes."""
+    if reading is heatmap:
+        return found
+    s, r, c = found["focus_index"]
+    fine, coarse = reading.grid, heatmap.grid
+    row = int(np.searchsorted(coarse.row_edges, 0.5 * (fine.row_edges[r] + fine.row_edges[r + 1]), "right")) - 1
+    col = int(np.searchsorted(coarse.col_edges, 0.5 * (fine.col_edges[c] + fine.col_edges[c + 1]), "right")) - 1
+    row, col = min(max(row, 0), coarse.shape[1] - 1), min(max(col, 0), coarse.shape[2] - 1)
+    found = dict(found, focus_index=[s, row, col], focus_tile=int(coarse.number(s, row, col)))
+    if found["directed"]:
+        # one patch step is this many tile steps along (slice, row, col)
+        ratio = np.array([1.0, np.diff(fine.row_edges).mean() / np.diff(coarse.row_edges).mean(),
+                          np.diff(fine.col_edges).mean() / np.diff(coarse.col_edges).mean()])
+        vector = np.asarray(found["direction_image"]) * ratio
+        found["direction_image"] = [round(float(v), 4) for v in vector / np.linalg.norm(vector)]
+    return found
 
 
 def analyze_spread(heatmap: Heatmap, threshold: float = 0.5) -> SpreadSummary:
@@ -361,9 +406,7 @@ def analyze_spread(heatmap: Heatmap, threshold: float = 0.5) -> SpreadSummary:
 
     analysed = heatmap.analysed
     unit = "px" if heatmap.frame == "IMAGE" else "mm"
-    steps_frame = heatmap.tile_affine[:3, :3]  # columns: one tile step along slice, row, col
-    in_plane_area = float(np.linalg.norm(np.cross(steps_frame[:, 1], steps_frame[:, 2])))
-    tile_measure = in_plane_area * (heatmap.tile_spacing[0] if scores.shape[0] > 1 else 1.0)
+    tile_measure = _tile_measure(heatmap)
     values = np.nan_to_num(scores, nan=0.0)
     extent = analysed & (values >= threshold)
     summary = dict(
@@ -376,7 +419,8 @@ def analyze_spread(heatmap: Heatmap, threshold: float = 0.5) -> SpreadSummary:
     if not analysed.any() or flow_count == 0:
         return SpreadSummary(**summary)  # nothing analysed, or a flat field: nothing to report
 
-    lesion_mask, parts = _lesions(heatmap, threshold)
+    reading = _reading(heatmap)
+    lesion_mask, parts = _lesions(reading, threshold)
     # every lesion tile counts the same from here on: the scores' noise inside a lesion
     # would otherwise move the maximum about on the plateau of a large one
     lesion_scores = lesion_mask.astype(np.float64)
@@ -386,8 +430,11 @@ def analyze_spread(heatmap: Heatmap, threshold: float = 0.5) -> SpreadSummary:
         summary.update(focus_tile=int(heatmap.grid.number(*focus)), focus_index=list(focus),
                        focus_position=[round(float(v), 3) for v in heatmap.centre(focus)])
         return SpreadSummary(**summary)
-    lesions = [_direction(heatmap, lesion_scores, part, focus_field, tile_measure) for part in parts]
-    whole = _direction(heatmap, lesion_scores, np.logical_or.reduce(parts), focus_field, tile_measure)
+    reading_measure = tile_measure if reading is heatmap else _tile_measure(reading)
+    lesions = [_on_grid(heatmap, reading, _direction(reading, lesion_scores, part, focus_field, reading_measure))
+               for part in parts]
+    whole = _on_grid(heatmap, reading,
+                     _direction(reading, lesion_scores, np.logical_or.reduce(parts), focus_field, reading_measure))
     summary.update(
         {key: whole[key] for key in ("focus_tile", "focus_index", "focus_position", "directed", "directedness",
                                      "direction_image", "angle_deg", "direction_frame", "words", "reach")},

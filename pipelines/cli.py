@@ -190,7 +190,6 @@ def _settings(args: argparse.Namespace):
 def run_analyze(args: argparse.Namespace) -> int:
     from dicom_heatmap.api import analyze
     from dicom_heatmap.scorer import TileScorer
-    from transforms.io import PICTURE_SUFFIXES
 
     settings = _settings(args)
     scorer = TileScorer.load(args.model, precision=args.precision, backend=args.backend)
@@ -213,10 +212,8 @@ def run_analyze(args: argparse.Namespace) -> int:
             continue
         if result.domain_warning:
             print(f"dicom-heatmap: warning: {path}: {result.domain_warning}", file=sys.stderr)
-        if result.meta["frame"] == "IMAGE" and path.suffix.lower() in PICTURE_SUFFIXES:
-            print(f"dicom-heatmap: notice: {path}: the pixel size is unknown, so the tiles may not be at the model's "
-                  "scale (about 200 um a tile); declare it with --pixel-size-um and choose --tile-size-um 200",
-                  file=sys.stderr)
+        if result.scale_notice:
+            print(f"dicom-heatmap: notice: {path}: {result.scale_notice}", file=sys.stderr)
         print(f"{path}: {result.summary_line()}")
         print(f"  -> {folder}")
     return EXIT_CODE if failed else 0

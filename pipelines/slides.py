@@ -45,6 +45,8 @@ __all__ = ["RebuiltSlide", "whole_patients", "chosen_whole_patients", "rebuild_s
 MIN_WHOLE_TILES = 400
 #: The IDC lattice: tiles are cut every 50 px of the downsampled slide
 TILE = 50
+#: Physical side of an IDC tile (50 px of a 40x slide downsampled 16:1), in micrometres
+TILE_UM = 200.0
 #: Gaussian (in tiles) that smooths the tumour labels before the reference focus is taken
 REFERENCE_SIGMA = 2.0
 #: Glass where the table holds no tile
@@ -246,7 +248,8 @@ def evaluate_slides(labels_csv: str | Path, patients: list[str], scorer: TileSco
     folder = Path(out_dir) / "slides" if out_dir is not None else None
     if folder is not None:
         folder.mkdir(parents=True, exist_ok=True)
-    settings = AnalysisSettings(tile_size=TILE, threshold=threshold)
+    # the IDC tiles are 50 px of about 4 um: declared, so the model's patches are those tiles
+    settings = AnalysisSettings(tile_size=TILE, threshold=threshold, pixel_size_um=TILE_UM / TILE)
     rows = _read_rows(Path(labels_csv))
     for patient in patients:
         slide = rebuild_slide(labels_csv, patient, root, rows)

@@ -24,8 +24,13 @@ def test_streamed_slide_gives_the_in_memory_result(scorer, data_dir, tmp_path, d
     # closed stain mask: a tile or two right at the tissue threshold may flip, no more
     flipped = streamed.tile_map.grid.is_tissue != whole.tile_map.grid.is_tissue
     assert flipped.sum() <= 0.01 * flipped.size
-    both = streamed.tile_map.grid.is_tissue & whole.tile_map.grid.is_tissue
-    np.testing.assert_allclose(streamed.heatmap[both[0]], whole.heatmap[both[0]], atol=1e-6)
+    # the model's patches (this slide states its pixel size) are read alike to 1e-6
+    patches = streamed.patch_grid.is_tissue[0] & whole.patch_grid.is_tissue[0]
+    assert patches.sum() >= 20
+    np.testing.assert_allclose(streamed.patch_scores[patches], whole.patch_scores[patches], atol=1e-6)
+    # a tile weights its patches by their tissue share, from the thumbnail when streamed
+    both = (streamed.tile_map.grid.is_tissue & whole.tile_map.grid.is_tissue)[0]
+    np.testing.assert_allclose(streamed.heatmap[both], whole.heatmap[both], atol=0.02)
     folder = streamed.save(tmp_path)
     for name in ("sc-0001.dcm", "pm.dcm", "sr.dcm"):
         assert dciodvfy(folder / name) == [], name

@@ -12,7 +12,7 @@ to exactly one tile.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Hashable, Mapping, Sequence
 
 import numpy as np
@@ -38,6 +38,9 @@ class TileGrid:
         slices: number of slices (1 for a 2D image).
         tissue_fraction: (slices, R, C) share of tissue pixels in each tile.
         is_tissue: (slices, R, C) whether the tile is analysed.
+        tissue_map: (slices, rows', cols') the tissue map the fractions came from (a
+            thumbnail's for a large image), or None.
+        tissue_map_scale: pixels of ``tissue_map`` per image pixel.
     """
 
     row_edges: np.ndarray
@@ -45,6 +48,8 @@ class TileGrid:
     slices: int
     tissue_fraction: np.ndarray
     is_tissue: np.ndarray
+    tissue_map: np.ndarray | None = field(default=None, repr=False, compare=False)
+    tissue_map_scale: float = 1.0
 
     @property
     def shape(self) -> tuple[int, int, int]:
@@ -83,6 +88,38 @@ class TileGrid:
             return image.regions(boxes, min_side)
         slices = self.position(np.asarray(numbers, dtype=np.int64))[0]
         return [image[int(s), top:bottom, left:right] for s, (top, left, bottom, right) in zip(slices, boxes)]
+
+    def lattice(self, side: tuple[float, float], tissue_threshold: float) -> "TileGrid":
+        """Another grid over the same image whose tiles are about ``side`` (rows, cols) pixels:
+        ``round(height / side)`` near-equal tiles down (at least one), and across alike. Its
+        tissue shares come from this grid's tissue map, so no pixel is read again.
+
+        The analysis uses it for the model's patches: a lattice fixed by the image and the
+        model's scale, the same whatever grid a user asks for.
+
+        Args:
+            side: wanted tile side along rows and along columns, in image pixels.
+            tissue_threshold: least tissue share for a tile of the lattice to be analysed.
+        """
+        if self.tissue_map is None:
+            raise ValueError("this grid keeps no tissue map to share with a lattice")
+        height, width = int(self.row_edges[-1]), int(self.col_edges[-1])
+        row_edges = _edges(height, max(1, round(height / side[0])))
+        col_edges = _edges(width, max(1, round(width / side[1])))
+        fraction = _box_means(self.tissue_map, row_edges * self.tissue_map_scale, col_edges * self.tissue_map_scale)
+        is_tissue = fraction >= tissue_threshold if tissue_threshold > 0 else np.ones_like(fraction, dtype=bool)
+        return TileGrid(row_edges, col_edges, self.slices, fraction, is_tissue, self.tissue_map, self.tissue_map_scale)
+
+    def overlaps(self, other: "TileGrid") -> tuple[np.ndarray, np.ndarray]:
+        """How many pixel rows of each row of ``other``'s tiles lie in each row of this grid's
+        tiles, (R, R'), and the same for columns, (C, C'): the pixels tile (r, c) shares
+        with tile (r', c') of ``other`` are ``rows[r, r'] * cols[c, c']``."""
+        def shared(mine: np.ndarray, theirs: np.ndarray) -> np.ndarray:
+            low = np.maximum(mine[:-1, None], theirs[None, :-1])
+            high = np.minimum(mine[1:, None], theirs[None, 1:])
+            return np.clip(high - low, 0, None).astype(np.float64)
+
+        return shared(self.row_edges, other.row_edges), shared(self.col_edges, other.col_edges)
 
     def table(self) -> list[dict[str, Any]]:
         """One record per tile: number, slice, row, col, box, tissue fraction, analysed."""
@@ -192,7 +229,7 @@ class GridSplit(Transform):
             mask = tissue_mask(thumbnail[None], meta["tissue_rule"], scale)
         fraction = _box_means(mask, row_edges * scale, col_edges * scale)
         is_tissue = fraction >= self.tissue_threshold if self.tissue_threshold > 0 else np.ones_like(fraction, dtype=bool)
-        return TileGrid(row_edges, col_edges, slices, fraction, is_tissue)
+        return TileGrid(row_edges, col_edges, slices, fraction, is_tissue, mask, scale)
 
 
 class GridSplitd(MapTransform):

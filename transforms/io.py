@@ -58,6 +58,8 @@ pydicom.config.settings.reading_validation_mode = pydicom.config.IGNORE
 SLIDE_SUFFIXES = {".svs", ".tif", ".tiff", ".ndpi", ".scn", ".mrxs", ".bif", ".vms"}
 PICTURE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp"}
 WSI_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.77.1.6"
+#: A slide level read for the model may have pixels up to this many times its input's.
+MODEL_SCALE_SLACK = 1.25
 #: Largest side, in pixels, of the slide level read when no resolution is asked for.
 DEFAULT_SLIDE_SIDE = 4096
 #: Most pixel values (pixels x samples x frames) an input may decode to, checked from its
@@ -294,8 +296,21 @@ def _load_enhanced(ds: Dataset, path: Path) -> tuple[np.ndarray, dict]:
     return values[order][..., None], meta
 
 
-def _choose_wsi_level(levels: list[tuple[Path, Dataset]], source: Path, resolution_um: float | None) -> Path:
-    """The pyramid level nearest ``resolution_um``; by default the finest that fits
+def _default_level(spacings_um: Sequence[float], model_scale_um: float | None) -> int | None:
+    """Index of the coarsest level (``spacings_um`` finest first) whose pixels are at most
+    :data:`MODEL_SCALE_SLACK` times ``model_scale_um``: the model's patches are then cut
+    from at least (nearly) as many pixels as it sees. The finest level when none is that
+    fine; None without a model scale."""
+    if model_scale_um is None:
+        return None
+    fine_enough = [i for i, spacing in enumerate(spacings_um) if spacing <= MODEL_SCALE_SLACK * model_scale_um]
+    return fine_enough[-1] if fine_enough else 0
+
+
+def _choose_wsi_level(levels: list[tuple[Path, Dataset]], source: Path, resolution_um: float | None,
+                      model_scale_um: float | None = None, max_values: int = DEFAULT_MAX_VALUES) -> Path:
+    """The pyramid level nearest ``resolution_um``; by default the one that suits the model
+    (:func:`_default_level`), or without a model scale the finest that fits
     :data:`DEFAULT_SLIDE_SIDE`. Thumbnails, labels and overviews are not levels."""
     candidates = []
     for path, ds in levels:
@@ -304,24 +319,31 @@ def _choose_wsi_level(levels: list[tuple[Path, Dataset]], source: Path, resoluti
         try:
             spacing = float(ds.SharedFunctionalGroupsSequence[0].PixelMeasuresSequence[0].PixelSpacing[0])
             side = max(int(ds.TotalPixelMatrixRows), int(ds.TotalPixelMatrixColumns))
+            values = int(ds.TotalPixelMatrixRows) * int(ds.TotalPixelMatrixColumns) * int(ds.SamplesPerPixel)
         except (AttributeError, IndexError, TypeError, ValueError):
             continue
-        candidates.append((spacing, side, path))
+        candidates.append((spacing, side, path, values))
     if not candidates:
         raise InputError(source, "the whole-slide series has no VOLUME level with a pixel spacing")
     candidates.sort()
     if resolution_um is not None:
         return min(candidates, key=lambda c: abs(np.log(c[0] * 1000 / resolution_um)))[2]  # PixelSpacing in mm
+    # a level is read whole: the one the model suits among those the size guard lets through
+    readable = [c for c in candidates if c[3] <= max_values] or candidates[-1:]
+    suited = _default_level([c[0] * 1000 for c in readable], model_scale_um)
+    if suited is not None:
+        return readable[suited][2]
     fitting = [c for c in candidates if c[1] <= DEFAULT_SLIDE_SIDE]
     return (fitting[0] if fitting else candidates[-1])[2]
 
 
 def load_dicom_series(paths: Sequence[Path], source: Path, series_uid: str | None = None,
-                      resolution_um: float | None = None, max_values: int = DEFAULT_MAX_VALUES) -> tuple[np.ndarray, dict]:
+                      resolution_um: float | None = None, max_values: int = DEFAULT_MAX_VALUES,
+                      model_scale_um: float | None = None) -> tuple[np.ndarray, dict]:
     """Load the one image series among ``paths`` (a folder's files) as a volume.
 
     A whole-slide series (one file per pyramid level) gives the level nearest
-    ``resolution_um`` instead.
+    ``resolution_um`` instead, or by default the one ``model_scale_um`` suits.
 
     Args:
         paths: candidate files; non-DICOM files are skipped.
@@ -329,6 +351,7 @@ def load_dicom_series(paths: Sequence[Path], source: Path, series_uid: str | Non
         series_uid: the Series Instance UID to pick when several image series are present.
         resolution_um: wanted pixel spacing of a whole-slide level, in micrometres.
         max_values: the size guard, checked on the headers before decoding.
+        model_scale_um: micrometres per pixel of the model's input (see :func:`load_slide`).
     """
     headers: list[tuple[Path, Dataset]] = []
     refused: InputError | None = None  # the first DICOM file refused (not merely another kind of file)
@@ -360,7 +383,7 @@ def load_dicom_series(paths: Sequence[Path], source: Path, series_uid: str | Non
     if len(chosen) == 1:
         return load_dicom_image(chosen[0][0], max_values)
     if chosen[0][1].get("SOPClassUID") == WSI_SOP_CLASS:
-        return load_dicom_image(_choose_wsi_level(chosen, source, resolution_um), max_values)
+        return load_dicom_image(_choose_wsi_level(chosen, source, resolution_um, model_scale_um, max_values), max_values)
     for path, ds in chosen:
         _require_identity(ds, path)
     _check_size(source, sum(_declared_values(ds, path) for path, ds in chosen), "the series", max_values)
@@ -672,16 +695,22 @@ def _check_tiff_layout(path: Path, max_values: int) -> None:
 
 
 def load_slide(path: Path, resolution_um: float | None = None, max_values: int = DEFAULT_MAX_VALUES,
-               stream_above: int | None = None, level: int | None = None) -> tuple[np.ndarray | StreamedSlide, dict]:
+               stream_above: int | None = None, level: int | None = None,
+               model_scale_um: float | None = None) -> tuple[np.ndarray | StreamedSlide, dict]:
     """Read one level of an SVS/TIFF slide with openslide; large levels are streamed.
 
     Args:
         resolution_um: wanted pixel spacing in micrometres; the level closest to it is read. By default
-            the finest level whose larger side is at most 4096 pixels.
+            the level ``model_scale_um`` suits, or else the finest level whose larger side is at
+            most 4096 pixels.
         max_values: the size guard for a level read whole.
         stream_above: a level of more pixels is returned as a :class:`StreamedSlide`
             (default :data:`STREAM_ABOVE_PIXELS`).
         level: read this pyramid level (0 = full resolution) instead of choosing one.
+        model_scale_um: micrometres per pixel of the model's input. Without ``resolution_um``
+            or ``level``, a slide that states its pixel size is read at the coarsest level
+            not much coarser than this (see :data:`MODEL_SCALE_SLACK`), so that the model's
+            patches keep their detail.
     """
     import openslide
 
@@ -700,6 +729,8 @@ def load_slide(path: Path, resolution_um: float | None = None, max_values: int =
                 raise InputError(path, f"the slide has levels 0..{slide.level_count - 1}, not {level}")
         elif resolution_um is not None and base_mm:
             level = int(np.argmin([abs(np.log(base_mm * 1000 * d / resolution_um)) for d in downsamples]))
+        elif model_scale_um is not None and base_mm:
+            level = _default_level([base_mm * 1000 * d for d in downsamples], model_scale_um)
         else:
             fitting = [i for i, (w, h) in enumerate(slide.level_dimensions) if max(w, h) <= DEFAULT_SLIDE_SIDE]
             level = fitting[0] if fitting else slide.level_count - 1
@@ -768,13 +799,15 @@ class LoadInput(Transform):
         level: for SVS/TIFF slides, the pyramid level to read (instead of choosing one).
         pixel_size_um: the pixel size of a PNG/JPEG picture in micrometres, which the file
             cannot say; refused for other inputs, which say their own.
+        model_scale_um: micrometres per pixel of the model's input: without
+            ``resolution_um`` or ``level``, slides are read at a level that suits it.
 
     Returns ``(image, meta)``; see the module docstring.
     """
 
     def __init__(self, series_uid: str | None = None, resolution_um: float | None = None,
                  max_values: int = DEFAULT_MAX_VALUES, level: int | None = None,
-                 pixel_size_um: float | None = None) -> None:
+                 pixel_size_um: float | None = None, model_scale_um: float | None = None) -> None:
         if max_values < 1:
             raise ValueError(f"max_values must be positive, got {max_values}")
         self.series_uid = series_uid
@@ -782,6 +815,7 @@ class LoadInput(Transform):
         self.max_values = max_values
         self.level = level
         self.pixel_size_um = pixel_size_um
+        self.model_scale_um = model_scale_um
 
     def __call__(self, path: str | Path) -> tuple[np.ndarray, dict]:
         path = Path(path)
@@ -794,7 +828,7 @@ class LoadInput(Transform):
                            and p.resolve().is_relative_to(inside))
             if not files:
                 raise InputError(path, "the folder is empty")
-            return load_dicom_series(files, path, self.series_uid, self.resolution_um, self.max_values)
+            return load_dicom_series(files, path, self.series_uid, self.resolution_um, self.max_values, self.model_scale_um)
         suffix = path.suffix.lower()
         if suffix in PICTURE_SUFFIXES:
             return load_picture(path, self.max_values, self.pixel_size_um)
@@ -802,7 +836,7 @@ class LoadInput(Transform):
             raise InputError(path, "a pixel size can be declared for PNG/JPEG pictures only; this input states its own "
                                    "(or reads as unknown)")
         if suffix in SLIDE_SUFFIXES:
-            return load_slide(path, self.resolution_um, self.max_values, level=self.level)
+            return load_slide(path, self.resolution_um, self.max_values, level=self.level, model_scale_um=self.model_scale_um)
         if path.stat().st_size == 0:
             raise InputError(path, "the file is empty")
         return load_dicom_image(path, self.max_values)
@@ -814,9 +848,9 @@ class LoadInputd(MapTransform):
 
     def __init__(self, keys: str | Sequence[str], series_uid: str | None = None, resolution_um: float | None = None,
                  max_values: int = DEFAULT_MAX_VALUES, level: int | None = None, pixel_size_um: float | None = None,
-                 allow_missing_keys: bool = False) -> None:
+                 model_scale_um: float | None = None, allow_missing_keys: bool = False) -> None:
         super().__init__(keys, allow_missing_keys)
-        self.loader = LoadInput(series_uid, resolution_um, max_values, level, pixel_size_um)
+        self.loader = LoadInput(series_uid, resolution_um, max_values, level, pixel_size_um, model_scale_um)
 
     def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
         d = dict(data)
