@@ -144,3 +144,29 @@ def test_result_series_are_recognised_as_results():
         for reference in (numbered, plain):
             assert is_result_description(result_series(reference, kind)[1])
     assert not is_result_description("AX T2 FLAIR") and not is_result_description("Tumour board (research only) notes")
+
+
+def test_a_slide_of_known_scale_is_scored_in_the_model_patches(scorer, data_dir, run_cli, tmp_path):
+    """The model sees its own field of view (stored in the model file) whatever the grid:
+    CMU-1-Small-Region states 0.499 um a pixel, so a 200 um patch is about 400 pixels."""
+    import torch
+
+    from dicom_heatmap import TileScorer
+    from dicom_heatmap.scorer import DEFAULT_MODEL_PATH
+
+    done = run_cli("analyze", data_dir / "cmu_small_region.svs", "--out", tmp_path / "out", "--quiet")
+    assert done.returncode == 0 and "notice" not in done.stderr, done.stderr
+    patches = json.loads(next((tmp_path / "out").glob("*/result.json")).read_text())["patches"]
+    assert patches["field_of_view_um"] == 200.0
+    assert np.all(np.abs(np.diff(patches["row_edges"]) - 200 / 0.499) < 60), patches["row_edges"]
+    assert len(patches["scores"]) == len(patches["row_edges"]) - 1
+    # a model of a 100 um field of view gets patches half as wide, on the same grid
+    state = torch.load(DEFAULT_MODEL_PATH, weights_only=True)
+    state["field_of_view_um"] = torch.tensor(100.0)
+    torch.save(state, tmp_path / "model_100um.pt")
+    narrow = TileScorer.load(tmp_path / "model_100um.pt")
+    assert scorer.field_of_view_um == 200.0 and narrow.field_of_view_um == 100.0
+    wide, fine = (analyze(data_dir / "cmu_small_region.svs", model, progress=False, tile_size=500) for model in (scorer, narrow))
+    assert wide.heatmap.shape == fine.heatmap.shape
+    assert fine.patch_scores.shape[0] == pytest.approx(2 * wide.patch_scores.shape[0], abs=1)
+    assert fine.identity.folder_name != wide.identity.folder_name

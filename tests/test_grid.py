@@ -5,7 +5,7 @@ import pytest
 
 from dicom_heatmap.heatmap import Heatmap
 from transforms.errors import InputError
-from transforms.grid import GridSplit, GridSplitd
+from transforms.grid import GridSplit, GridSplitd, TileGrid
 from transforms.io import _pixel_affine
 
 
@@ -70,3 +70,28 @@ def test_dictionary_form_adds_the_grid():
     image = np.zeros((1, 64, 64, 3), dtype=np.uint8)
     data = GridSplitd("image", grid=(4, 4))({"image": image, "image_meta_dict": _meta("intensity")})
     assert data["image_grid"].shape == (1, 4, 4)
+
+
+def test_tiles_pool_the_model_patches_they_overlap():
+    """A tile's value is the mean of the scored patches it overlaps, weighted by the pixels
+    they share and the patches' tissue share; a tile no scored patch reaches is not analysed."""
+    mask = np.ones((1, 40, 40), bool)
+    mask[0, 30:, 30:] = False  # the last patch is glass
+    mask[0, :10, 10:15] = False  # half of patch (0, 1) is glass
+    tiles = TileGrid(np.array([0, 20, 40]), np.array([0, 15, 40]), 1, np.ones((1, 2, 2)), np.ones((1, 2, 2), bool), mask, 1.0)
+    patches = tiles.lattice((10, 10), tissue_threshold=0.25)
+    assert patches.shape == (1, 4, 4) and patches.tissue_fraction[0, 0, 1] == 0.5 and not patches.is_tissue[0, 3, 3]
+    scores = np.arange(16, dtype=np.float32).reshape(1, 4, 4) / 16
+    numbers = np.flatnonzero(patches.is_tissue.ravel()) + 1
+    fine = Heatmap.assemble(patches, numbers, scores.ravel()[numbers - 1], np.zeros((len(numbers), 13), np.float32),
+                            np.eye(4), "IMAGE", (40, 40))
+    pooled = Heatmap.pooled(fine, tiles, np.eye(4), (40, 40))
+    # tile (0, 0) holds columns 0-14: all of patches (r, 0) and half of patches (r, 1), rows 0-1
+    weight = np.array([[10, 5 * 0.5], [10, 5]])
+    expected = (weight * scores[0, :2, :2]).sum() / weight.sum()
+    assert abs(pooled.scores[0, 0, 0] - expected) < 1e-6
+    # tile (1, 1) holds rows 20-39, columns 15-39: the glass patch (3, 3) counts nothing
+    weight = np.array([[5, 10, 10], [5, 10, 0]])
+    expected = (weight * scores[0, 2:, 1:]).sum() / weight.sum()
+    assert abs(pooled.scores[0, 1, 1] - expected) < 1e-6
+    assert pooled.patches is fine
