@@ -33,6 +33,14 @@ lesion about its focus. So:
 * extent - all analysed tiles at or above the threshold (count and area or volume);
   reach - the farthest lesion tile centre from the focus along the direction.
 
+Where the tiles were pooled from patches at the model's scale (see
+:meth:`dicom_heatmap.heatmap.Heatmap.pooled`), lesions, focus, direction, directedness
+and reach are read on the patches - the finest map there is, and the same whatever grid
+was asked for - and told in the grid's tiles: the focus tile is the tile holding the
+focus patch, the image direction is in tile-index axes. A lesion's ``tiles`` then count
+its patches; its area is in mm^2 either way. The flow field and the extent stay on the
+grid's tiles.
+
 The summary describes all lesions together (focus at the overall maximum, direction
 toward the centroid of every lesion tile); ``lesions`` repeats focus, direction,
 directedness, extent and reach for each lesion alone, the dominant one first.

@@ -18,7 +18,7 @@ DATA = Path(__file__).resolve().parent.parent / "tests" / "data"
 
 #: (file, settings, what it is)
 SAMPLES = [
-    ("idc_mosaic_tail.png", AnalysisSettings(grid=(8, 12)),
+    ("idc_mosaic_tail.png", AnalysisSettings(grid=(8, 12), pixel_size_um=4),
      "mosaic of real breast H&E tiles (IDC), tumour focus on the left with a tail to the right"),
     ("wsi_lymph_node.dcm", AnalysisSettings(), "real DICOM whole-slide image (H&E lymph node, JPEG tiles)"),
     ("cmu_small_region.svs", AnalysisSettings(), "real Aperio SVS slide region (H&E)"),
@@ -39,6 +39,8 @@ def run_demo(out_dir: str | Path) -> int:
         print(f"  {result.summary_line()}  [{time.perf_counter() - started:.1f} s]")
         if result.domain_warning:
             print(f"  warning: {result.domain_warning}")
+        if result.scale_notice:
+            print(f"  notice: {result.scale_notice}")
         truth = DATA / name.replace(".png", ".json")
         if name.endswith(".png") and truth.exists():
             layout = np.array(json.loads(truth.read_text())["layout"])
