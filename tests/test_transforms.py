@@ -124,3 +124,8 @@ def test_whole_slide_level_follows_the_wanted_resolution():
     levels = [("l0", level(0.00025, 80000)), ("l1", level(0.001, 20000)), ("l2", level(0.004, 5000)), ("l3", level(0.016, 1250))]
     assert _choose_wsi_level(levels, "slide", 1.1) == "l1"  # micrometres
     assert _choose_wsi_level(levels, "slide", None) == "l3"  # the finest level of at most 4096 px
+    # for the model (4.2 um an input pixel): the coarsest level of at most 1.25 times that...
+    assert _choose_wsi_level(levels, "slide", None, model_scale_um=200 / 48) == "l2"
+    assert _choose_wsi_level(levels, "slide", None, model_scale_um=2.0, max_values=2 * 10**9) == "l1"
+    # ...among the levels the size guard lets through whole
+    assert _choose_wsi_level(levels, "slide", None, model_scale_um=200 / 48, max_values=5000 * 5000) == "l3"

@@ -91,6 +91,7 @@ class MeanIntensityScorer(TileScorer):
         self.backend = "torch"
         self.batch_size = 64
         self.input_size = 48
+        self.field_of_view_um = 200.0
 
     def score_details(self, tiles) -> TileScores:
         scores = np.array([np.asarray(t, dtype=np.float32).mean() / 255.0 for t in tiles], dtype=np.float32)
