@@ -14,8 +14,7 @@ from monai.data import Dataset
 from dicom_heatmap.api import AnalysisSettings, analyze_prepared, project_errors
 from dicom_heatmap.inferer import TileGridInferer
 from dicom_heatmap.scorer import TileScorer
-from pipelines.evaluate import evaluate, format_report, write_outputs
-from pipelines.slides import chosen_whole_patients, evaluate_slides, format_slide_table, write_slide_outputs
+from pipelines.evaluate import run_evaluation
 from pipelines.tile_data import TileTable
 from pipelines.train import TrainSettings, train
 
@@ -142,34 +141,29 @@ class TrainWorkflow:
 
 
 class EvaluateWorkflow:
-    """The evaluation bundle's ``evaluator``: metrics and ROC plot of a model on labelled
-    tiles; with ``slides``, also the whole-slide table (as ``dicom-heatmap evaluate --slides``).
+    """The evaluation bundle's ``evaluator``: what ``dicom-heatmap evaluate`` runs
+    (:func:`pipelines.evaluate.run_evaluation`): metrics and ROC plot of a model on labelled
+    tiles; with ``slides``, the whole-slide table; with ``mosaics``, the mosaic table.
 
     Args:
         data_csv: the labels table.
         model_path: the model file.
-        output_dir: where ``metrics.json``, ``roc.png`` (and ``slides.md``, ``slides.json``,
-            ``slides/``) go.
+        output_dir: where ``metrics.json``, ``roc.png`` (and ``slides.*``, ``mosaics.*``) go.
         folds: only these patient folds.
         patients: only these patients.
         slides: rebuild and analyse the whole patients among those chosen.
+        mosaics: build and analyse this many mosaics of the patients chosen.
     """
 
     def __init__(self, data_csv: str | Path, model_path: str | Path, output_dir: str | Path,
-                 folds: Sequence[int] | None = None, patients: Sequence[str] | None = None, slides: bool = False) -> None:
+                 folds: Sequence[int] | None = None, patients: Sequence[str] | None = None, slides: bool = False,
+                 mosaics: int = 0) -> None:
         self.data_csv, self.model_path, self.output_dir = data_csv, model_path, output_dir
         self.folds = list(folds) if folds is not None else None
         self.patients = list(patients) if patients is not None else None
         self.slides = slides
+        self.mosaics = int(mosaics)
 
     def run(self) -> dict:
-        whole = chosen_whole_patients(self.data_csv, self.patients, self.folds) if self.slides else []
-        result = evaluate(self.data_csv, None, self.model_path, self.folds, patients=self.patients)
-        print(format_report(result))
-        summary = write_outputs(result, self.output_dir)
-        if whole:
-            records = evaluate_slides(self.data_csv, whole, TileScorer.load(self.model_path), self.output_dir)
-            print(format_slide_table(records))
-            write_slide_outputs(records, self.output_dir)
-            summary["slides"] = records
-        return summary
+        return run_evaluation(self.data_csv, self.output_dir, self.model_path, folds=self.folds, patients=self.patients,
+                              slides=self.slides, mosaics=self.mosaics)

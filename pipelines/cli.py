@@ -3,7 +3,7 @@
     dicom-heatmap analyze INPUT [INPUT ...] --out DIR [options]
     dicom-heatmap demo [--out DIR]
     dicom-heatmap train --data labels.csv --out DIR [--test-fold K] [--hold-out FILE]
-    dicom-heatmap evaluate --csv labels.csv [--folds 3] [--patients FILE] [--slides] [--out DIR]
+    dicom-heatmap evaluate --csv labels.csv [--folds 3] [--patients FILE] [--slides] [--mosaics N] [--out DIR]
     dicom-heatmap bench
     dicom-heatmap pacs poll|listen|status --config pacs.yaml
 
@@ -36,6 +36,17 @@ def _pair(text: str) -> tuple[int, int]:
     if rows < 1 or cols < 1:
         raise argparse.ArgumentTypeError(f"rows and columns must be positive, got {text!r}")
     return rows, cols
+
+
+def _positive_count(text: str) -> int:
+    """A whole number from 1 to 64 (argparse type): how many mosaics to build."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if not 1 <= value <= 64:
+        raise argparse.ArgumentTypeError(f"expected 1 to 64, got {text!r}")
+    return value
 
 
 def _positive(text: str) -> float:
@@ -160,8 +171,13 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--slides", action="store_true",
                           help="also rebuild the slide of every whole patient among those chosen (every tile in the "
                                "table), analyse it and compare heatmap and spread direction with the annotation")
+    evaluate.add_argument("--mosaics", type=_positive_count, default=0, metavar="N",
+                          help="also build N mosaics of real tiles of the patients chosen (a focus with a tail in "
+                               "N - N//4 directions round the compass, and N//4 round lesions), analyse them and compare "
+                               "with their layout")
     evaluate.add_argument("--out", type=Path, default=Path("evaluation"),
-                          help="folder for metrics.json and roc.png (with --slides also slides.md, slides.json, slides/)")
+                          help="folder for metrics.json and roc.png (with --slides also slides.md, slides.json, slides/; "
+                               "with --mosaics mosaics.md, mosaics.json, mosaics/)")
     evaluate.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"], default="auto", help="as for analyze")
     evaluate.add_argument("--backend", choices=["auto", "torch", "openvino"], default="auto", help="as for analyze")
     return parser
@@ -243,25 +259,12 @@ def run_train(args: argparse.Namespace) -> int:
 
 
 def run_evaluate(args: argparse.Namespace) -> int:
-    from pipelines.evaluate import evaluate, format_report, write_outputs
-    from pipelines.slides import chosen_whole_patients, evaluate_slides, format_slide_table, write_slide_outputs
+    from pipelines.evaluate import run_evaluation
     from pipelines.tile_data import read_patient_list
 
     patients = read_patient_list(args.patients) if args.patients is not None else None
-    whole = chosen_whole_patients(args.csv, patients, args.folds) if args.slides else []
-    result = evaluate(args.csv, args.root, args.model, args.folds, patients=patients, precision=args.precision,
-                      backend=args.backend)
-    print(format_report(result))
-    write_outputs(result, args.out)
-    print(f"-> {args.out}/ (metrics.json, roc.png)")
-    if whole:
-        from dicom_heatmap.scorer import TileScorer
-
-        scorer = TileScorer.load(args.model, precision=args.precision, backend=args.backend)
-        records = evaluate_slides(args.csv, whole, scorer, args.out, args.root)
-        print(format_slide_table(records))
-        write_slide_outputs(records, args.out)
-        print(f"-> {args.out}/ (slides.md, slides.json, slides/*.png)")
+    run_evaluation(args.csv, args.out, args.model, args.root, args.folds, patients, args.slides, args.mosaics,
+                   args.precision, args.backend)
     return 0
 
 

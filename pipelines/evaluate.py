@@ -14,7 +14,7 @@ from dicom_heatmap.scorer import TileScorer
 from pipelines.metrics import roc_auc, roc_curve, threshold_metrics
 from pipelines.tile_data import load_tile_table
 
-__all__ = ["evaluate", "draw_roc", "format_report"]
+__all__ = ["evaluate", "draw_roc", "format_report", "write_outputs", "run_evaluation", "mosaic_patients"]
 
 
 def evaluate(csv_path: str | Path, root: str | Path | None = None, model: str | Path | None = None,
@@ -130,4 +130,77 @@ def write_outputs(result: dict, out_dir: str | Path) -> dict:
     summary = {k: v for k, v in result.items() if k not in ("roc", "head_roc")}
     (out_dir / "metrics.json").write_text(json.dumps(summary, indent=1))
     draw_roc(result, out_dir / "roc.png")
+    return summary
+
+
+def mosaic_patients(csv_path: str | Path, folds: list[int] | None, patients: list[str] | None) -> list[str]:
+    """The patients mosaics are drawn from: those chosen by ``patients`` and ``folds``.
+
+    Raises:
+        InputError: when none is chosen (mosaics must come from patients the model never saw,
+            which only the user knows), or the table has no tile sizes to draw 50 px tiles by.
+    """
+    csv_path = Path(csv_path)
+    if patients is None and folds is None:
+        raise InputError(csv_path, "mosaics need --patients or --folds: their tiles must come from patients the model "
+                                   "never saw, e.g. --patients models/held_out_patients.txt")
+    table = load_tile_table(csv_path)
+    chosen = np.ones(len(table), bool)
+    if folds is not None:
+        chosen &= np.isin(table.folds, folds)
+    if patients is not None:
+        chosen &= np.isin(table.patients, patients)
+    with csv_path.open(newline="") as handle:
+        header = handle.readline()
+    if not {"width", "height"} <= set(header.strip().split(",")):
+        raise InputError(csv_path, "the labels table lacks the width and height columns that mosaics choose 50 px tiles by")
+    found = sorted(set(np.asarray(table.patients)[chosen].tolist()))
+    if not found:
+        raise InputError(csv_path, "no patient of the table is among those chosen for the mosaics")
+    return found
+
+
+def run_evaluation(csv_path: str | Path, out_dir: str | Path, model: str | Path | None = None, root: str | Path | None = None,
+                   folds: list[int] | None = None, patients: list[str] | None = None, slides: bool = False,
+                   mosaics: int = 0, precision: str = "auto", backend: str = "auto") -> dict:
+    """What ``dicom-heatmap evaluate`` and the evaluation bundle run: tile metrics and ROC
+    plot; with ``slides``, the whole-slide table; with ``mosaics``, the mosaic table. Every
+    choice is checked before anything is scored or written; tables are printed.
+
+    Args:
+        csv_path: the tile table.
+        out_dir: where ``metrics.json``, ``roc.png``, ``slides.*``/``slides/`` and
+            ``mosaics.*``/``mosaics/`` go.
+        model: the model file; the shipped one when ``None``.
+        root: folder the table's paths are relative to.
+        folds: only these patient folds.
+        patients: only these patients.
+        slides: rebuild and analyse the whole patients among those chosen.
+        mosaics: build and analyse this many mosaics from the patients chosen.
+        precision: as for :class:`~dicom_heatmap.scorer.TileScorer`.
+        backend: as for :class:`~dicom_heatmap.scorer.TileScorer`.
+
+    Returns:
+        what ``metrics.json`` holds, with ``slides`` and ``mosaics`` records where asked for.
+    """
+    from pipelines.mosaic import evaluate_mosaics
+    from pipelines.slides import chosen_whole_patients, evaluate_slides, format_slide_table, write_slide_outputs
+
+    whole = chosen_whole_patients(csv_path, patients, folds) if slides else []
+    drawn_from = mosaic_patients(csv_path, folds, patients) if mosaics else []
+    result = evaluate(csv_path, root, model, folds, patients=patients, precision=precision, backend=backend)
+    print(format_report(result))
+    summary = write_outputs(result, out_dir)
+    print(f"-> {out_dir}/ (metrics.json, roc.png)")
+    scorer = TileScorer.load(model, precision=precision, backend=backend) if whole or drawn_from else None
+    if whole:
+        summary["slides"] = evaluate_slides(csv_path, whole, scorer, out_dir, root)
+        print(format_slide_table(summary["slides"]))
+        write_slide_outputs(summary["slides"], out_dir)
+        print(f"-> {out_dir}/ (slides.md, slides.json, slides/*.png)")
+    if drawn_from:
+        summary["mosaics"] = evaluate_mosaics(csv_path, drawn_from, scorer, mosaics, out_dir)
+        print(format_slide_table(summary["mosaics"], "mosaic"))
+        write_slide_outputs(summary["mosaics"], out_dir, "mosaics", "mosaic")
+        print(f"-> {out_dir}/ (mosaics.md, mosaics.json, mosaics/*.png)")
     return summary

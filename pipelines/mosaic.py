@@ -17,9 +17,10 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from dicom_heatmap.errors import InputError
 from pipelines.tile_data import HELD_OUT_PATIENTS_FILE, read_patient_list
 
-__all__ = ["tail_layout", "build_mosaic"]
+__all__ = ["tail_layout", "spread_layout", "symmetric_layout", "mosaic_layouts", "build_mosaic", "evaluate_mosaics"]
 
 
 def tail_layout(rows: int = 8, cols: int = 12) -> np.ndarray:
@@ -34,6 +35,8 @@ def build_mosaic(labels_csv: str | Path, out_png: str | Path, layout: np.ndarray
                  tile: int = 50, seed: int = 7) -> dict:
     """Write the mosaic PNG and return its description (also written beside it as JSON).
 
+    Tiles are drawn without replacement while the chosen patients' tiles last, then again.
+
     Args:
         labels_csv: the IDC ``labels.csv``.
         out_png: the picture to write.
@@ -47,11 +50,17 @@ def build_mosaic(labels_csv: str | Path, out_png: str | Path, layout: np.ndarray
         rows = [r for r in csv.DictReader(handle)
                 if r["patient_id"] in patients and int(r["width"]) == tile and int(r["height"]) == tile]
     rng = np.random.default_rng(seed)
-    pools = {label: [r for r in rows if int(r["label"]) == label] for label in (0, 1)}
+    everyone = {label: [r for r in rows if int(r["label"]) == label] for label in (0, 1)}
+    for label, kind in ((0, "non-IDC"), (1, "IDC")):
+        if (layout == label).any() and not everyone[label]:
+            raise InputError(labels_csv, f"the patients chosen have no {kind} tile of {tile} px to build a mosaic from")
+    pools = {label: list(tiles) for label, tiles in everyone.items()}
     picture = np.zeros((layout.shape[0] * tile, layout.shape[1] * tile, 3), dtype=np.uint8)
     used = []
     for (r, c), label in np.ndenumerate(layout):
         pool = pools[int(label)]
+        if not pool:  # a few patients may hold fewer tiles than a mosaic: draw them again
+            pool.extend(everyone[int(label)])
         choice = pool.pop(int(rng.integers(len(pool))))
         with Image.open(labels_csv.parent / choice["path"]) as image:
             picture[r * tile : (r + 1) * tile, c * tile : (c + 1) * tile] = np.asarray(image.convert("RGB"))
@@ -67,6 +76,79 @@ def build_mosaic(labels_csv: str | Path, out_png: str | Path, layout: np.ndarray
     }
     Path(out_png).with_suffix(".json").write_text(json.dumps(description, indent=1))
     return description
+
+
+def spread_layout(angle_deg: float, size: int = 24, focus_radius: float = 4.0, tail_length: float = 11.0,
+                  tail_half_width: float = 1.5) -> np.ndarray:
+    """A (size, size) lesion with a round focus and a tail two tiles wide running at
+    ``angle_deg`` (counter-clockwise from right on screen); the focus sits off centre, away
+    from the tail, so the whole lesion fits (1 = tumour)."""
+    direction = np.array([-np.sin(np.radians(angle_deg)), np.cos(np.radians(angle_deg))])  # (row, col): up is -row
+    centre = size // 2 - direction * tail_length / 2
+    points = np.indices((size, size)).reshape(2, -1).T.astype(float)
+    offsets = points - centre
+    along = np.clip(offsets @ direction, 0.0, tail_length)
+    across = np.linalg.norm(offsets - along[:, None] * direction, axis=1)
+    tumour = (np.linalg.norm(offsets, axis=1) <= focus_radius) | (across <= tail_half_width)
+    return tumour.reshape(size, size).astype(np.int64)
+
+
+def symmetric_layout(size: int = 24, radius: float = 5.0) -> np.ndarray:
+    """A (size, size) round lesion centred on the middle tile: no spread direction (1 = tumour)."""
+    points = np.indices((size, size)).transpose(1, 2, 0) - size // 2
+    return (np.linalg.norm(points, axis=-1) <= radius).astype(np.int64)
+
+
+def mosaic_layouts(count: int) -> list[tuple[str, np.ndarray]]:
+    """``count`` named layouts: every fourth a symmetric lesion, the others a focus with a
+    tail, their directions spread evenly round the compass."""
+    symmetric = count // 4
+    directed = count - symmetric
+    layouts = [(f"tail-{angle:03.0f}", spread_layout(angle)) for angle in np.arange(directed) * 360.0 / max(directed, 1)]
+    layouts += [(f"round-{index + 1}", symmetric_layout()) for index in range(symmetric)]
+    return layouts
+
+
+def evaluate_mosaics(labels_csv: str | Path, patients: list[str], scorer, count: int = 16,
+                     out_dir: str | Path | None = None, threshold: float = 0.5) -> list[dict]:
+    """Build ``count`` mosaics of real tiles of ``patients`` (see :func:`mosaic_layouts`),
+    analyse each through the real :func:`dicom_heatmap.api.analyze` path with its pixel size
+    declared (the IDC tiles' 4 um), and compare with the layout, as the whole slides are
+    compared with their annotation (:func:`pipelines.slides.reference_direction`).
+
+    Args:
+        labels_csv: the IDC table.
+        patients: the patients the tiles are drawn from (patients the model never saw).
+        scorer: the loaded model.
+        count: how many mosaics.
+        out_dir: where ``mosaics/<name>.png`` (mosaic, layout, heatmap) go; none when ``None``.
+        threshold: the analysis's lesion threshold.
+
+    Returns:
+        one record a mosaic, as :func:`pipelines.slides.evaluate_slides` gives for a slide
+        (``patient`` holds the mosaic's name).
+    """
+    import tempfile
+
+    from dicom_heatmap.api import AnalysisSettings, analyze
+    from pipelines.slides import TILE, TILE_UM, RebuiltSlide, comparison_record, draw_slide
+
+    folder = Path(out_dir) / "mosaics" if out_dir is not None else None
+    if folder is not None:
+        folder.mkdir(parents=True, exist_ok=True)
+    settings = AnalysisSettings(tile_size=TILE, threshold=threshold, pixel_size_um=TILE_UM / TILE)
+    records = []
+    with tempfile.TemporaryDirectory(prefix="dicom-heatmap-mosaic-") as temporary:
+        for seed, (name, layout) in enumerate(mosaic_layouts(count)):
+            path = Path(temporary) / f"{name}.png"
+            build_mosaic(labels_csv, path, layout, patients, tile=TILE, seed=seed)
+            result = analyze(path, scorer, settings, progress=False)
+            mosaic = RebuiltSlide(name, np.asarray(Image.open(path).convert("RGB")), layout.astype(np.int8))
+            record = comparison_record(mosaic, result)
+            records.append(record)
+            if folder is not None:
+                draw_slide(mosaic, result.heatmap, record, folder / f"{name}.png")
+    return records
 
 
 if __name__ == "__main__":

@@ -37,7 +37,7 @@ from dicom_heatmap.scorer import TileScorer
 from dicom_heatmap.spread import MIN_DIRECTEDNESS
 from pipelines.metrics import roc_auc
 
-__all__ = ["RebuiltSlide", "whole_patients", "chosen_whole_patients", "rebuild_slide", "reference_direction", "angle_error", "evaluate_slides",
+__all__ = ["RebuiltSlide", "comparison_record", "whole_patients", "chosen_whole_patients", "rebuild_slide", "reference_direction", "angle_error", "evaluate_slides",
            "draw_slide", "write_slide_outputs",
            "format_slide_table", "MIN_WHOLE_TILES", "REFERENCE_SIGMA"]
 
@@ -257,49 +257,66 @@ def evaluate_slides(labels_csv: str | Path, patients: list[str], scorer: TileSco
             path = Path(temporary) / f"{patient}.png"
             Image.fromarray(slide.picture).save(path)
             result = analyze(path, scorer, settings, progress=progress)
-        scores = result.heatmap
-        annotated = slide.labels >= 0
-        scored = annotated & np.isfinite(scores)
-        reference = reference_direction(slide.labels)
-        spread = result.spread
-        focus = spread.focus_index[1:] if spread.focus_index is not None else None
-        record = {
-            "patient": patient,
-            "tiles": int(annotated.sum()),
-            "tumour_tiles": int((slide.labels == 1).sum()),
-            "analysed_share": float(scored.sum() / annotated.sum()),
-            "tile_auc": roc_auc(slide.labels[scored], scores[scored]),
-            "reference": reference,
-            "directed": bool(spread.directed),
-            "angle_deg": spread.angle_deg,
-            "directedness": spread.directedness,
-            "focus": focus,
-            "lesion_tiles": spread.lesion_tiles,
-            "direction_error_deg": angle_error(spread.angle_deg, reference["angle_deg"]) if reference["directed"] else None,
-            "direction_missed": bool(reference["directed"] and not spread.directed),
-            "focus_distance_tiles": (float(np.linalg.norm(np.subtract(focus, reference["focus"])))
-                                     if focus is not None and reference["focus"] is not None else None),
-        }
+        record = comparison_record(slide, result)
         records.append(record)
         if folder is not None:
-            draw_slide(slide, scores, record, folder / f"{patient}.png")
+            draw_slide(slide, result.heatmap, record, folder / f"{patient}.png")
     return records
+
+
+def comparison_record(slide: RebuiltSlide, result) -> dict:
+    """How an analysis on the 50 px lattice of ``slide`` compares with its labels: tile
+    AUC, share of annotated tiles analysed, reference and reported direction, angle error,
+    focus distance (tiles)."""
+    scores = result.heatmap
+    annotated = slide.labels >= 0
+    scored = annotated & np.isfinite(scores)
+    reference = reference_direction(slide.labels)
+    spread = result.spread
+    focus = spread.focus_index[1:] if spread.focus_index is not None else None
+    return {
+        "patient": slide.patient,
+        "tiles": int(annotated.sum()),
+        "tumour_tiles": int((slide.labels == 1).sum()),
+        "analysed_share": float(scored.sum() / annotated.sum()),
+        "tile_auc": roc_auc(slide.labels[scored], scores[scored]),
+        "reference": reference,
+        "directed": bool(spread.directed),
+        "angle_deg": spread.angle_deg,
+        "directedness": spread.directedness,
+        "focus": focus,
+        "lesion_tiles": spread.lesion_tiles,
+        "direction_error_deg": angle_error(spread.angle_deg, reference["angle_deg"]) if reference["directed"] else None,
+        "direction_missed": bool(reference["directed"] and not spread.directed),
+        "focus_distance_tiles": (float(np.linalg.norm(np.subtract(focus, reference["focus"])))
+                                 if focus is not None and reference["focus"] is not None else None),
+    }
 
 
 def _number(value, digits: int) -> str:
     return "-" if value is None or (isinstance(value, float) and not math.isfinite(value)) else f"{value:.{digits}f}"
 
 
-def format_slide_table(records: list[dict]) -> str:
+def format_slide_table(records: list[dict], name: str = "patient") -> str:
     """The per-slide records as a Markdown table, with the median of each column; the
     direction error's median is over the slides with a directed annotation where a
-    direction was reported ("missed": the annotation is directed, the report is not)."""
-    lines = ["| patient | tiles | IDC tiles | analysed | tile AUC | reference direction | reported direction | "
+    direction was reported ("missed": the annotation is directed, the report is not), and
+    the last line counts undirected annotations reported as directed.
+
+    Args:
+        records: from :func:`evaluate_slides` (or :func:`pipelines.mosaic.evaluate_mosaics`).
+        name: the first column's title.
+    """
+    lines = [f"| {name} | tiles | IDC tiles | analysed | tile AUC | reference direction | reported direction | "
              "direction error | focus distance (tiles) |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in records:
         ref = r["reference"]
-        reference = f"{ref['angle_deg']:.0f} deg ({ref['directedness']:.2f})" if ref["angle_deg"] is not None else "no IDC"
-        reference += "" if ref["directed"] else ", undirected"
+        if not r["tumour_tiles"]:
+            reference = "no IDC"
+        elif ref["angle_deg"] is None:
+            reference = "undirected (0.00)"
+        else:
+            reference = f"{ref['angle_deg']:.0f} deg ({ref['directedness']:.2f})" + ("" if ref["directed"] else ", undirected")
         reported = f"{r['angle_deg']:.0f} deg ({r['directedness']:.2f})" if r["directed"] else "undirected"
         lines.append(f"| {r['patient']} | {r['tiles']} | {r['tumour_tiles']} | {r['analysed_share']:.2f} | "
                      f"{_number(r['tile_auc'], 3)} | {reference} | {reported} | "
@@ -312,12 +329,15 @@ def format_slide_table(records: list[dict]) -> str:
                  f"{_number(float(np.median(aucs)) if aucs else None, 3)} | | | "
                  f"{_number(float(np.median(errors)) if errors else None, 0)} over {len(errors)} directed"
                  f"{f', {missed} missed' if missed else ''} | |")
+    undirected = [r for r in records if r["tumour_tiles"] and not r["reference"]["directed"]]
+    if undirected:
+        lines.append(f"\nUndirected annotations reported as directed: {sum(r['directed'] for r in undirected)} of {len(undirected)}.")
     return "\n".join(lines)
 
 
-def write_slide_outputs(records: list[dict], out_dir: str | Path) -> None:
-    """``slides.json`` (the records) and ``slides.md`` (the table) in ``out_dir``."""
+def write_slide_outputs(records: list[dict], out_dir: str | Path, stem: str = "slides", name: str = "patient") -> None:
+    """``<stem>.json`` (the records) and ``<stem>.md`` (the table, first column ``name``) in ``out_dir``."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "slides.json").write_text(json.dumps(records, indent=1))
-    (out_dir / "slides.md").write_text(format_slide_table(records) + "\n")
+    (out_dir / f"{stem}.json").write_text(json.dumps(records, indent=1))
+    (out_dir / f"{stem}.md").write_text(format_slide_table(records, name) + "\n")

@@ -32,7 +32,7 @@ def slide_table(tmp_path_factory, data_dir):
         path = f"images/{PATIENT}/{label}/{PATIENT}_idx5_x{x}_y{y}_class{label}.png"
         (folder / path).parent.mkdir(parents=True, exist_ok=True)
         Image.fromarray(picture[y - 1 : y + 49, x - 1 : x + 49]).save(folder / path)
-        rows.append({"path": path, "patient_id": PATIENT, "x": x, "y": y, "label": label, "fold": 2})
+        rows.append({"path": path, "patient_id": PATIENT, "x": x, "y": y, "label": label, "width": 50, "height": 50, "fold": 2})
     with (folder / "labels.csv").open("w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
         writer.writeheader()
@@ -109,3 +109,21 @@ def test_the_evaluation_bundle_writes_the_slide_table(slide_table, tmp_path):
     (record,) = json.loads((tmp_path / "eval" / "slides.json").read_text())
     assert record["patient"] == PATIENT and record["tiles"] == 478
     assert f"| {PATIENT} | 478 |" in (tmp_path / "eval" / "slides.md").read_text()
+
+
+def test_evaluate_mosaics_compares_direction_with_a_known_layout(run_cli, slide_table, tmp_path):
+    """A mosaic of the patient's real tiles with a focus and a tail to the right (0 deg):
+    the table says how the reported direction compares; mosaics are drawn only from
+    patients named, and the command refuses before scoring when none are."""
+    refused = run_cli("evaluate", "--csv", slide_table, "--mosaics", "1", "--out", tmp_path / "no")
+    assert refused.returncode == 2 and refused.stderr.count("\n") == 1 and "mosaics need --patients or --folds" in refused.stderr
+    assert not (tmp_path / "no").exists()
+    done = run_cli("evaluate", "--csv", slide_table, "--folds", "2", "--mosaics", "1", "--out", tmp_path / "eval")
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "| tail-000 | 576 |" in done.stdout
+    (record,) = json.loads((tmp_path / "eval" / "mosaics.json").read_text())
+    assert record["reference"]["directed"] and record["reference"]["angle_deg"] == 0.0
+    assert record["tiles"] == 576 and record["analysed_share"] >= 0.95 and record["tile_auc"] >= 0.8
+    assert record["direction_error_deg"] is not None or record["direction_missed"]
+    assert (tmp_path / "eval" / "mosaics" / "tail-000.png").is_file()
+    assert (tmp_path / "eval" / "mosaics.md").read_text().startswith("| mosaic |")
