@@ -147,7 +147,7 @@ def evaluate_mosaics(labels_csv: str | Path, patients: list[str], scorer, count:
             record = comparison_record(mosaic, result)
             records.append(record)
             if folder is not None:
-                draw_slide(mosaic, result.heatmap, record, folder / f"{name}.png")
+                draw_slide(mosaic, result.heatmap, record, folder / f"{name}.png", title=f"mosaic {name}")
     return records
 
 

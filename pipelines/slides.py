@@ -193,9 +193,11 @@ def _arrow(draw: ImageDraw.ImageDraw, focus, angle: float, length: float, cell: 
                                  for s in (-1, 1)], fill=colour, outline=(255, 255, 255))
 
 
-def draw_slide(slide: RebuiltSlide, scores: np.ndarray, record: dict, path: str | Path, cell: int = 8) -> None:
+def draw_slide(slide: RebuiltSlide, scores: np.ndarray, record: dict, path: str | Path, cell: int = 8,
+               title: str | None = None) -> None:
     """Slide, annotation and heatmap side by side, each with its direction arrow (black:
-    the annotation's, reference; white-edged red: the analysis's)."""
+    the annotation's, reference; white-edged red: the analysis's); ``title`` heads it
+    (by default "patient <ID>")."""
     rows, cols = slide.labels.shape
     height, width = rows * cell, cols * cell
     picture = np.asarray(Image.fromarray(slide.picture).resize((width, height), Image.BILINEAR))
@@ -210,7 +212,7 @@ def draw_slide(slide: RebuiltSlide, scores: np.ndarray, record: dict, path: str 
         canvas.paste(Image.fromarray(panel), (index * (width + gap), header))
     draw = ImageDraw.Draw(canvas)
     error = record["direction_error_deg"]
-    draw.text((4, 4), f"patient {slide.patient}: slide | annotation (IDC red) | heatmap   tile AUC {record['tile_auc']:.3f}   "
+    draw.text((4, 4), f"{title or f'patient {slide.patient}'}: slide | annotation (IDC red) | heatmap   tile AUC {record['tile_auc']:.3f}   "
                       f"analysed {record['analysed_share']:.0%}   direction error {'-' if error is None else f'{error:.0f} deg'}",
               fill="black")
     length = 0.25 * min(width, height)
