@@ -200,13 +200,16 @@ def _slide_tiles(slide: Path, tile: int, count: int, input_size: int) -> list[np
     return [np.ascontiguousarray(piece) for piece in grid.tiles(image, numbers, min_side=input_size)]
 
 
-def make_synthetic_slide(path: str | Path, side: int, tile: int = 256, smallest: int = 1024) -> Path:
+def make_synthetic_slide(path: str | Path, side: int, tile: int = 256, smallest: int = 1024,
+                         mpp: float | None = None) -> Path:
     """Write a tiled pyramidal TIFF (openslide reads it) of ``side`` x ``side`` RGB pixels:
     the left half real H&E texture (the embedded IDC mosaic, repeated), the right half
     blank glass. Written tile by tile, so memory stays small whatever ``side`` is.
 
     Levels are 4x apart down to one no wider than ``smallest`` px, as scanners write them;
-    a small last level is also what gives OpenSlide its ``quickhash-1`` of the content."""
+    a small last level is also what gives OpenSlide its ``quickhash-1`` of the content.
+    With ``mpp`` (micrometres per pixel of the full level) the TIFF states its resolution,
+    which OpenSlide reads as the slide's pixel size."""
     import tifffile
 
     texture = np.asarray(Image.open(DATA / "idc_mosaic_tail.png").convert("RGB"))
@@ -227,8 +230,10 @@ def make_synthetic_slide(path: str | Path, side: int, tile: int = 256, smallest:
         step = 1
         while True:
             level_side = side // step
+            # pixels per centimetre, the unit OpenSlide turns into its mpp properties
+            resolution = {"resolution": (1e4 / (mpp * step), 1e4 / (mpp * step)), "resolutionunit": "CENTIMETER"} if mpp else {}
             writer.write(tiles(level_side, step), shape=(level_side, level_side, 3), dtype=np.uint8, tile=(tile, tile),
-                         photometric="rgb", subfiletype=0 if step == 1 else 1, metadata=None)
+                         photometric="rgb", subfiletype=0 if step == 1 else 1, metadata=None, **resolution)
             if level_side <= smallest:
                 return path
             step *= 4

@@ -84,3 +84,20 @@ def test_a_slide_with_an_openslide_quickhash_is_identified_by_it_not_by_hashing_
     first = analyze(slide, scorer, progress=False)
     assert first.identity.source_key == f"openslide-quickhash-1:{quickhash}"
     assert analyze(slide, scorer, progress=False).identity.folder_name == first.identity.folder_name
+
+
+def test_a_slide_stating_its_pixel_size_is_read_at_the_model_scale(scorer, tmp_path, stream_everything):
+    """Levels of 0.5, 2 and 8 um a pixel: the model (about 4.2 um an input pixel) is given
+    the 2 um level, the coarsest not coarser than 1.25 times its own, and scores 200 um
+    patches (100 px there) on the tissue half only, whatever the grid."""
+    slide = make_synthetic_slide(tmp_path / "slide.tif", 8192, mpp=0.5)
+    result = analyze(slide, scorer, progress=False)
+    assert isinstance(result.image, StreamedSlide) and result.image.level == 1
+    assert result.scale_notice is None
+    sides = np.diff(result.patch_grid.col_edges)  # 2048 px split into 20 near-equal patches
+    assert np.all(np.abs(sides - 100) <= 3), sides
+    analysed = np.isfinite(result.patch_scores)
+    cols = analysed.shape[1]
+    assert analysed[:, : cols // 2 - 1].all() and not analysed[:, cols // 2 + 1 :].any()
+    coarse = analyze(slide, scorer, progress=False, grid=(3, 3))
+    np.testing.assert_array_equal(coarse.patch_scores, result.patch_scores)
