@@ -2,7 +2,6 @@
 
 import numpy as np
 import pydicom
-import pytest
 from PIL import Image
 
 from conftest import write_series

@@ -12,7 +12,6 @@ from pathlib import Path
 
 import numpy as np
 import pydicom
-import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from pydicom.data import get_testdata_file
