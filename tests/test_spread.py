@@ -1,6 +1,5 @@
 """Spread analysis on score fields with known answers."""
 
-
 import numpy as np
 import pytest
 
