@@ -15,7 +15,7 @@ INPUTS = {
     "mr": ("MR_small.dcm", []),
     "wsi": ("wsi_lymph_node.dcm", []),
     "svs": ("cmu_small_region.svs", []),
-    "png": ("idc_mosaic_tail.png", ["--grid", "8x12"]),
+    "png": ("idc_mosaic_tail.png", ["--grid", "8x12", "--pixel-size-um", "4"]),  # scored as the model's patches
 }
 
 
@@ -99,7 +99,9 @@ def test_structured_report_carries_the_direction(analysed, key):
     lesions = result["spread"]["lesions"]
     assert [str(g.tracking_identifier) for g in lesion_groups] == [f"Lesion {i + 1} of {len(lesions)}" for i in range(len(lesions))]
     for group, lesion in zip(lesion_groups, lesions):
-        (tiles,) = group.get_measurements(name=CONCEPTS["lesion_tiles"])
+        # counted in the model's patches where the lesions were read on them
+        counted = "lesion_patches" if result["patches"]["scored"].startswith("patches") else "lesion_tiles"
+        (tiles,) = group.get_measurements(name=CONCEPTS[counted])
         assert tiles.value == lesion["tiles"]
         (evaluation,) = group.get_qualitative_evaluations(name=CONCEPTS["direction"])
         assert evaluation.value.value == "DIR-" + (lesion["words"].upper() if lesion["directed"] else "NONE")

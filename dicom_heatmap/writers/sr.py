@@ -39,6 +39,7 @@ CONCEPTS = {
     "lesion_tiles": code("DHM016", "Number of tiles of the lesion"),
     "lesion_area": code("DHM017", "Extent of the lesion"),
     "input_domain": code("DHM018", "Input outside the model's training domain"),
+    "lesion_patches": code("DHM019", "Number of model patches of the lesion"),
 }
 #: The SR carries one group for each lesion up to this many, the dominant first (result.json lists all)
 MAX_REPORTED_LESIONS = 20
@@ -57,7 +58,7 @@ _UNITLESS = hd.sr.CodedConcept("1", "UCUM", "no units")
 
 def _unit(symbol: str) -> hd.sr.CodedConcept:
     meanings = {"mm": "millimeter", "mm2": "square millimeter", "mm3": "cubic millimeter", "deg": "degree",
-                "{tiles}": "tiles", "{px}": "pixels", "{px2}": "square pixels", "{px3}": "cubic pixels"}
+                "{tiles}": "tiles", "{patches}": "patches", "{px}": "pixels", "{px2}": "square pixels", "{px3}": "cubic pixels"}
     return hd.sr.CodedConcept(symbol, "UCUM", meanings[symbol])
 
 
@@ -157,8 +158,10 @@ def build_structured_report(
             referenced_region=_tile_region(heatmap, lesion["focus_index"], secondary_captures, sc_scale, frame_of_reference_uid),
             finding_type=_NEOPLASM,
             algorithm_id=algorithm,
-            measurements=[measure("lesion_tiles", lesion["tiles"], _unit("{tiles}")), measure("lesion_area", lesion["area"], area_unit),
-                          *lesion_measurements],
+            # read on the model's patches where they were scored (the spread module's note)
+            measurements=[measure(*(("lesion_patches", lesion["tiles"], _unit("{patches}")) if heatmap.patches is not None
+                                    else ("lesion_tiles", lesion["tiles"], _unit("{tiles}")))),
+                          measure("lesion_area", lesion["area"], area_unit), *lesion_measurements],
             qualitative_evaluations=lesion_evaluations,
         ))
     if summary.lesion_ellipsoid is not None and frame_of_reference_uid is not None and heatmap.scores.shape[0] > 1:
