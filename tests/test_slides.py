@@ -101,14 +101,16 @@ def test_the_direction_is_the_same_on_grids_a_quarter_finer_or_coarser(scorer, d
     assert whole.patch_scores is None and whole.scale_notice.startswith("the pixel size is unknown")
 
 
-def test_the_evaluation_bundle_writes_the_slide_table(slide_table, tmp_path):
+def test_the_evaluation_bundle_writes_the_slide_and_mosaic_tables(slide_table, tmp_path):
     from test_bundle import bundle
 
     bundle("run", "--config_file", "configs/evaluate.json", "--data_csv", slide_table, "--slides", "True",
-           "--output_dir", tmp_path / "eval")
+           "--folds", "[2]", "--mosaics", "1", "--output_dir", tmp_path / "eval")
     (record,) = json.loads((tmp_path / "eval" / "slides.json").read_text())
     assert record["patient"] == PATIENT and record["tiles"] == 478
     assert f"| {PATIENT} | 478 |" in (tmp_path / "eval" / "slides.md").read_text()
+    (mosaic,) = json.loads((tmp_path / "eval" / "mosaics.json").read_text())
+    assert mosaic["patient"] == "tail-000" and mosaic["tiles"] == 576
 
 
 def test_evaluate_mosaics_compares_direction_with_a_known_layout(run_cli, slide_table, tmp_path):
