@@ -84,9 +84,11 @@ def test_the_direction_is_the_same_on_grids_a_quarter_finer_or_coarser(scorer, d
     sizes = [round(default_tile * f) for f in (0.75, 0.875, 1.0, 1.125, 1.25)]
     results = [analyze(source, scorer, AnalysisSettings(tile_size=size, pixel_size_um=4), progress=False) for size in sizes]
     assert len({r.heatmap.shape for r in results}) == len(sizes)  # five different grids
-    assert all(r.spread.directed for r in results)
+    # the lesions are read on the patches, so every grid reads the same (the target: within 20 deg)
+    readings = {(r.spread.directed, r.spread.angle_deg, r.spread.directedness, tuple(r.spread.focus_position)) for r in results}
+    assert len(readings) == 1, readings
+    assert results[0].spread.directed
     angles = [r.spread.angle_deg for r in results]
-    assert max(abs((a - angles[0] + 180) % 360 - 180) for a in angles) <= 20, angles
     labels = np.full((47, 58), -1)
     with (data_dir / f"idc_slide_{PATIENT}.csv").open(newline="") as handle:
         for row in csv.DictReader(handle):
