@@ -25,7 +25,7 @@ from pydicom.dataset import Dataset
 from dicom_heatmap._version import __version__
 from dicom_heatmap.errors import ConfigurationError, DicomHeatmapError, InputError, OutputError, is_uid
 from dicom_heatmap.heatmap import Heatmap
-from dicom_heatmap.network import DEFAULT_FIELD_OF_VIEW_UM
+from dicom_heatmap.network import DEFAULT_FIELD_OF_VIEW_UM, DEFAULT_INPUT_SIZE
 from dicom_heatmap.render import render_slice
 from dicom_heatmap.scorer import MODEL_DOMAIN, MODEL_MODALITIES, TileScorer
 from dicom_heatmap.spread import SpreadSummary, analyze_spread, lesion_masks
@@ -584,7 +584,7 @@ def _source_key(meta: dict) -> str:
 
 
 def preprocessing(settings: AnalysisSettings, key: str = "image", max_values: int = DEFAULT_MAX_VALUES,
-                  model_scale_um: float = DEFAULT_FIELD_OF_VIEW_UM / 48) -> Compose:
+                  model_scale_um: float = DEFAULT_FIELD_OF_VIEW_UM / DEFAULT_INPUT_SIZE) -> Compose:
     """The dictionary transforms from the input path to the tile grid, for ``settings``.
 
     The bundle's ``configs/inference.json`` builds its preprocessing with this function.

@@ -20,13 +20,15 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-__all__ = ["VGG16_CONV_WIDTHS", "HeadedVGG16", "BinaryHead", "OUTPUT_CHANNELS", "DEFAULT_FIELD_OF_VIEW_UM"]
+__all__ = ["VGG16_CONV_WIDTHS", "HeadedVGG16", "BinaryHead", "OUTPUT_CHANNELS", "DEFAULT_FIELD_OF_VIEW_UM", "DEFAULT_INPUT_SIZE"]
 
 #: Output channels of the 13 conv layers; "M" marks a 2x2 max pool.
 VGG16_LAYOUT = (64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M")
 VGG16_CONV_WIDTHS = tuple(c for c in VGG16_LAYOUT if c != "M")
 HIDDEN_UNITS = 512
 TUMOUR = 1
+#: Side in pixels of the network's square input (the shipped model's).
+DEFAULT_INPUT_SIZE = 48
 #: Physical side of the IDC training tiles (50 px of a 40x slide downsampled 16:1), in micrometres.
 DEFAULT_FIELD_OF_VIEW_UM = 200.0
 #: Columns of the forward output: the fused score, then the 13 head probabilities.
@@ -61,7 +63,7 @@ class HeadedVGG16(nn.Module):
 
     def __init__(
         self,
-        input_size: int = 48,
+        input_size: int = DEFAULT_INPUT_SIZE,
         width_multiplier: float = 1.0,
         batch_norm: bool = True,
         dropout: float = 0.5,

@@ -106,7 +106,8 @@ class SpreadSummary:
         reach: farthest distance from the focus centre along the direction (or in any
             direction, when undirected) among the lesion's tiles, in frame units.
         unit: "mm" or "px".
-        lesion_tiles: tiles of all lesions (smoothed score at or above threshold).
+        lesion_tiles: tiles of all lesions (smoothed score at or above threshold); the
+            model's patches where the lesions were read on them (see the module docstring).
         lesion_ellipsoid: the lesion tiles as an ellipsoid in the frame - ``centre`` and
             three semi-axis vectors ``axes`` (from the principal axes of their centres,
             each at least half a tile long) - or None without a lesion.
