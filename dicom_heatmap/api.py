@@ -636,7 +636,7 @@ def analyze_prepared(data: dict, scorer: TileScorer, settings: AnalysisSettings,
     # file): in a thread of its own while the tiles are scored.
     with ThreadPoolExecutor(1, thread_name_prefix="source-key") as background:
         source_key = background.submit(_source_key, meta)
-        numbers, scored = inferer((image, scored_grid), scorer)
+        numbers, scored = inferer((image, scored_grid), scorer, what="patches" if patch_side else "tiles")
         source_key = source_key.result()
     scored_map = Heatmap.assemble(scored_grid, numbers, scored.scores, scored.layer_probabilities, meta["affine"], meta["frame"],
                                   image.shape[1:3])

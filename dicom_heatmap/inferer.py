@@ -29,8 +29,10 @@ class TileGridInferer(Inferer):
         super().__init__()
         self.progress = progress
 
-    def __call__(self, inputs: tuple[np.ndarray, TileGrid], network: TileScorer, *args: Any, **kwargs: Any) -> tuple[np.ndarray, TileScores]:  # type: ignore[override]
-        """Score the tissue tiles of ``inputs`` = (image (slices, rows, cols, 3) uint8, grid).
+    def __call__(self, inputs: tuple[np.ndarray, TileGrid], network: TileScorer, *args: Any, what: str = "tiles",
+                 **kwargs: Any) -> tuple[np.ndarray, TileScores]:  # type: ignore[override]
+        """Score the tissue tiles of ``inputs`` = (image (slices, rows, cols, 3) uint8, grid);
+        ``what`` names them on the progress bar ("tiles", or "patches" for the model's lattice).
 
         Returns:
             the 1-based numbers of the scored tiles and their scores.
@@ -47,7 +49,7 @@ class TileGridInferer(Inferer):
 
         # the next batch is read (openslide and numpy release the GIL) while this one is scored
         with ThreadPoolExecutor(max_workers=1) as reader, tqdm(
-            total=len(numbers), desc="scoring tiles", unit="tile", leave=False, disable=not self.progress or len(numbers) <= 2 * batch
+            total=len(numbers), desc=f"scoring {what}", unit={"patches": "patch"}.get(what, "tile"), leave=False, disable=not self.progress or len(numbers) <= 2 * batch
         ) as bar:
             pending = reader.submit(read, chunks[0]) if chunks else None
             start = 0
