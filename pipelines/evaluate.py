@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 from pathlib import Path
 
@@ -140,24 +141,20 @@ def mosaic_patients(csv_path: str | Path, folds: list[int] | None, patients: lis
         InputError: when none is chosen (mosaics must come from patients the model never saw,
             which only the user knows), or the table has no tile sizes to draw 50 px tiles by.
     """
+    from pipelines.mosaic import mosaic_rows
+
     csv_path = Path(csv_path)
     if patients is None and folds is None:
         raise InputError(csv_path, "mosaics need --patients or --folds: their tiles must come from patients the model "
                                    "never saw, e.g. --patients models/held_out_patients.txt")
-    table = load_tile_table(csv_path)
-    chosen = np.ones(len(table), bool)
-    if folds is not None:
-        chosen &= np.isin(table.folds, folds)
-    if patients is not None:
-        chosen &= np.isin(table.patients, patients)
-    with csv_path.open(newline="") as handle:
-        header = handle.readline()
-    if not {"width", "height"} <= set(header.strip().split(",")):
-        raise InputError(csv_path, "the labels table lacks the width and height columns that mosaics choose 50 px tiles by")
-    found = sorted(set(np.asarray(table.patients)[chosen].tolist()))
-    if not found:
-        raise InputError(csv_path, "no patient of the table is among those chosen for the mosaics")
-    return found
+    with csv_path.open(newline="") as handle:  # the table's rows only: the tiles are read once, by evaluate
+        fold_of = {row["patient_id"]: row.get("fold") for row in csv.DictReader(handle)}
+    wanted_folds = None if folds is None else {str(f) for f in folds}
+    chosen = [p for p, fold in fold_of.items() if (patients is None or p in patients)
+              and (wanted_folds is None or str(fold).strip() in wanted_folds)]
+    if not mosaic_rows(csv_path, chosen):
+        raise InputError(csv_path, "no 50 px tile of the table belongs to the patients chosen for the mosaics")
+    return sorted(chosen)
 
 
 def run_evaluation(csv_path: str | Path, out_dir: str | Path, model: str | Path | None = None, root: str | Path | None = None,

@@ -20,7 +20,8 @@ from PIL import Image
 from dicom_heatmap.errors import InputError
 from pipelines.tile_data import HELD_OUT_PATIENTS_FILE, read_patient_list
 
-__all__ = ["tail_layout", "spread_layout", "symmetric_layout", "mosaic_layouts", "build_mosaic", "evaluate_mosaics"]
+__all__ = ["tail_layout", "spread_layout", "symmetric_layout", "mosaic_layouts", "mosaic_rows", "paste_mosaic", "build_mosaic",
+           "evaluate_mosaics"]
 
 
 def tail_layout(rows: int = 8, cols: int = 12) -> np.ndarray:
@@ -31,11 +32,53 @@ def tail_layout(rows: int = 8, cols: int = 12) -> np.ndarray:
     return layout
 
 
-def build_mosaic(labels_csv: str | Path, out_png: str | Path, layout: np.ndarray, patients: list[str],
-                 tile: int = 50, seed: int = 7) -> dict:
-    """Write the mosaic PNG and return its description (also written beside it as JSON).
+def mosaic_rows(labels_csv: str | Path, patients: list[str], tile: int = 50) -> list[dict]:
+    """The rows of ``labels_csv`` a mosaic may draw from: tiles of ``patients``, ``tile`` px square.
+
+    Raises:
+        InputError: when the table lacks the columns this needs.
+    """
+    labels_csv = Path(labels_csv)
+    with labels_csv.open(newline="") as handle:
+        reader = csv.DictReader(handle)
+        missing = [c for c in ("path", "patient_id", "label", "width", "height") if c not in (reader.fieldnames or [])]
+        if missing:
+            raise InputError(labels_csv, f"the labels table lacks the column(s) {', '.join(missing)} that mosaics are drawn by")
+        wanted = set(patients)
+        # sizes compared as text: a damaged cell is no 50 px tile, not a crash
+        return [r for r in reader if r["patient_id"] in wanted and r["width"].strip() == str(tile)
+                and r["height"].strip() == str(tile)]
+
+
+def paste_mosaic(rows: list[dict], root: Path, layout: np.ndarray, tile: int = 50, seed: int = 7) -> tuple[np.ndarray, list[str]]:
+    """The mosaic picture of ``layout`` (1 where a tumour tile goes) from ``rows``
+    (:func:`mosaic_rows`, paths relative to ``root``), and the paths of the tiles used.
 
     Tiles are drawn without replacement while the chosen patients' tiles last, then again.
+    """
+    rng = np.random.default_rng(seed)
+    everyone = {label: [r for r in rows if int(r["label"]) == label] for label in (0, 1)}
+    for label, kind in ((0, "non-IDC"), (1, "IDC")):
+        if (layout == label).any() and not everyone[label]:
+            raise InputError(root, f"the patients chosen have no {kind} tile of {tile} px to build a mosaic from")
+    pools = {label: list(tiles) for label, tiles in everyone.items()}
+    picture = np.zeros((layout.shape[0] * tile, layout.shape[1] * tile, 3), dtype=np.uint8)
+    used = []
+    for (r, c), label in np.ndenumerate(layout):
+        pool = pools[int(label)]
+        if not pool:  # a few patients may hold fewer tiles than a mosaic: draw them again
+            pool.extend(everyone[int(label)])
+        choice = pool.pop(int(rng.integers(len(pool))))
+        with Image.open(root / choice["path"]) as image:
+            picture[r * tile : (r + 1) * tile, c * tile : (c + 1) * tile] = np.asarray(image.convert("RGB"))
+        used.append(choice["path"])
+    return picture, used
+
+
+def build_mosaic(labels_csv: str | Path, out_png: str | Path, layout: np.ndarray, patients: list[str],
+                 tile: int = 50, seed: int = 7) -> dict:
+    """Write the mosaic PNG of the demo's tail layout and return its description (also
+    written beside it as JSON).
 
     Args:
         labels_csv: the IDC ``labels.csv``.
@@ -46,25 +89,7 @@ def build_mosaic(labels_csv: str | Path, out_png: str | Path, layout: np.ndarray
         seed: random seed of the draw.
     """
     labels_csv = Path(labels_csv)
-    with labels_csv.open(newline="") as handle:
-        rows = [r for r in csv.DictReader(handle)
-                if r["patient_id"] in patients and int(r["width"]) == tile and int(r["height"]) == tile]
-    rng = np.random.default_rng(seed)
-    everyone = {label: [r for r in rows if int(r["label"]) == label] for label in (0, 1)}
-    for label, kind in ((0, "non-IDC"), (1, "IDC")):
-        if (layout == label).any() and not everyone[label]:
-            raise InputError(labels_csv, f"the patients chosen have no {kind} tile of {tile} px to build a mosaic from")
-    pools = {label: list(tiles) for label, tiles in everyone.items()}
-    picture = np.zeros((layout.shape[0] * tile, layout.shape[1] * tile, 3), dtype=np.uint8)
-    used = []
-    for (r, c), label in np.ndenumerate(layout):
-        pool = pools[int(label)]
-        if not pool:  # a few patients may hold fewer tiles than a mosaic: draw them again
-            pool.extend(everyone[int(label)])
-        choice = pool.pop(int(rng.integers(len(pool))))
-        with Image.open(labels_csv.parent / choice["path"]) as image:
-            picture[r * tile : (r + 1) * tile, c * tile : (c + 1) * tile] = np.asarray(image.convert("RGB"))
-        used.append(choice["path"])
+    picture, used = paste_mosaic(mosaic_rows(labels_csv, patients, tile), labels_csv.parent, layout, tile, seed)
     Image.fromarray(picture).save(out_png)
     description = {
         "grid": list(layout.shape),
@@ -80,7 +105,7 @@ def build_mosaic(labels_csv: str | Path, out_png: str | Path, layout: np.ndarray
 
 def spread_layout(angle_deg: float, size: int = 24, focus_radius: float = 4.0, tail_length: float = 11.0,
                   tail_half_width: float = 1.5) -> np.ndarray:
-    """A (size, size) lesion with a round focus and a tail two tiles wide running at
+    """A (size, size) lesion with a round focus and a tail three tiles wide running at
     ``angle_deg`` (counter-clockwise from right on screen); the focus sits off centre, away
     from the tail, so the whole lesion fits (1 = tumour)."""
     direction = np.array([-np.sin(np.radians(angle_deg)), np.cos(np.radians(angle_deg))])  # (row, col): up is -row
@@ -130,20 +155,22 @@ def evaluate_mosaics(labels_csv: str | Path, patients: list[str], scorer, count:
     """
     import tempfile
 
-    from dicom_heatmap.api import AnalysisSettings, analyze
-    from pipelines.slides import TILE, TILE_UM, RebuiltSlide, comparison_record, draw_slide
+    from dicom_heatmap.api import analyze
+    from pipelines.slides import TILE, RebuiltSlide, comparison_record, draw_slide, lattice_settings
 
     folder = Path(out_dir) / "mosaics" if out_dir is not None else None
     if folder is not None:
         folder.mkdir(parents=True, exist_ok=True)
-    settings = AnalysisSettings(tile_size=TILE, threshold=threshold, pixel_size_um=TILE_UM / TILE)
+    settings = lattice_settings(threshold)
+    rows = mosaic_rows(labels_csv, patients, TILE)
     records = []
     with tempfile.TemporaryDirectory(prefix="dicom-heatmap-mosaic-") as temporary:
         for seed, (name, layout) in enumerate(mosaic_layouts(count)):
+            picture, _ = paste_mosaic(rows, Path(labels_csv).parent, layout, TILE, seed)
             path = Path(temporary) / f"{name}.png"
-            build_mosaic(labels_csv, path, layout, patients, tile=TILE, seed=seed)
+            Image.fromarray(picture).save(path)
             result = analyze(path, scorer, settings, progress=False)
-            mosaic = RebuiltSlide(name, np.asarray(Image.open(path).convert("RGB")), layout.astype(np.int8))
+            mosaic = RebuiltSlide(name, picture, layout.astype(np.int8))
             record = comparison_record(mosaic, result)
             records.append(record)
             if folder is not None:

@@ -37,7 +37,7 @@ from dicom_heatmap.scorer import TileScorer
 from dicom_heatmap.spread import MIN_DIRECTEDNESS
 from pipelines.metrics import roc_auc
 
-__all__ = ["RebuiltSlide", "comparison_record", "whole_patients", "chosen_whole_patients", "rebuild_slide", "reference_direction", "angle_error", "evaluate_slides",
+__all__ = ["RebuiltSlide", "comparison_record", "lattice_settings", "whole_patients", "chosen_whole_patients", "rebuild_slide", "reference_direction", "angle_error", "evaluate_slides",
            "draw_slide", "write_slide_outputs",
            "format_slide_table", "MIN_WHOLE_TILES", "REFERENCE_SIGMA"]
 
@@ -138,6 +138,13 @@ def rebuild_slide(labels_csv: str | Path, patient: str, root: str | Path | None 
         picture[r * TILE : r * TILE + tile.shape[0], c * TILE : c * TILE + tile.shape[1]] = tile
         labels[r, c] = max(labels[r, c], int(row["label"]))
     return RebuiltSlide(patient, picture, labels)
+
+
+def lattice_settings(threshold: float = 0.5) -> AnalysisSettings:
+    """Analysis settings for a picture on the IDC lattice (a rebuilt slide, a mosaic): 50 px
+    grid tiles and the tiles' pixel size declared (about 4 um), so the model's patches are
+    exactly those tiles and every grid tile is one labelled tile."""
+    return AnalysisSettings(tile_size=TILE, threshold=threshold, pixel_size_um=TILE_UM / TILE)
 
 
 def _gaussian_smooth(values: np.ndarray, sigma: float) -> np.ndarray:
@@ -250,8 +257,7 @@ def evaluate_slides(labels_csv: str | Path, patients: list[str], scorer: TileSco
     folder = Path(out_dir) / "slides" if out_dir is not None else None
     if folder is not None:
         folder.mkdir(parents=True, exist_ok=True)
-    # the IDC tiles are 50 px of about 4 um: declared, so the model's patches are those tiles
-    settings = AnalysisSettings(tile_size=TILE, threshold=threshold, pixel_size_um=TILE_UM / TILE)
+    settings = lattice_settings(threshold)
     rows = _read_rows(Path(labels_csv))
     for patient in patients:
         slide = rebuild_slide(labels_csv, patient, root, rows)
