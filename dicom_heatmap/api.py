@@ -45,7 +45,7 @@ from transforms._dictionary import meta_key
 from transforms.grid import GridSplitd, TileGrid
 from transforms.intensity import NormalizeIntensityd
 from transforms.io import DEFAULT_MAX_VALUES, LoadInputd
-from transforms.spatial import CropForegroundd, CropTemplated, Rotated, Zoomd
+from transforms.spatial import CropForegroundd, CropTemplated, Rotated, Zoomd, pixel_spacing
 
 __all__ = ["SETTING_RANGES", "AnalysisSettings", "AnalysisResult", "analyze", "analyze_prepared", "preprocessing", "project_errors",
            "model_patch_side", "MIN_PATCH_SIDE"]
@@ -210,7 +210,7 @@ class AnalysisResult:
             declare = "declare it with --pixel-size-um" if self.meta["kind"] == "image" else "the file does not state it"
             return (f"the pixel size is unknown ({declare}), so each tile was scored whole, shrunk or stretched to the "
                     f"model's input: the scores mean most where a tile covers about {self.field_of_view_um:g} um")
-        spacing_um = float(np.linalg.norm(np.asarray(self.meta["affine"])[:3, 1]) * 1000.0)
+        spacing_um = float(pixel_spacing(self.meta["affine"])[0] * 1000.0)
         return (f"the image read is too coarse for the model ({spacing_um:.3g} um per pixel: a {self.field_of_view_um:g} um "
                 f"patch would be under {MIN_PATCH_SIDE} pixels), so each tile was scored whole; read a finer level "
                 "with --resolution-um or --level")
@@ -436,7 +436,7 @@ class AnalysisResult:
                 preview_written = preview.submit(Image.fromarray(picture).save, folder / "preview.png")
             spacing = None
             if spatial:
-                spacing = (float(np.linalg.norm(affine[:3, 1]) / scale), float(np.linalg.norm(affine[:3, 2]) / scale))
+                spacing = tuple(float(v) for v in pixel_spacing(affine) / scale)
             source, source_frame = None, None
             if len(evidence) == slices:
                 source = evidence[slice_index]
@@ -662,7 +662,7 @@ def model_patch_side(meta: dict, scorer: TileScorer, slices: int = 1) -> tuple[f
     """
     if meta["frame"] == "IMAGE" or meta["modality"] not in MODEL_MODALITIES or slices != 1:
         return None
-    spacing_um = np.linalg.norm(np.asarray(meta["affine"])[:3, 1:3], axis=0) * 1000.0
+    spacing_um = pixel_spacing(meta["affine"]) * 1000.0
     side = scorer.field_of_view_um / spacing_um
     return (float(side[0]), float(side[1])) if side.min() >= MIN_PATCH_SIDE else None
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -94,9 +94,8 @@ class Heatmap:
         means[~analysed] = np.nan
         numbers = np.flatnonzero(analysed.ravel()) + 1
         flat = means.reshape(-1, means.shape[-1])[numbers - 1].astype(np.float32)
-        tile_map = cls.assemble(grid, numbers, flat[:, 0], flat[:, 1:], pixel_affine, patches.frame, image_shape)
-        tile_map.patches = patches
-        return tile_map
+        return replace(cls.assemble(grid, numbers, flat[:, 0], flat[:, 1:], pixel_affine, patches.frame, image_shape),
+                       patches=patches)
 
     @property
     def analysed(self) -> np.ndarray:

@@ -21,6 +21,7 @@ from monai.transforms import MapTransform, Transform
 from transforms._dictionary import meta_key
 from transforms.errors import ConfigurationError, InputError
 from transforms.intensity import tissue_mask
+from transforms.spatial import pixel_spacing
 
 __all__ = ["TileGrid", "GridSplit", "GridSplitd", "MIN_TILE_SIDE"]
 
@@ -197,7 +198,7 @@ class GridSplit(Transform):
             if self.tile_size_um is not None:
                 if meta.get("frame") == "IMAGE":
                     raise InputError(source, "the pixel spacing is unknown, so a tile size in micrometres cannot be used; give --grid or --tile-size")
-                spacing = np.linalg.norm(meta["affine"][:3, 1:3], axis=0)
+                spacing = pixel_spacing(meta["affine"])
                 side_rows, side_cols = self.tile_size_um / 1000 / spacing[0], self.tile_size_um / 1000 / spacing[1]  # spacing in mm
             else:
                 side = self.tile_size or min(height, width) / self.default_tiles

@@ -17,9 +17,16 @@ from transforms.errors import ConfigurationError, InputError
 from transforms.intensity import tissue_mask
 
 __all__ = [
+    "pixel_spacing",
     "CropForeground", "CropForegroundd", "CropTemplate", "CropTemplated",
     "Zoom", "Zoomd", "Rotate", "Rotated",
 ]
+
+
+def pixel_spacing(affine: np.ndarray) -> np.ndarray:
+    """(along rows, along columns) length of one pixel step of a 4x4 index-to-frame
+    ``affine`` (mm, or pixels in the ``"IMAGE"`` frame)."""
+    return np.linalg.norm(np.asarray(affine)[:3, 1:3], axis=0)
 
 
 def _index_map(row_scale: float = 1.0, col_scale: float = 1.0, row_offset: float = 0.0, col_offset: float = 0.0,
