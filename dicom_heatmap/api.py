@@ -263,18 +263,15 @@ class AnalysisResult:
     @_collector_paused()
     def to_dict(self) -> dict:
         """The JSON summary: grid, scores, numbering, spread, statistics."""
-        def clean(values: list[float]) -> list:  # Python floats: numpy scalars are many times slower here
-            return [round(v, 6) if math.isfinite(v) else None for v in values]
-
         grid = self.tile_map.grid
         tiles = grid.table()
-        scores = clean(self.tile_map.scores.ravel().tolist())
+        scores = _json_values(self.tile_map.scores.ravel().tolist())
         layers = self.tile_map.layer_probabilities.reshape(-1, self.tile_map.layer_probabilities.shape[-1]).tolist()
         flows = (self.spread.flow.reshape(-1, 3) if self.spread.flow is not None else np.zeros((len(tiles), 3))).tolist()
         for record, score, layer, flow in zip(tiles, scores, layers, flows):
             record["score"] = score
-            record["layer_probabilities"] = clean(layer) if score is not None else None
-            record["flow"] = clean(flow)  # outgoing flow (slice, row, col), the patent's S9
+            record["layer_probabilities"] = _json_values(layer) if score is not None else None
+            record["flow"] = _json_values(flow)  # outgoing flow (slice, row, col), the patent's S9
         return {
             "software": {"name": "dicom-heatmap", "version": __version__, "model_sha256": self.model_checksum,
                          "precision": self.precision},
@@ -283,14 +280,14 @@ class AnalysisResult:
             "settings": asdict(self.settings),
             "grid": {"slices": grid.shape[0], "rows": grid.shape[1], "cols": grid.shape[2],
                      "numbering": "1-based, slice by slice, rows top to bottom, columns left to right"},
-            "patches": self._patches_dict(clean),
+            "patches": self._patches_dict(),
             "statistics": self.tile_map.statistics(self.spread.threshold),
             "spread": self.spread.to_dict(),
             "heatmap": np.array(scores, dtype=object).reshape(grid.shape).tolist(),
             "tiles": tiles,
         }
 
-    def _patches_dict(self, clean) -> dict:
+    def _patches_dict(self) -> dict:
         """result.json's account of what the model saw: patches at its scale, or whole tiles."""
         patches = self.patch_grid
         if patches is None:
@@ -299,7 +296,7 @@ class AnalysisResult:
             "scored": "patches at the model's scale; a tile's score is the tissue-weighted mean of the patches it overlaps",
             "field_of_view_um": self.field_of_view_um,
             "row_edges": patches.row_edges.tolist(), "col_edges": patches.col_edges.tolist(),
-            "scores": np.array(clean(self.patch_scores.ravel().tolist()), dtype=object).reshape(patches.shape[1:]).tolist(),
+            "scores": np.array(_json_values(self.patch_scores.ravel().tolist()), dtype=object).reshape(patches.shape[1:]).tolist(),
         }
 
     def save(self, out_dir: str | Path, viewer_files: bool = True) -> Path:
@@ -473,6 +470,12 @@ class AnalysisResult:
         (folder / "result.json").write_text(json.dumps(result, separators=(",", ":")))
         if preview_written is not None:
             preview_written.result()  # its errors are this call's
+
+
+def _json_values(values: list[float]) -> list:
+    """Floats for result.json: 6 decimals, None for NaN (Python floats: numpy scalars are
+    many times slower here)."""
+    return [round(v, 6) if math.isfinite(v) else None for v in values]
 
 
 def _on_source_grid(result: "AnalysisResult", evidence: list[Dataset]) -> bool:
