@@ -162,7 +162,7 @@ class EvaluateWorkflow:
         self.folds = list(folds) if folds is not None else None
         self.patients = list(patients) if patients is not None else None
         self.slides = slides
-        self.mosaics = int(mosaics)
+        self.mosaics = mosaics
 
     def run(self) -> dict:
         return run_evaluation(self.data_csv, self.output_dir, self.model_path, folds=self.folds, patients=self.patients,

@@ -38,17 +38,6 @@ def _pair(text: str) -> tuple[int, int]:
     return rows, cols
 
 
-def _positive_count(text: str) -> int:
-    """A whole number from 1 to 64 (argparse type): how many mosaics to build."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-    if not 1 <= value <= 64:
-        raise argparse.ArgumentTypeError(f"expected 1 to 64, got {text!r}")
-    return value
-
-
 def _positive(text: str) -> float:
     """A finite number above 0 (argparse type) for options that are no analysis setting;
     settings are checked, with the rest, by AnalysisSettings."""
@@ -171,7 +160,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--slides", action="store_true",
                           help="also rebuild the slide of every whole patient among those chosen (every tile in the "
                                "table), analyse it and compare heatmap and spread direction with the annotation")
-    evaluate.add_argument("--mosaics", type=_positive_count, default=0, metavar="N",
+    evaluate.add_argument("--mosaics", type=int, default=0, metavar="N",
                           help="also build N mosaics of real tiles of the patients chosen (a focus with a tail in "
                                "N - N//4 directions round the compass, and N//4 round lesions), analyse them and compare "
                                "with their layout")

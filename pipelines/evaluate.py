@@ -10,7 +10,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 from tqdm import tqdm
 
-from dicom_heatmap.errors import InputError
+from dicom_heatmap.errors import ConfigurationError, InputError
 from dicom_heatmap.scorer import TileScorer
 from pipelines.metrics import roc_auc, roc_curve, threshold_metrics
 from pipelines.tile_data import load_tile_table
@@ -134,6 +134,10 @@ def write_outputs(result: dict, out_dir: str | Path) -> dict:
     return summary
 
 
+#: Most mosaics one evaluation builds
+MAX_MOSAICS = 64
+
+
 def mosaic_patients(csv_path: str | Path, folds: list[int] | None, patients: list[str] | None) -> list[str]:
     """The patients mosaics are drawn from: those chosen by ``patients`` and ``folds``.
 
@@ -183,6 +187,8 @@ def run_evaluation(csv_path: str | Path, out_dir: str | Path, model: str | Path 
     from pipelines.mosaic import evaluate_mosaics
     from pipelines.slides import chosen_whole_patients, evaluate_slides, format_slide_table, write_slide_outputs
 
+    if not 0 <= mosaics <= MAX_MOSAICS:
+        raise ConfigurationError(f"mosaics must be a whole number from 0 to {MAX_MOSAICS}, got {mosaics}")
     whole = chosen_whole_patients(csv_path, patients, folds) if slides else []
     drawn_from = mosaic_patients(csv_path, folds, patients) if mosaics else []
     result = evaluate(csv_path, root, model, folds, patients=patients, precision=precision, backend=backend)
