@@ -110,7 +110,7 @@ def test_whole_slide_folder_reads_the_volume_level_not_the_thumbnail(tmp_path, d
 def test_whole_slide_level_follows_the_wanted_resolution():
     from pydicom.dataset import Dataset
 
-    from transforms.io import _choose_wsi_level
+    from transforms.io import WSI_SOP_CLASS, _choose_wsi_level
 
     def level(spacing, side):
         ds, shared, measures = Dataset(), Dataset(), Dataset()
@@ -118,6 +118,7 @@ def test_whole_slide_level_follows_the_wanted_resolution():
         shared.PixelMeasuresSequence = [measures]
         ds.SharedFunctionalGroupsSequence = [shared]
         ds.ImageType = ["ORIGINAL", "PRIMARY", "VOLUME", "NONE"]
+        ds.SOPClassUID, ds.SamplesPerPixel = WSI_SOP_CLASS, 3
         ds.TotalPixelMatrixRows = ds.TotalPixelMatrixColumns = side
         return ds
 

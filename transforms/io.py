@@ -319,8 +319,8 @@ def _choose_wsi_level(levels: list[tuple[Path, Dataset]], source: Path, resoluti
         try:
             spacing = float(ds.SharedFunctionalGroupsSequence[0].PixelMeasuresSequence[0].PixelSpacing[0])
             side = max(int(ds.TotalPixelMatrixRows), int(ds.TotalPixelMatrixColumns))
-            values = int(ds.TotalPixelMatrixRows) * int(ds.TotalPixelMatrixColumns) * int(ds.get("SamplesPerPixel", 3))
-        except (AttributeError, IndexError, TypeError, ValueError):
+            values = _declared_values(ds, path)
+        except (AttributeError, IndexError, TypeError, ValueError, InputError):
             continue
         candidates.append((spacing, side, path, values))
     if not candidates:
