@@ -277,7 +277,7 @@ def _train_extractor(net: HeadedVGG16, extractor_set: TileTable, validation_set:
     first_epoch, history = 0, []
     if checkpoint_path.exists():
         checkpoint = torch.load(checkpoint_path, weights_only=False)
-        net.load_state_dict(checkpoint["network"])
+        net.load_weights(checkpoint["network"])  # a checkpoint from before 1.2 lacks the field of view
         optimizer.load_state_dict(checkpoint["optimizer"])
         scheduler.load_state_dict(checkpoint["scheduler"])
         generator.set_state(checkpoint["generator"])

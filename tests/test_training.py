@@ -152,3 +152,17 @@ def test_cross_fitting_gives_the_fusion_every_kept_patient(run_cli, tmp_path):
     extractor = [k for k in first if not k.startswith(("heads.", "fusion."))]
     assert all(torch.equal(first[k], second[k]) for k in extractor)  # stage 1 is the same
     assert not torch.equal(first["fusion.0.weight"], second["fusion.0.weight"])
+
+
+def test_a_checkpoint_from_before_the_field_of_view_resumes(tmp_path):
+    # checkpoints of 1.0-1.1 lack the field_of_view_um buffer; resuming one (to refit stages
+    # 2-3 on a finished stage 1) must read it as the IDC tile's 200 um, not fail
+    out = tmp_path / "old"
+    done = subprocess.run(train_command(out, epochs=1), cwd=ROOT, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    checkpoint = torch.load(out / "checkpoint.pt", weights_only=False)
+    del checkpoint["network"]["field_of_view_um"]
+    torch.save(checkpoint, out / "checkpoint.pt")
+    done = subprocess.run(train_command(out, epochs=1), cwd=ROOT, capture_output=True, text=True)
+    assert done.returncode == 0 and "resuming from" in done.stdout, done.stderr[-2000:]
+    assert float(state(out / "model.pt")["field_of_view_um"]) == 200.0
