@@ -118,8 +118,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="scale of the H&E colour jitter (default 1, the shipped model's)")
     train.add_argument("--balanced-sampling", action="store_true",
                        help="stage 1 draws both classes equally often instead of weighting the loss by class")
-    train.add_argument("--stain-jitter", type=float, default=0.1, metavar="SIGMA",
-                       help="scale and shift each stain's optical density by up to SIGMA (default 0.1, the shipped "
+    train.add_argument("--stain-jitter", type=float, default=0.2, metavar="SIGMA",
+                       help="scale and shift each stain's optical density by up to SIGMA (default 0.2, the shipped "
                             "model's; 0 turns it off)")
     train.add_argument("--cross-fit", action="store_true",
                        help="the fusion learns from heads fit on the other half of the head patients (cross-fitting); "

@@ -52,7 +52,7 @@ class TrainSettings:
     bf16: bool = True
     colour_jitter: float = 1.0  # scales the H&E colour jitter (1 = the shipped model's)
     balanced_sampling: bool = False  # stage 1 draws both classes equally often instead of weighting the loss
-    stain_jitter: float = 0.1  # sigma of the haematoxylin / eosin / DAB scale and shift in optical density (0 = off)
+    stain_jitter: float = 0.2  # sigma of the haematoxylin / eosin / DAB scale and shift in optical density (0 = off)
     head_share: float = 1.0  # share of the head folds' patients kept for stages 2-3; the rest join the extractor's
     cross_fit: bool = False  # stages 2-3: each half's heads score the other half for the fusion; heads then fit on both
     held_out_patients: list[str] = field(default_factory=list)  # in no stage, whatever their fold; tested with the test folds
