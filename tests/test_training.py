@@ -155,8 +155,8 @@ def test_cross_fitting_gives_the_fusion_every_kept_patient(run_cli, tmp_path):
 
 
 def test_a_checkpoint_from_before_the_field_of_view_resumes(tmp_path):
-    # checkpoints of 1.0-1.1 lack the field_of_view_um buffer; resuming one (to refit stages
-    # 2-3 on a finished stage 1) must read it as the IDC tile's 200 um, not fail
+    # checkpoints written before version 1.2 lack the field_of_view_um buffer; resuming one (to
+    # refit stages 2-3 on a finished stage 1) must read it as the IDC tile's 200 um, not fail
     out = tmp_path / "old"
     done = subprocess.run(train_command(out, epochs=1), cwd=ROOT, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-2000:]
