@@ -106,19 +106,21 @@ def build_parser() -> argparse.ArgumentParser:
     train = commands.add_parser("train", help="train the model in the method's three stages")
     train.add_argument("--data", type=Path, required=True, help="labels.csv (columns path, patient_id, label, fold)")
     train.add_argument("--out", type=Path, required=True, help="folder for checkpoints and the model")
-    train.add_argument("--epochs", type=int, default=10, help="stage-1 epochs (default 10, the shipped model's)")
+    # the plan's defaults live in one place, pipelines.train.TrainSettings: an option not given is not passed
+    plan_default = argparse.SUPPRESS
+    train.add_argument("--epochs", type=int, default=plan_default, help="stage-1 epochs (default: the shipped model's, 10)")
     train.add_argument("--test-fold", type=int, help="patient fold held out for testing (cross-validation); by default "
                        "every fold trains and only the --hold-out patients are kept out (the shipped model)")
     train.add_argument("--hold-out", type=Path, metavar="FILE",
                        help="patient IDs, one a line, kept out of every stage and tested (default without --test-fold: "
                             "models/held_out_patients.txt; with it: none)")
-    train.add_argument("--input-size", type=int, default=48, help="tile side the network sees")
+    train.add_argument("--input-size", type=int, default=plan_default, help="tile side the network sees (default 48)")
     train.add_argument("--max-tiles", type=int, help="cap every split (smoke runs)")
-    train.add_argument("--colour-jitter", type=float, default=1.0, metavar="F",
+    train.add_argument("--colour-jitter", type=float, default=plan_default, metavar="F",
                        help="scale of the H&E colour jitter (default 1, the shipped model's)")
     train.add_argument("--balanced-sampling", action="store_true",
                        help="stage 1 draws both classes equally often instead of weighting the loss by class")
-    train.add_argument("--stain-jitter", type=float, default=0.2, metavar="SIGMA",
+    train.add_argument("--stain-jitter", type=float, default=plan_default, metavar="SIGMA",
                        help="scale and shift each stain's optical density by up to SIGMA (default 0.2, the shipped "
                             "model's; 0 turns it off)")
     train.add_argument("--cross-fit", action="store_true",
@@ -239,9 +241,9 @@ def run_train(args: argparse.Namespace) -> int:
         plan["head_share"] = args.head_share
     if args.hold_out is not None:
         plan["held_out_patients"] = read_patient_list(args.hold_out)
-    settings = TrainSettings(epochs=args.epochs, input_size=args.input_size, max_tiles=args.max_tiles,
-                             colour_jitter=args.colour_jitter, balanced_sampling=args.balanced_sampling,
-                             stain_jitter=args.stain_jitter, cross_fit=args.cross_fit, **plan)
+    given = {name: getattr(args, name) for name in ("epochs", "input_size", "colour_jitter", "stain_jitter") if hasattr(args, name)}
+    settings = TrainSettings(max_tiles=args.max_tiles, balanced_sampling=args.balanced_sampling, cross_fit=args.cross_fit,
+                             **given, **plan)
     model = train(args.data, args.out, settings)
     print(f"model written to {model}")
     return 0
