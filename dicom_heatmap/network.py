@@ -12,13 +12,16 @@
 The tile score is the fusion's softmax probability of the tumour class (index 1).
 ``forward`` returns one tensor (N, 14): column 0 the tile score, columns 1-13 the heads'
 tumour probabilities, so the network exports to TorchScript and checks as a MONAI bundle.
-Input size and intensity normalisation are buffers, so a state dict describes itself.
+Input size, intensity normalisation, field of view and the optional per-tile stain
+normalisation are buffers, so a state dict describes itself.
 """
 
 from __future__ import annotations
 
 import torch
 from torch import nn
+
+from dicom_heatmap.stain import normalise_stains
 
 __all__ = ["VGG16_CONV_WIDTHS", "HeadedVGG16", "BinaryHead", "OUTPUT_CHANNELS", "DEFAULT_FIELD_OF_VIEW_UM", "DEFAULT_INPUT_SIZE"]
 
@@ -58,6 +61,9 @@ class HeadedVGG16(nn.Module):
             micrometres (the IDC tiles: 50 px at about 4 um per pixel). It is stored with
             the weights; :class:`dicom_heatmap.TileScorer` cuts patches of this side from
             sources whose pixel spacing is known.
+        stain_reference: haematoxylin and eosin amounts (optical density) to which
+            :meth:`normalize` scales each tile's 99th percentiles
+            (:func:`dicom_heatmap.stain.normalise_stains`); ``None`` feeds tiles as they are.
     """
 
 
@@ -70,6 +76,7 @@ class HeadedVGG16(nn.Module):
         mean: tuple[float, float, float] = (0.5, 0.5, 0.5),
         std: tuple[float, float, float] = (0.25, 0.25, 0.25),
         field_of_view_um: float = DEFAULT_FIELD_OF_VIEW_UM,
+        stain_reference: tuple[float, float] | None = None,
     ) -> None:
         super().__init__()
         if input_size < 32:
@@ -78,6 +85,8 @@ class HeadedVGG16(nn.Module):
             raise ValueError(f"width_multiplier must lie in (0, 1], got {width_multiplier}")
         if not 10 <= field_of_view_um <= 10_000:
             raise ValueError(f"field_of_view_um must lie in 10..10000 micrometres, got {field_of_view_um}")
+        if stain_reference is not None and (len(stain_reference) != 2 or not all(0 < v < 10 for v in stain_reference)):
+            raise ValueError(f"stain_reference must be two optical densities in (0, 10), got {stain_reference}")
         widths = [max(8, int(round(c * width_multiplier))) for c in VGG16_CONV_WIDTHS]
         self.conv_widths = tuple(widths)
         self.tumour = TUMOUR  # an attribute, not the global, so TorchScript compiles ``forward``
@@ -87,6 +96,8 @@ class HeadedVGG16(nn.Module):
         self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1))
         self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1))
         self.register_buffer("field_of_view_um", torch.tensor(float(field_of_view_um), dtype=torch.float32))
+        # zeros: no stain normalisation (every model before it was measured)
+        self.register_buffer("stain_reference", torch.tensor(stain_reference or (0.0, 0.0), dtype=torch.float32))
 
         layers: list[nn.Module] = []
         self.tap_indices = []  # index in ``features`` of each conv's ReLU
@@ -135,8 +146,16 @@ class HeadedVGG16(nn.Module):
         return len(self.conv_widths)
 
     def normalize(self, tiles: torch.Tensor) -> torch.Tensor:
-        """Scale (N, 3, H, W) values in 0..255 (any dtype) to the network's input."""
+        """Scale (N, 3, H, W) values in 0..255 (any dtype) to the network's input, first
+        normalising each tile's stains where the network was trained so."""
+        if self.stain_normalised:
+            tiles = normalise_stains(tiles, self.stain_reference)
         return (tiles.float() / 255.0 - self.mean) / self.std
+
+    @property
+    def stain_normalised(self) -> bool:
+        """Whether :meth:`normalize` normalises each tile's stains (see ``stain_reference``)."""
+        return bool(self.stain_reference.gt(0).all())
 
     def extract(self, x: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
         """Run the conv layers on normalised input.
@@ -180,6 +199,7 @@ class HeadedVGG16(nn.Module):
             raise ValueError(f"not a HeadedVGG16 state dict: key {missing} is missing") from None
         net = cls(input_size=input_size, width_multiplier=first_width / VGG16_CONV_WIDTHS[0], batch_norm=batch_norm,
                   field_of_view_um=float(state.get("field_of_view_um", DEFAULT_FIELD_OF_VIEW_UM)))
+        # (the stain reference needs no argument: load_weights copies the buffer)
         return net.load_weights(state)
 
     def compact_state_dict(self) -> dict[str, torch.Tensor]:
@@ -200,8 +220,9 @@ class HeadedVGG16(nn.Module):
 
     def load_weights(self, state: dict[str, torch.Tensor]) -> "HeadedVGG16":
         """Load a state dict, stored weights in any float precision (see :meth:`compact_state_dict`)."""
-        # model files from before 1.2 do not store their field of view: theirs is the IDC tile's
-        state = {"field_of_view_um": torch.tensor(DEFAULT_FIELD_OF_VIEW_UM), **state}
+        # model files from before 1.2 do not store their field of view (theirs is the IDC
+        # tile's) and those from before 1.4 no stain reference (they take tiles as they are)
+        state = {"field_of_view_um": torch.tensor(DEFAULT_FIELD_OF_VIEW_UM), "stain_reference": torch.zeros(2), **state}
         self.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in state.items()})
         return self
 

@@ -123,6 +123,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--stain-jitter", type=float, default=plan_default, metavar="SIGMA",
                        help="scale and shift each stain's optical density by up to SIGMA (default 0.2, the shipped "
                             "model's; 0 turns it off)")
+    train.add_argument("--stain-normalisation", action="store_true",
+                       help="the network scales each tile's haematoxylin and eosin to the training tiles' 99th "
+                            "percentiles, in training and when it scores (stored with the model)")
     train.add_argument("--cross-fit", action="store_true",
                        help="the fusion learns from heads fit on the other half of the head patients (cross-fitting); "
                             "the heads are then fit on both halves")
@@ -243,7 +246,7 @@ def run_train(args: argparse.Namespace) -> int:
         plan["held_out_patients"] = read_patient_list(args.hold_out)
     given = {name: getattr(args, name) for name in ("epochs", "input_size", "colour_jitter", "stain_jitter") if hasattr(args, name)}
     settings = TrainSettings(max_tiles=args.max_tiles, balanced_sampling=args.balanced_sampling, cross_fit=args.cross_fit,
-                             **given, **plan)
+                             stain_normalisation=args.stain_normalisation, **given, **plan)
     model = train(args.data, args.out, settings)
     print(f"model written to {model}")
     return 0

@@ -27,10 +27,11 @@ from tqdm import tqdm
 
 from dicom_heatmap.errors import InputError
 from dicom_heatmap.network import TUMOUR, HeadedVGG16
+from dicom_heatmap.stain import jitter_stains, stain_percentiles
 from pipelines.metrics import roc_auc
 from pipelines.tile_data import HELD_OUT_PATIENTS_FILE, TileTable, load_tile_table, read_patient_list
 
-__all__ = ["TrainSettings", "STAGES", "fold_plan", "stage_sets", "stain_jitter", "train"]
+__all__ = ["TrainSettings", "STAGES", "fold_plan", "stage_sets", "stain_reference", "train"]
 
 
 @dataclass
@@ -53,6 +54,7 @@ class TrainSettings:
     colour_jitter: float = 1.0  # scales the H&E colour jitter (1 = the shipped model's)
     balanced_sampling: bool = False  # stage 1 draws both classes equally often instead of weighting the loss
     stain_jitter: float = 0.2  # sigma of the haematoxylin / eosin / DAB scale and shift in optical density (0 = off)
+    stain_normalisation: bool = False  # the network scales each tile's H and E to the training tiles' 99th percentiles
     head_share: float = 1.0  # share of the head folds' patients kept for stages 2-3; the rest join the extractor's
     cross_fit: bool = False  # stages 2-3: each half's heads score the other half for the fusion; heads then fit on both
     held_out_patients: list[str] = field(default_factory=list)  # in no stage, whatever their fold; tested with the test folds
@@ -87,21 +89,14 @@ def fold_plan(test_fold: int | None, folds: int = 4) -> dict:
     }
 
 
-# Ruifrok & Johnston's stain vectors (rows: haematoxylin, eosin, DAB) in optical density
-RGB_FROM_HED = torch.tensor([[0.65, 0.70, 0.29], [0.07, 0.99, 0.11], [0.27, 0.57, 0.78]])
-HED_FROM_RGB = torch.linalg.inv(RGB_FROM_HED)
-
-
-def stain_jitter(tiles: torch.Tensor, sigma: float, generator: torch.Generator) -> torch.Tensor:
-    """Scale and shift each stain's optical density by U(1 - sigma, 1 + sigma) and
-    U(-sigma, sigma), per tile (Tellez et al. 2018); float NCHW 0..255 in and out."""
-    n = tiles.shape[0]
-    density = -torch.log(tiles.clamp(min=1.0) / 255.0)  # (N, 3, H, W) optical density per RGB channel
-    stains = torch.einsum("nchw,cs->nshw", density, HED_FROM_RGB)
-    scale = 1 - sigma + 2 * sigma * torch.rand(n, 3, 1, 1, generator=generator)
-    shift = sigma * (2 * torch.rand(n, 3, 1, 1, generator=generator) - 1)
-    density = torch.einsum("nshw,sc->nchw", stains * scale + shift, RGB_FROM_HED)
-    return (255.0 * torch.exp(-density)).clamp_(0, 255)
+def stain_reference(extractor_set: TileTable, seed: int, sample: int = 4000) -> tuple[float, float]:
+    """The median over (a sample of) the extractor's tiles of each tile's 99th percentile of
+    haematoxylin and of eosin: the target of the per-tile stain normalisation."""
+    rng = np.random.default_rng(seed)  # its own stream: the training draws stay as they were
+    index = np.sort(rng.choice(len(extractor_set), min(sample, len(extractor_set)), replace=False))
+    tiles = torch.from_numpy(extractor_set.images[index]).permute(0, 3, 1, 2)
+    reference = stain_percentiles(tiles).median(dim=0).values
+    return round(float(reference[0]), 4), round(float(reference[1]), 4)
 
 
 def _augment(batch: torch.Tensor, size: int, generator: torch.Generator, jitter: float = 1.0,
@@ -123,7 +118,7 @@ def _augment(batch: torch.Tensor, size: int, generator: torch.Generator, jitter:
         tile = torch.rot90(tile, int(torch.randint(0, 4, (1,), generator=generator)), dims=(1, 2))
         out[i] = tile
     if stain > 0:  # drawn only when asked, so that stain 0 keeps the random stream of the models before 1.0
-        out = stain_jitter(out, stain, generator)
+        out = jitter_stains(out, stain, generator)
     # H&E colour jitter: brightness, contrast, saturation and a small per-channel shift
     rand = lambda *shape: torch.rand(*shape, generator=generator)  # noqa: E731
     # (written so that jitter 1 computes exactly what the shipped model was trained with)
@@ -411,7 +406,10 @@ def train(data: str | Path | TileTable, out_dir: str | Path, settings: TrainSett
         "patients": {name: int(len(np.unique(part.patients))) for name, part in sets.items()},
     }
 
-    net = HeadedVGG16(input_size=settings.input_size, width_multiplier=settings.width_multiplier)
+    reference = stain_reference(extractor_set, settings.seed) if settings.stain_normalisation else None
+    record["stain_reference"] = reference
+    net = HeadedVGG16(input_size=settings.input_size, width_multiplier=settings.width_multiplier,
+                      stain_reference=reference)
     net = net.to(memory_format=torch.channels_last)
     record["history"], record["stage1_seconds_this_run"] = _train_extractor(net, extractor_set, fusion_set, settings,
                                                                             generator, out_dir / "checkpoint.pt")

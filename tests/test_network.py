@@ -173,3 +173,30 @@ def test_openvino_conversion_writes_nothing_outside_its_folders(data_dir, tmp_pa
     assert done.returncode == 0, done.stderr
     assert any((tmp_path / "cache").iterdir())  # it did convert
     assert list(home.rglob("*")) == []
+
+
+def test_a_stain_normalised_network_feeds_a_paler_slide_as_the_one_it_knows(tmp_path, data_dir):
+    """The stain reference travels with the weights; normalising undoes a change of staining strength."""
+    from PIL import Image
+
+    from dicom_heatmap.stain import from_stain_amounts, stain_amounts, stain_percentiles
+
+    mosaic = np.asarray(Image.open(data_dir / "idc_mosaic_tail.png").convert("RGB"))
+    tiles = torch.from_numpy(np.stack([mosaic[r * 50 : (r + 1) * 50, c * 50 : (c + 1) * 50]
+                                       for r in range(8) for c in range(12)])).permute(0, 3, 1, 2).float()
+    paler = from_stain_amounts(stain_amounts(tiles) * torch.tensor([0.6, 0.7, 1.0]).view(1, 3, 1, 1))
+    reference = tuple(stain_percentiles(tiles).median(dim=0).values.tolist())
+    torch.manual_seed(2)
+    path = tmp_path / "normalised.pt"
+    torch.save(HeadedVGG16(input_size=32, width_multiplier=0.25, stain_reference=reference).state_dict(), path)
+    scorer = TileScorer.load(path, precision="fp32", backend="torch")
+    assert scorer.network.stain_normalised and not HeadedVGG16().stain_normalised
+    as_known, as_paler = scorer.network.normalize(tiles), scorer.network.normalize(paler)
+    plain = HeadedVGG16().normalize
+    # without normalisation the paler tiles are far from the originals; with it they are close
+    assert (plain(paler) - plain(tiles)).abs().mean() > 4 * (as_paler - as_known).abs().mean()
+    found = stain_percentiles(scorer.network.normalize(tiles) * scorer.network.std * 255 + scorer.network.mean * 255)
+    inside = (found - torch.tensor(reference)).abs() < 0.02 * torch.tensor(reference)
+    assert inside.float().mean() > 0.8  # not those the scale limit or 0..255 clipping hold back
+    with pytest.raises(ValueError, match="stain_reference"):
+        HeadedVGG16(stain_reference=(0.7, -1.0))

@@ -104,7 +104,7 @@ def test_training_without_patients_for_a_stage_is_refused(run_cli, tmp_path):
 
 
 def test_stain_jitter_scales_and_shifts_each_stain_within_sigma():
-    from pipelines.train import HED_FROM_RGB, stain_jitter
+    from dicom_heatmap.stain import HED_FROM_RGB, jitter_stains as stain_jitter
 
     generator = torch.Generator().manual_seed(3)
     tiles = 60 + 140 * torch.rand(8, 3, 6, 6, generator=generator)  # mid-tones: nothing is clipped
