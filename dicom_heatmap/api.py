@@ -23,7 +23,7 @@ from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset
 
 from dicom_heatmap._version import __version__
-from dicom_heatmap.errors import ConfigurationError, DicomHeatmapError, InputError, OutputError, is_uid
+from dicom_heatmap.errors import ConfigurationError, DicomHeatmapError, InputError, OutputError, checked_number, is_uid
 from dicom_heatmap.heatmap import Heatmap
 from dicom_heatmap.network import DEFAULT_FIELD_OF_VIEW_UM, DEFAULT_INPUT_SIZE
 from dicom_heatmap.render import render_slice
@@ -100,14 +100,14 @@ class AnalysisSettings:
             value = getattr(self, name)
             if value is None and name in _OPTIONAL_SETTINGS:
                 continue
-            object.__setattr__(self, name, _checked_number(name, value, kind, low, high))
+            object.__setattr__(self, name, checked_number(name, value, kind, low, high))
         for name in ("grid", "crop_size"):
             value = getattr(self, name)
             if value is None:
                 continue
             if isinstance(value, (str, bytes)) or not hasattr(value, "__len__") or len(value) != 2:
                 raise ConfigurationError(f"{name} must be two whole numbers (rows, cols), got {value!r}")
-            object.__setattr__(self, name, tuple(_checked_number(name, v, int, 1, 100_000) for v in value))
+            object.__setattr__(self, name, tuple(checked_number(name, v, int, 1, 100_000) for v in value))
         given = [name for name in ("grid", "tile_size", "tile_size_um") if getattr(self, name) is not None]
         if len(given) > 1:
             raise ConfigurationError(f"give only one of grid, tile_size and tile_size_um, got {' and '.join(given)}")
@@ -135,16 +135,6 @@ SETTING_RANGES = {
     "pixel_size_um": (float, 0.01, 1e5),
 }
 _OPTIONAL_SETTINGS = {"tile_size", "tile_size_um", "resolution_um", "level", "pixel_size_um"}
-
-
-def _checked_number(name: str, value, kind: type, low: float, high: float):
-    """``value`` as ``kind`` if it is a finite number in [low, high]; else a ConfigurationError."""
-    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
-        raise ConfigurationError(f"{name} must be a number, got {value!r}")
-    if not math.isfinite(value) or not low <= value <= high or (kind is int and value != int(value)):
-        what = "a whole number" if kind is int else "a number"
-        raise ConfigurationError(f"{name} must be {what} from {low:g} to {high:g}, got {value!r}")
-    return kind(value)
 
 
 @contextlib.contextmanager

@@ -11,7 +11,8 @@ from transforms.errors import (  # noqa: F401
     ModelError,
     OutputError,
     is_uid,
+    checked_number,
     one_line,
 )
 
-__all__ = ["DicomHeatmapError", "InputError", "ModelError", "ConfigurationError", "OutputError", "EXIT_CODE", "one_line", "is_uid"]
+__all__ = ["DicomHeatmapError", "InputError", "ModelError", "ConfigurationError", "OutputError", "EXIT_CODE", "one_line", "is_uid", "checked_number"]

@@ -123,6 +123,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--stain-jitter", type=float, default=plan_default, metavar="SIGMA",
                        help="scale and shift each stain's optical density by up to SIGMA (default 0.2, the shipped "
                             "model's; 0 turns it off)")
+    train.add_argument("--label-smoothing", type=float, default=plan_default, metavar="EPS",
+                       help="stage 1 learns soft targets: 1 - EPS/2 for the tile's class (default 0, hard labels)")
     train.add_argument("--stain-normalisation", action="store_true",
                        help="the network scales each tile's haematoxylin and eosin to the training tiles' 99th "
                             "percentiles, in training and when it scores (stored with the model)")
@@ -244,7 +246,7 @@ def run_train(args: argparse.Namespace) -> int:
         plan["head_share"] = args.head_share
     if args.hold_out is not None:
         plan["held_out_patients"] = read_patient_list(args.hold_out)
-    given = {name: getattr(args, name) for name in ("epochs", "input_size", "colour_jitter", "stain_jitter") if hasattr(args, name)}
+    given = {name: getattr(args, name) for name in ("epochs", "input_size", "colour_jitter", "stain_jitter", "label_smoothing") if hasattr(args, name)}
     settings = TrainSettings(max_tiles=args.max_tiles, balanced_sampling=args.balanced_sampling, cross_fit=args.cross_fit,
                              stain_normalisation=args.stain_normalisation, **given, **plan)
     model = train(args.data, args.out, settings)

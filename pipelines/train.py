@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from dicom_heatmap.errors import InputError
+from dicom_heatmap.errors import InputError, checked_number
 from dicom_heatmap.network import TUMOUR, HeadedVGG16
 from dicom_heatmap.stain import jitter_stains, stain_percentiles
 from pipelines.metrics import roc_auc
@@ -54,11 +54,37 @@ class TrainSettings:
     colour_jitter: float = 1.0  # scales the H&E colour jitter (1 = the shipped model's)
     balanced_sampling: bool = False  # stage 1 draws both classes equally often instead of weighting the loss
     stain_jitter: float = 0.2  # sigma of the haematoxylin / eosin / DAB scale and shift in optical density (0 = off)
+    label_smoothing: float = 0.0  # stage 1 learns 1 - eps/2 for the tile's class, eps/2 for the other (0 = hard labels)
     stain_normalisation: bool = False  # the network scales each tile's H and E to the training tiles' 99th percentiles
     head_share: float = 1.0  # share of the head folds' patients kept for stages 2-3; the rest join the extractor's
     cross_fit: bool = False  # stages 2-3: each half's heads score the other half for the fusion; heads then fit on both
     held_out_patients: list[str] = field(default_factory=list)  # in no stage, whatever their fold; tested with the test folds
     max_tiles: int | None = None  # for smoke runs: cap every split
+
+    def __post_init__(self) -> None:
+        for name, (kind, low, high) in TRAIN_SETTING_RANGES.items():
+            value = getattr(self, name)
+            if value is not None or name != "max_tiles":
+                setattr(self, name, checked_number(name, value, kind, low, high))
+
+
+#: Range of each number of :class:`TrainSettings` (a value outside is refused before any work).
+TRAIN_SETTING_RANGES = {
+    "input_size": (int, 32, 512),
+    "epochs": (int, 1, 1000),
+    "head_epochs": (int, 1, 10_000),
+    "fusion_epochs": (int, 1, 10_000),
+    "batch_size": (int, 2, 4096),
+    "learning_rate": (float, 1e-6, 10.0),
+    "weight_decay": (float, 0.0, 1.0),
+    "seed": (int, 0, 2**63 - 1),
+    "width_multiplier": (float, 0.01, 1.0),
+    "colour_jitter": (float, 0.0, 4.0),
+    "stain_jitter": (float, 0.0, 1.0),
+    "label_smoothing": (float, 0.0, 0.5),
+    "head_share": (float, 0.01, 1.0),
+    "max_tiles": (int, 1, 10**9),
+}
 
 
 def fold_plan(test_fold: int | None, folds: int = 4) -> dict:
@@ -300,7 +326,7 @@ def _train_extractor(net: HeadedVGG16, extractor_set: TileTable, validation_set:
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=settings.bf16):
                 pooled, last = net.extract(x.contiguous(memory_format=torch.channels_last))
                 logits = net.classifier(last).float()
-            loss = F.cross_entropy(logits, labels[index], weight=weights)
+            loss = F.cross_entropy(logits, labels[index], weight=weights, label_smoothing=settings.label_smoothing)
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()

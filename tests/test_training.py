@@ -6,6 +6,7 @@ import subprocess
 import sys
 import time
 
+import pytest
 import torch
 
 from conftest import ROOT
@@ -100,6 +101,17 @@ def test_training_without_patients_for_a_stage_is_refused(run_cli, tmp_path):
     done = run_cli("train", "--data", no_head_folds, "--out", out, "--epochs", "1", "--input-size", "32")
     assert done.returncode == 2 and "Traceback" not in done.stderr
     assert str(no_head_folds) in done.stderr and "for the heads" in done.stderr
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("option, value, setting", [("--label-smoothing", "0.7", "label_smoothing"),
+                                                     ("--epochs", "0", "epochs"), ("--stain-jitter", "nan", "stain_jitter")])
+def test_a_training_setting_out_of_range_is_refused_before_any_work(run_cli, tmp_path, option, value, setting):
+    out = tmp_path / "out"
+    done = run_cli("train", "--data", TINY, "--out", out, option, value)
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    lines = [line for line in done.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and setting in lines[0] and value in lines[0], done.stderr
     assert not out.exists()
 
 

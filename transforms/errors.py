@@ -7,11 +7,13 @@ Messages never carry patient-identifying values: name instances by UID or by pat
 
 from __future__ import annotations
 
+import math
+import numbers
 import re
 from pathlib import Path
 
 __all__ = ["DicomHeatmapError", "InputError", "ModelError", "ConfigurationError", "OutputError", "EXIT_CODE", "one_line",
-           "is_uid"]
+           "is_uid", "checked_number"]
 
 #: Exit status of the command line for any of these errors.
 EXIT_CODE = 2
@@ -74,3 +76,14 @@ class ConfigurationError(DicomHeatmapError):
 
 class OutputError(InputError):
     """The results cannot be written where asked."""
+
+
+def checked_number(name: str, value, kind: type, low: float, high: float):
+    """``value`` as ``kind`` if it is a finite number in [low, high]; else a ConfigurationError
+    naming the setting ``name``."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise ConfigurationError(f"{name} must be a number, got {value!r}")
+    if not math.isfinite(value) or not low <= value <= high or (kind is int and value != int(value)):
+        what = "a whole number" if kind is int else "a number"
+        raise ConfigurationError(f"{name} must be {what} from {low:g} to {high:g}, got {value!r}")
+    return kind(value)
