@@ -50,8 +50,11 @@ def jitter_stains(tiles: torch.Tensor, sigma: float, generator: torch.Generator)
 
 def stain_percentiles(tiles: torch.Tensor) -> torch.Tensor:
     """(N, 2): each tile's :data:`STAIN_PERCENTILE` of haematoxylin and of eosin amount."""
-    stains = stain_amounts(tiles)[:, :2].flatten(2)
-    return torch.quantile(stains, STAIN_PERCENTILE / 100.0, dim=2)
+    return _percentiles(stain_amounts(tiles))
+
+
+def _percentiles(stains: torch.Tensor) -> torch.Tensor:
+    return torch.quantile(stains[:, :2].flatten(2), STAIN_PERCENTILE / 100.0, dim=2)
 
 
 def normalise_stains(tiles: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
@@ -66,7 +69,7 @@ def normalise_stains(tiles: torch.Tensor, reference: torch.Tensor) -> torch.Tens
         (N, 3, H, W) float RGB values in 0..255.
     """
     stains = stain_amounts(tiles)
-    found = torch.quantile(stains[:, :2].flatten(2), STAIN_PERCENTILE / 100.0, dim=2)
+    found = _percentiles(stains)
     scale = (reference.to(found) / found.clamp(min=1e-3)).clamp(1 / STAIN_SCALE_LIMIT, STAIN_SCALE_LIMIT)
     scale = torch.cat([scale, torch.ones_like(scale[:, :1])], dim=1)
     return from_stain_amounts(stains * scale[:, :, None, None])

@@ -64,8 +64,9 @@ class TrainSettings:
     def __post_init__(self) -> None:
         for name, (kind, low, high) in TRAIN_SETTING_RANGES.items():
             value = getattr(self, name)
-            if value is not None or name != "max_tiles":
-                setattr(self, name, checked_number(name, value, kind, low, high))
+            if name == "max_tiles" and value is None:  # no cap
+                continue
+            setattr(self, name, checked_number(name, value, kind, low, high))
 
 
 #: Range of each number of :class:`TrainSettings` (a value outside is refused before any work).
