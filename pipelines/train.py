@@ -434,7 +434,6 @@ def train(data: str | Path | TileTable, out_dir: str | Path, settings: TrainSett
     }
 
     reference = stain_reference(extractor_set, settings.seed) if settings.stain_normalisation else None
-    record["stain_reference"] = reference
     net = HeadedVGG16(input_size=settings.input_size, width_multiplier=settings.width_multiplier,
                       stain_reference=reference)
     net = net.to(memory_format=torch.channels_last)

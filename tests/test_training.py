@@ -116,13 +116,13 @@ def test_a_training_setting_out_of_range_is_refused_before_any_work(run_cli, tmp
 
 
 def test_stain_jitter_scales_and_shifts_each_stain_within_sigma():
-    from dicom_heatmap.stain import HED_FROM_RGB, jitter_stains as stain_jitter
+    from dicom_heatmap.stain import HED_FROM_RGB, jitter_stains
 
     generator = torch.Generator().manual_seed(3)
     tiles = 60 + 140 * torch.rand(8, 3, 6, 6, generator=generator)  # mid-tones: nothing is clipped
-    assert torch.allclose(stain_jitter(tiles, 0.0, generator), tiles, atol=1e-3)
+    assert torch.allclose(jitter_stains(tiles, 0.0, generator), tiles, atol=1e-3)
     sigma = 0.05
-    jittered = stain_jitter(tiles, sigma, generator)
+    jittered = jitter_stains(tiles, sigma, generator)
 
     def stains(x):
         return torch.einsum("nchw,cs->nshw", -torch.log(x / 255.0), HED_FROM_RGB).flatten(2)
