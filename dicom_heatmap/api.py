@@ -24,6 +24,9 @@ from pydicom.dataset import Dataset
 
 from dicom_heatmap._version import __version__
 from dicom_heatmap.errors import ConfigurationError, DicomHeatmapError, InputError, OutputError, checked_number, is_uid
+from dicom_heatmap.calibration import calibrate, slide_threshold
+from dicom_heatmap.context import PatchContext
+from dicom_heatmap.domain import DISAGREEMENT_LIMIT, layer_disagreement
 from dicom_heatmap.heatmap import Heatmap
 from dicom_heatmap.network import DEFAULT_FIELD_OF_VIEW_UM, DEFAULT_INPUT_SIZE
 from dicom_heatmap.render import render_slice
@@ -76,6 +79,11 @@ class AnalysisSettings:
             streamed tile by tile).
         pixel_size_um: the pixel size of a PNG/JPEG picture in micrometres (a picture cannot
             say it; without it lengths are in pixels and the model's scale is not known).
+        context: run the whole-slide stage where patches are scored at the model's scale:
+            the model's context network refines each patch from its neighbours and the
+            scores are calibrated to the slide's own threshold
+            (:mod:`dicom_heatmap.context`, :mod:`dicom_heatmap.calibration`); ``threshold``
+            then applies to calibrated scores. False keeps the tile model's raw scores.
     """
 
     grid: tuple[int, int] | None = None
@@ -91,6 +99,7 @@ class AnalysisSettings:
     resolution_um: float | None = None
     level: int | None = None
     pixel_size_um: float | None = None
+    context: bool = True
 
     def __post_init__(self) -> None:
         # Every value is checked and brought to one type, so that the same settings given
@@ -111,6 +120,9 @@ class AnalysisSettings:
         given = [name for name in ("grid", "tile_size", "tile_size_um") if getattr(self, name) is not None]
         if len(given) > 1:
             raise ConfigurationError(f"give only one of grid, tile_size and tile_size_um, got {' and '.join(given)}")
+        if not isinstance(self.context, (bool, np.bool_)):
+            raise ConfigurationError(f"context must be true or false, got {self.context!r}")
+        object.__setattr__(self, "context", bool(self.context))
         if self.crop not in (None, "foreground", "template"):
             raise ConfigurationError(f"crop must be 'foreground' or 'template', got {self.crop!r}")
         if (self.crop == "template") != (self.crop_size is not None):
@@ -165,6 +177,10 @@ class AnalysisResult:
         identity: what the output UIDs derive from.
         precision: the precision the conv layers ran in (``fp32``, ``bf16``, ``fp16``).
         field_of_view_um: the model's field of view: the side of the patches it scored.
+        slide_threshold: where the whole-slide stage ran (see ``AnalysisSettings.context``),
+            the slide's own threshold on the refined scores, which calibration moved to
+            0.5; None where it did not run.
+        refined_by_context: whether the model's context network refined the patch scores.
     """
 
     image: np.ndarray
@@ -176,6 +192,8 @@ class AnalysisResult:
     identity: OutputIdentity
     precision: str = "fp32"
     field_of_view_um: float = DEFAULT_FIELD_OF_VIEW_UM
+    slide_threshold: float | None = None
+    refined_by_context: bool = False
 
     @property
     def patch_scores(self) -> np.ndarray | None:
@@ -186,6 +204,15 @@ class AnalysisResult:
         return None if patches is None else patches.scores[0]
 
     @property
+    def raw_patch_scores(self) -> np.ndarray | None:
+        """The tile model's own scores of the patches, before the whole-slide stage
+        (:attr:`patch_scores` where it did not run); None where tiles were scored whole."""
+        patches = self.tile_map.patches
+        if patches is None:
+            return None
+        return (patches.raw_scores if patches.raw_scores is not None else patches.scores)[0]
+
+    @property
     def patch_grid(self) -> TileGrid | None:
         """The lattice of the model's patches (edges in image pixels), or None."""
         return None if self.tile_map.patches is None else self.tile_map.patches.grid
@@ -194,16 +221,11 @@ class AnalysisResult:
     def scale_notice(self) -> str | None:
         """Why the tiles were scored whole rather than as patches at the model's scale, for
         an input the model knows (a slide or picture); None when they were patches."""
-        if self.tile_map.patches is not None or self.domain_warning:
-            return None
-        if self.meta["frame"] == "IMAGE":
-            declare = "declare it with --pixel-size-um" if self.meta["kind"] == "image" else "the file does not state it"
-            return (f"the pixel size is unknown ({declare}), so each tile was scored whole, shrunk or stretched to the "
-                    f"model's input: the scores mean most where a tile covers about {self.field_of_view_um:g} um")
-        spacing_um = float(pixel_spacing(self.meta["affine"])[0] * 1000.0)
-        return (f"the image read is too coarse for the model ({spacing_um:.3g} um per pixel: a {self.field_of_view_um:g} um "
-                f"patch would be under {MIN_PATCH_SIDE} pixels), so each tile was scored whole; read a finer level "
-                "with --resolution-um or --level")
+        if self.tile_map.patches is not None or self.domain_warning or self.meta["frame"] != "IMAGE":
+            return None  # an image too coarse for the model is outside its domain: the warning says so
+        declare = "declare it with --pixel-size-um" if self.meta["kind"] == "image" else "the file does not state it"
+        return (f"the pixel size is unknown ({declare}), so each tile was scored whole, shrunk or stretched to the "
+                f"model's input: the scores mean most where a tile covers about {self.field_of_view_um:g} um")
 
     @property
     def heatmap(self) -> np.ndarray:
@@ -230,15 +252,37 @@ class AnalysisResult:
 
     @property
     def domain_warning(self) -> str | None:
-        """Why these scores are no findings when the input's modality is not the model's
-        (the H&E model on CT or MR); None otherwise. The console, the SC caption and the
-        SR carry it."""
+        """Why these scores are no findings when the input lies outside the model's domain;
+        None otherwise. The console, the SC caption, ``result.json`` and the SR carry it.
+
+        Outside are: another modality than the model's (the H&E model on CT or MR); an
+        image too coarse for the model's patches; tissue on which the model's 13 layers
+        disagree more than on any of its development slides (another stain, organ or
+        scanner; see :mod:`dicom_heatmap.domain`).
+        """
         modality = self.meta["modality"]
-        if modality in MODEL_MODALITIES:
-            return None
-        # quoted only when it is a valid code string: header text never reaches a console raw
-        named = f"{modality} " if re.fullmatch(r"[A-Z0-9_ ]{1,16}", modality) else ""
-        return f"the model knows only {MODEL_DOMAIN}; on this {named}image its scores are not findings"
+        if modality not in MODEL_MODALITIES:
+            # quoted only when it is a valid code string: header text never reaches a console raw
+            named = f"{modality} " if re.fullmatch(r"[A-Z0-9_ ]{1,16}", modality) else ""
+            return f"the model knows only {MODEL_DOMAIN}; on this {named}image its scores are not findings"
+        if self.meta["frame"] != "IMAGE" and self.tile_map.patches is None and self.image.shape[0] == 1:
+            spacing_um = float(pixel_spacing(self.meta["affine"])[0] * 1000.0)
+            return (f"the image read is too coarse for the model ({spacing_um:.3g} um per pixel: a {self.field_of_view_um:g} "
+                    f"um patch would be under {MIN_PATCH_SIDE} pixels), so its scores are not findings; read a finer "
+                    "level with --resolution-um or --level")
+        disagreement = self.layer_disagreement
+        if disagreement is not None and disagreement > DISAGREEMENT_LIMIT:
+            return (f"the model's 13 layers disagree on this tissue (mean spread {disagreement:.3f}, above "
+                    f"{DISAGREEMENT_LIMIT:g}): it looks unlike what the model knows ({MODEL_DOMAIN}; another stain, "
+                    "organ or scanner?), so its scores are not findings")
+        return None
+
+    @property
+    def layer_disagreement(self) -> float | None:
+        """The domain check's statistic (:func:`dicom_heatmap.domain.layer_disagreement`) over
+        the patches scored (the tiles where they were scored whole)."""
+        scored = self.tile_map.patches if self.tile_map.patches is not None else self.tile_map
+        return layer_disagreement(scored.layer_probabilities)
 
     def summary_line(self) -> str:
         """One human line: scores, extent and direction."""
@@ -266,7 +310,9 @@ class AnalysisResult:
             "software": {"name": "dicom-heatmap", "version": __version__, "model_sha256": self.model_checksum,
                          "precision": self.precision},
             "input": {"kind": self.meta["kind"], "modality": self.meta["modality"], "frame": self.meta["frame"],
-                      "warning": self.domain_warning},
+                      "warning": self.domain_warning,
+                      "layer_disagreement": None if self.layer_disagreement is None else round(self.layer_disagreement, 6),
+                      "layer_disagreement_limit": DISAGREEMENT_LIMIT},
             "settings": asdict(self.settings),
             "grid": {"slices": grid.shape[0], "rows": grid.shape[1], "cols": grid.shape[2],
                      "numbering": "1-based, slice by slice, rows top to bottom, columns left to right"},
@@ -286,8 +332,22 @@ class AnalysisResult:
             "scored": "patches at the model's scale; a tile's score is the tissue-weighted mean of the patches it overlaps",
             "field_of_view_um": self.field_of_view_um,
             "row_edges": patches.row_edges.tolist(), "col_edges": patches.col_edges.tolist(),
-            "scores": np.array(_json_values(self.patch_scores.ravel().tolist()), dtype=object).reshape(patches.shape[1:]).tolist(),
+            "whole_slide_stage": self._whole_slide_dict(),
+            "scores": self._patch_list(self.patch_scores),
+            "raw_scores": self._patch_list(self.raw_patch_scores),
         }
+
+    def _patch_list(self, values: np.ndarray) -> list:
+        return np.array(_json_values(values.ravel().tolist()), dtype=object).reshape(values.shape).tolist()
+
+    def _whole_slide_dict(self) -> dict:
+        if self.slide_threshold is None:
+            return {"ran": False, "scores": "the tile model's own (raw_scores are the same)"}
+        refined = bool(self.tile_map.patches is not None and self.tile_map.patches.raw_scores is not None
+                       and self.refined_by_context)
+        return {"ran": True, "context": refined, "slide_threshold": round(self.slide_threshold, 6),
+                "scores": ("refined by the context network from each patch's neighbours, then " if refined else "")
+                          + "calibrated so that the slide's own threshold reads 0.5; raw_scores are the tile model's"}
 
     def save(self, out_dir: str | Path, viewer_files: bool = True) -> Path:
         """Write SC (one per slice), PM, SR, a PNG preview and ``result.json``; with
@@ -633,12 +693,26 @@ def analyze_prepared(data: dict, scorer: TileScorer, settings: AnalysisSettings,
         source_key = source_key.result()
     scored_map = Heatmap.assemble(scored_grid, numbers, scored.scores, scored.layer_probabilities, meta["affine"], meta["frame"],
                                   image.shape[1:3])
+    threshold, refined = None, False
+    if patch_side and settings.context:
+        scored_map, threshold, refined = _whole_slide_stage(scored_map, scorer.network.context)
     tile_map = Heatmap.pooled(scored_map, grid, meta["affine"], image.shape[1:3]) if patch_side else scored_map
     spread = analyze_spread(tile_map, settings.threshold)
     method = settings.canonical() + (f"|patches of {scorer.field_of_view_um:g} um" if patch_side else "")
     identity = OutputIdentity(source_key, scorer.identity, method)
     return AnalysisResult(image, meta, tile_map, spread, settings, scorer.checksum, identity, scorer.precision,
-                          scorer.field_of_view_um)
+                          scorer.field_of_view_um, threshold, refined)
+
+
+def _whole_slide_stage(patches: Heatmap, context: PatchContext) -> tuple[Heatmap, float, bool]:
+    """The patch map refined by ``context`` (where the model has a trained one) and
+    calibrated to the slide's own threshold; that threshold; whether it was refined."""
+    scores = patches.scores[0]
+    refined = context.is_trained
+    if refined:
+        scores = context.refine(np.concatenate([scores[..., None], patches.layer_probabilities[0]], axis=-1))
+    threshold = slide_threshold(scores)
+    return patches.with_scores(calibrate(scores, threshold)[None]), threshold, refined
 
 
 def model_patch_side(meta: dict, scorer: TileScorer, slices: int = 1) -> tuple[float, float] | None:

@@ -25,6 +25,9 @@ class Heatmap:
         patches: where the tiles were pooled from patches at the model's scale (see
             :meth:`pooled`), the heatmap of those patches; None where each tile was scored
             whole.
+        raw_scores: where the whole-slide stage changed the scores (context and per-slide
+            calibration, see :meth:`with_scores`), the tile model's own scores, shaped like
+            ``scores``; None where the scores are the tile model's.
     """
 
     grid: TileGrid
@@ -33,6 +36,15 @@ class Heatmap:
     tile_affine: np.ndarray
     frame: str
     patches: "Heatmap | None" = None
+    raw_scores: np.ndarray | None = None
+
+    def with_scores(self, scores: np.ndarray) -> "Heatmap":
+        """This heatmap with ``scores`` (same shape) in place of its scores; the old ones
+        are kept as :attr:`raw_scores` (the first ones, if they were replaced before)."""
+        if scores.shape != self.scores.shape:
+            raise ValueError(f"scores must have the heatmap's shape {self.scores.shape}, got {scores.shape}")
+        raw = self.raw_scores if self.raw_scores is not None else self.scores
+        return replace(self, scores=np.where(self.analysed, scores, np.nan).astype(np.float32), raw_scores=raw)
 
     @classmethod
     def assemble(cls, grid: TileGrid, numbers: np.ndarray, scores: np.ndarray, layer_probabilities: np.ndarray,

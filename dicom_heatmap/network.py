@@ -7,7 +7,10 @@
 * ``classifier`` - the 3 fully connected layers, used to train the extractor (stage 1);
 * ``heads`` - 13 binary classifiers, head ``i`` on the global-average-pooled output of
   conv ReLU ``i``: ``Linear(C_i, 512) -> ReLU -> Linear(512, 2)``;
-* ``fusion`` - the same shape of classifier on the 13 head tumour probabilities.
+* ``fusion`` - the same shape of classifier on the 13 head tumour probabilities;
+* ``context`` - the whole-slide stage (:class:`dicom_heatmap.context.PatchContext`), which
+  refines a map of patch scores from each patch's neighbours; untrained (and unused) in a
+  model file without ``context.*`` weights.
 
 The tile score is the fusion's softmax probability of the tumour class (index 1).
 ``forward`` returns one tensor (N, 14): column 0 the tile score, columns 1-13 the heads'
@@ -21,6 +24,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from dicom_heatmap.context import PatchContext
 from dicom_heatmap.stain import normalise_stains
 
 __all__ = ["VGG16_CONV_WIDTHS", "HeadedVGG16", "BinaryHead", "OUTPUT_CHANNELS", "DEFAULT_FIELD_OF_VIEW_UM", "DEFAULT_INPUT_SIZE"]
@@ -130,6 +134,7 @@ class HeadedVGG16(nn.Module):
         self.heads = nn.ModuleList(BinaryHead(c) for c in widths)
         self.fusion = BinaryHead(len(widths))
         self._init_weights()
+        self.context = PatchContext()  # after _init_weights: its own initialisation leaves scores as they are
 
     def _init_weights(self) -> None:
         for module in self.modules():
@@ -222,7 +227,10 @@ class HeadedVGG16(nn.Module):
         """Load a state dict, stored weights in any float precision (see :meth:`compact_state_dict`)."""
         # model files from before 1.2 do not store their field of view (theirs is the IDC
         # tile's) and those from before 1.4 no stain reference (they take tiles as they are)
-        state = {"field_of_view_um": torch.tensor(DEFAULT_FIELD_OF_VIEW_UM), "stain_reference": torch.zeros(2), **state}
+        # and those from before 1.5 no context stage (their scores are used as they are)
+        untrained_context = {f"context.{name}": value for name, value in PatchContext().state_dict().items()}
+        state = {"field_of_view_um": torch.tensor(DEFAULT_FIELD_OF_VIEW_UM), "stain_reference": torch.zeros(2),
+                 **untrained_context, **state}
         self.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in state.items()})
         return self
 

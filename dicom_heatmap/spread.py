@@ -18,7 +18,7 @@ lesion about its focus. So:
   tiles, are the lesions. The smoothing is what keeps an isolated high tile or a bridge
   one tile wide from joining or steering a lesion: alone among low neighbours it falls
   under the threshold, while a lesion two tiles thick stays. The dominant lesion (the
-  largest sum of scores) comes first;
+  most confident tumour, below) comes first;
 * focus - the maximum of the lesion tiles (each counting 1) smoothed by a Gaussian of
   :data:`FOCUS_SIGMA` tiles (the thick part of a lesion wins over a thin tail or a
   spike); its tile is the focus tile, and the maximum placed between tile centres (a
@@ -41,8 +41,11 @@ focus patch, the image direction is in tile-index axes. A lesion's ``tiles`` the
 its patches; its area is in mm^2 either way. The flow field and the extent stay on the
 grid's tiles.
 
-The summary describes all lesions together (focus at the overall maximum, direction
-toward the centroid of every lesion tile); ``lesions`` repeats focus, direction,
+The summary reads the main lesions: the dominant one - the most confident tumour, the sum
+of its tiles' log-odds above the threshold's (:func:`_confident_mass`), so a thin halo just
+over the threshold weighs little - joined by every other lesion holding at least
+:data:`JOIN_SHARE` of that mass. Scattered false-positive regions and small second regions
+take neither the focus nor the direction; ``lesions`` repeats focus, direction,
 directedness, extent and reach for each lesion alone, the dominant one first.
 
 Directions are reported in image axes (angle counter-clockwise from "right" as seen on
@@ -54,7 +57,7 @@ from __future__ import annotations
 
 import itertools
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 import numpy as np
 
@@ -74,6 +77,10 @@ LESION_SIGMA = 1.0
 FOCUS_SIGMA = 2.0
 #: Fewest tiles of a lesion.
 MIN_LESION_TILES = 2
+#: A lesion joins the dominant one in the summary when it holds this share of its confident mass
+JOIN_SHARE = 0.2
+#: Log-odds above the threshold count up to this much a tile in a lesion's confident mass
+LOGIT_CLIP = 8.0
 
 _PATIENT_WORDS = (("right", "left"), ("anterior", "posterior"), ("inferior", "superior"))  # -/+ along L, P, S
 _SLIDE_WORDS = (("left", "right"), ("up", "down"), ("", ""))  # slide x right, y down
@@ -339,16 +346,38 @@ def _tile_measure(heatmap: Heatmap) -> float:
     return in_plane_area * (heatmap.tile_spacing[0] if heatmap.scores.shape[0] > 1 else 1.0)
 
 
+def _confident_mass(values: np.ndarray, part: np.ndarray, threshold: float) -> float:
+    """How much confident tumour a lesion holds: the sum over its tiles of their log-odds
+    above the threshold's (at most :data:`LOGIT_CLIP` a tile). A thin halo just over the
+    threshold weighs little; a tile at 0.99 weighs as much as many at 0.55."""
+    p = np.clip(values[part], 1e-6, 1 - 1e-6)
+    t = min(max(threshold, 1e-6), 1 - 1e-6)
+    margin = np.log(p / (1 - p)) - math.log(t / (1 - t))
+    return float(np.clip(margin, 0.0, LOGIT_CLIP).sum())
+
+
 def _lesions(heatmap: Heatmap, threshold: float) -> tuple[np.ndarray, list[np.ndarray]]:
     """The lesion tiles - the analysed tiles whose scores, smoothed by :data:`LESION_SIGMA`
     over the analysed tiles, reach ``threshold`` - and their connected parts of at least
-    :data:`MIN_LESION_TILES`, the dominant one (most tumour) first."""
+    :data:`MIN_LESION_TILES`, the dominant one (most confident tumour, see
+    :func:`_confident_mass`) first."""
     analysed = heatmap.analysed
     values = np.nan_to_num(heatmap.scores.astype(np.float64), nan=0.0)
     mask = analysed & (_smooth(values, LESION_SIGMA, analysed.astype(np.float64)) >= threshold)
     parts = [part for part in _components(mask) if part.sum() >= MIN_LESION_TILES]
-    parts.sort(key=lambda part: -float(values[part].sum()))
-    return mask, parts
+    masses = [_confident_mass(values, part, threshold) for part in parts]
+    order = np.argsort([-m for m in masses], kind="stable")
+    return mask, [parts[i] for i in order]
+
+
+def _main_lesions(heatmap: Heatmap, parts: list[np.ndarray], threshold: float) -> np.ndarray:
+    """The tiles the summary is read on: the dominant lesion and every other lesion holding
+    at least :data:`JOIN_SHARE` of its confident mass; scattered false positives and small
+    second regions are left to the lesion list."""
+    values = np.nan_to_num(heatmap.scores.astype(np.float64), nan=0.0)
+    masses = [_confident_mass(values, part, threshold) for part in parts]
+    main = [part for part, mass in zip(parts, masses) if mass >= JOIN_SHARE * masses[0]]
+    return np.logical_or.reduce(main)
 
 
 def lesion_masks(heatmap: Heatmap, threshold: float = 0.5) -> list[np.ndarray]:
@@ -371,8 +400,14 @@ def lesion_masks(heatmap: Heatmap, threshold: float = 0.5) -> list[np.ndarray]:
 
 def _reading(heatmap: Heatmap) -> Heatmap:
     """The map the lesions are read on: the model's patches where the tiles were pooled from
-    them (the same whatever grid was asked for), else the tiles."""
-    return heatmap.patches if heatmap.patches is not None else heatmap
+    them (the same whatever grid was asked for), else the tiles; and on the tile model's own
+    patch scores where the whole-slide stage changed them. The refined map is tighter and
+    marks less stroma (the extent counts it), but on the development slides left out it
+    turned or lost more directions than the raw one (docs/model_card.md)."""
+    if heatmap.patches is None:
+        return heatmap
+    patches = heatmap.patches
+    return patches if patches.raw_scores is None else replace(patches, scores=patches.raw_scores, raw_scores=None)
 
 
 def _on_grid(heatmap: Heatmap, reading: Heatmap, found: dict) -> dict:
@@ -442,11 +477,13 @@ def analyze_spread(heatmap: Heatmap, threshold: float = 0.5) -> SpreadSummary:
     reading_measure = tile_measure if reading is heatmap else _tile_measure(reading)
     lesions = [_on_grid(heatmap, reading, _direction(reading, lesion_scores, part, focus_field, reading_measure))
                for part in parts]
+    main = _main_lesions(reading, parts, threshold)
+    # the focus is sought on the main lesions alone: a false-positive patch elsewhere cannot take it
     whole = _on_grid(heatmap, reading,
-                     _direction(reading, lesion_scores, np.logical_or.reduce(parts), focus_field, reading_measure))
+                     _direction(reading, lesion_scores, main, _smooth(main.astype(np.float64), FOCUS_SIGMA), reading_measure))
     summary.update(
         {key: whole[key] for key in ("focus_tile", "focus_index", "focus_position", "directed", "directedness",
                                      "direction_image", "angle_deg", "direction_frame", "words", "reach")},
-        lesion_tiles=whole["tiles"], lesion_ellipsoid=whole["ellipsoid"], lesions=lesions,
+        lesion_tiles=int(sum(part.sum() for part in parts)), lesion_ellipsoid=whole["ellipsoid"], lesions=lesions,
     )
     return SpreadSummary(**summary)

@@ -15,7 +15,11 @@ against the machine's matrix-product peak for that precision, measured in the sa
 Then it writes a large synthetic slide (a tiled pyramidal TIFF, half tissue, half glass),
 runs ``dicom-heatmap analyze`` on it in a child process, and prints end-to-end tiles/s
 against model-only tiles/s on the same tiles, and the child's peak resident memory.
-The machine is shared and noisy: read the ratios, not the absolute numbers.
+
+Last, the cost of the whole-slide stage (context network and per-slide calibration): the
+embedded rebuilt IDC slide (``tests/data/idc_slide_14082.jpg``, 478 patches at 4 um) is
+analysed with the stage and without it in interleaved rounds, and the ratio of the medians
+is printed. The machine is shared and noisy: read the ratios, not the absolute numbers.
 """
 
 from __future__ import annotations
@@ -32,7 +36,7 @@ from PIL import Image
 from dicom_heatmap.network import HeadedVGG16
 from dicom_heatmap.scorer import TileScorer
 
-__all__ = ["conv_flops", "run_bench"]
+__all__ = ["conv_flops", "cpu_model", "run_bench"]
 
 DATA = Path(__file__).resolve().parent.parent / "tests" / "data"
 
@@ -107,6 +111,7 @@ def run_bench(model: str | Path | None = None, seconds: float = 4.0, large_side:
             "naive_gflops": naive_rate * gflop, "fast_gflops": fast_rate * gflop, "speedup": fast_rate / naive_rate,
             "naive_of_peak": naive_rate * gflop / peaks["fp32"], "fast_of_peak": fast_rate * gflop / peaks[fast.precision],
         })
+    print(f"CPU: {cpu_model()}")
     print("matrix-product peak measured now: " + ", ".join(f"{k} {v:.0f} GFLOP/s" for k, v in peaks.items()))
     print(f"threads: {torch.get_num_threads()}; fast path: {fast.backend}, {fast.precision}, batch {fast.batch_size}")
     print("| tile px | naive fp32 tiles/s | torch bf16 tiles/s | fast tiles/s | fast / naive | naive GFLOP/s (of fp32 peak) "
@@ -118,7 +123,42 @@ def run_bench(model: str | Path | None = None, seconds: float = 4.0, large_side:
               f"({row['naive_of_peak']:.0%}) | {row['fast_gflops']:.0f} ({row['fast_of_peak']:.0%}) |")
     if large_side:
         rows.append(_large_slide(fast, large_side, tile, seconds))
+    rows.append(_whole_slide_stage_cost(fast))
     return rows
+
+
+def _whole_slide_stage_cost(scorer: TileScorer, rounds: int = 3) -> dict:
+    """Median ``analyze`` time of the embedded slide with and without the whole-slide stage
+    (interleaved rounds after a warm-up), and their ratio."""
+    from dicom_heatmap.api import AnalysisSettings, analyze
+
+    source = DATA / "idc_slide_14082.jpg"
+    times: dict[bool, list[float]] = {True: [], False: []}
+    analyze(source, scorer, AnalysisSettings(tile_size=50, pixel_size_um=4), progress=False)  # warm-up
+    for _ in range(rounds):
+        for context in (False, True):
+            started = time.perf_counter()
+            analyze(source, scorer, AnalysisSettings(tile_size=50, pixel_size_um=4, context=context), progress=False)
+            times[context].append(time.perf_counter() - started)
+    with_stage, without = float(np.median(times[True])), float(np.median(times[False]))
+    print(f"\nwhole-slide stage: {source.name} (478 patches at 4 um), `analyze` without writing, median of {rounds} "
+          "interleaved rounds")
+    print("| without the stage s | with it s | with / without |")
+    print("| --- | --- | --- |")
+    print(f"| {without:.2f} | {with_stage:.2f} | {with_stage / without:.3f} |")
+    return {"whole_slide_stage_s": with_stage, "without_stage_s": without, "stage_ratio": with_stage / without}
+
+
+def cpu_model() -> str:
+    """The CPU's model name as lscpu gives it (from /proc/cpuinfo), or "unknown"."""
+    try:
+        with open("/proc/cpuinfo") as handle:
+            for line in handle:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return "unknown"
 
 
 def _scoring_rate(scorer: TileScorer, batch: np.ndarray, size: int, seconds: float) -> float:

@@ -69,7 +69,11 @@ def _add_analysis_options(parser: argparse.ArgumentParser) -> None:
                         help="runtime of the conv layers: auto = OpenVINO for bf16 on a CPU, torch otherwise; "
                              "it enters the output UIDs")
     parser.add_argument("--tissue-threshold", type=float, default=0.25, help="least tissue share of an analysed tile (default 0.25)")
-    parser.add_argument("--threshold", type=float, default=0.5, help="score at or above which a tile counts as tumour (default 0.5)")
+    parser.add_argument("--threshold", type=float, default=0.5, help="score at or above which a tile counts as tumour (default "
+                        "0.5; with the whole-slide stage, on scores calibrated to the slide's own threshold)")
+    parser.add_argument("--no-context", dest="context", action="store_false",
+                        help="skip the whole-slide stage (context network and per-slide calibration): the tile model's "
+                             "raw patch scores and the fixed threshold")
     parser.add_argument("--series", metavar="UID", help="Series Instance UID to analyse from a folder holding several")
     parser.add_argument("--resolution-um", type=float, metavar="UM", help="slide pixel spacing to read (nearest level)")
     parser.add_argument("--level", type=int, metavar="N", help="SVS/TIFF pyramid level to read (0 = full resolution; "
@@ -134,6 +138,18 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--head-share", type=float, metavar="F",
                        help="share of the head folds' patients kept for the heads and the fusion; the rest train the "
                             "extractor (default: 1 with --test-fold, 2/3 without)")
+    context = commands.add_parser("train-context", help="train the whole-slide context stage on whole slides and add it "
+                                  "to a model")
+    context.add_argument("--data", type=Path, required=True, help="labels.csv of the IDC tiles (whole patients are rebuilt "
+                         "as slides; the held-out patients are left out)")
+    context.add_argument("--out", type=Path, required=True, help="folder for the model, the report and the cached maps")
+    context.add_argument("--model", type=Path, help="the model to extend (default: the shipped model)")
+    context.add_argument("--map-model", type=Path, action="append", default=[], metavar="MODEL",
+                         help="a cross-validation run's model (its training.json beside it): the slides of the patients "
+                              "it never saw are scored by it, so the stage learns from maps like those of new patients; "
+                              "may be given several times")
+    context.add_argument("--epochs", type=int, default=None, help="passes over the slides (default 30)")
+    context.add_argument("--quiet", action="store_true", help="no progress bars")
     bench = commands.add_parser("bench", help="tile-scoring speed: fast path against the naive loop and the machine's peak")
     bench.add_argument("--model", type=Path, help="model file (default: the shipped model)")
     bench.add_argument("--seconds", type=float, default=4.0, help="time per measurement (default 4)")
@@ -196,6 +212,7 @@ def _settings(args: argparse.Namespace):
         resolution_um=args.resolution_um,
         level=args.level,
         pixel_size_um=args.pixel_size_um,
+        context=args.context,
     )
 
 
@@ -254,6 +271,16 @@ def run_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_train_context(args: argparse.Namespace) -> int:
+    from dicom_heatmap.errors import checked_number
+    from pipelines.context_training import CONTEXT_EPOCHS, train_context
+
+    epochs = checked_number("epochs", args.epochs if args.epochs is not None else CONTEXT_EPOCHS, int, 1, 10_000)
+    model = train_context(args.data, args.out, args.model, args.map_model, epochs, progress=not args.quiet)
+    print(f"model with the context stage written to {model}")
+    return 0
+
+
 def run_evaluate(args: argparse.Namespace) -> int:
     from pipelines.evaluate import run_evaluation
     from pipelines.tile_data import read_patient_list
@@ -296,7 +323,8 @@ def _console_logging(debug: bool) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _console_logging(args.debug)
-    handlers = {"analyze": run_analyze, "demo": run_demo, "train": run_train, "evaluate": run_evaluate, "bench": run_bench,
+    handlers = {"analyze": run_analyze, "demo": run_demo, "train": run_train, "train-context": run_train_context,
+                "evaluate": run_evaluate, "bench": run_bench,
                 "pacs": run_pacs}
     try:
         return handlers[args.command](args)

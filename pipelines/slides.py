@@ -32,12 +32,14 @@ from PIL import Image, ImageDraw
 
 from dicom_heatmap.api import AnalysisSettings, analyze
 from dicom_heatmap.errors import InputError
+from dicom_heatmap.heatmap import Heatmap
 from dicom_heatmap.render import colorize
 from dicom_heatmap.scorer import TileScorer
-from dicom_heatmap.spread import MIN_DIRECTEDNESS
+from dicom_heatmap.spread import MIN_DIRECTEDNESS, analyze_spread
 from pipelines.metrics import roc_auc
+from transforms.grid import TileGrid
 
-__all__ = ["RebuiltSlide", "comparison_record", "lattice_settings", "whole_patients", "chosen_whole_patients", "rebuild_slide", "reference_direction", "angle_error", "evaluate_slides",
+__all__ = ["RebuiltSlide", "comparison_record", "lattice_settings", "whole_patients", "chosen_whole_patients", "rebuild_slide", "reference_direction", "angle_error", "evaluate_slides", "map_comparison", "map_heatmap",
            "draw_slide", "write_slide_outputs",
            "format_slide_table", "MIN_WHOLE_TILES", "REFERENCE_SIGMA"]
 
@@ -140,11 +142,12 @@ def rebuild_slide(labels_csv: str | Path, patient: str, root: str | Path | None 
     return RebuiltSlide(patient, picture, labels)
 
 
-def lattice_settings(threshold: float = 0.5) -> AnalysisSettings:
+def lattice_settings(threshold: float = 0.5, context: bool = True) -> AnalysisSettings:
     """Analysis settings for a picture on the IDC lattice (a rebuilt slide, a mosaic): 50 px
     grid tiles and the tiles' pixel size declared (about 4 um), so the model's patches are
-    exactly those tiles and every grid tile is one labelled tile."""
-    return AnalysisSettings(tile_size=TILE, threshold=threshold, pixel_size_um=TILE_UM / TILE)
+    exactly those tiles and every grid tile is one labelled tile; ``context`` as in
+    :class:`~dicom_heatmap.api.AnalysisSettings`."""
+    return AnalysisSettings(tile_size=TILE, threshold=threshold, pixel_size_um=TILE_UM / TILE, context=context)
 
 
 def _gaussian_smooth(values: np.ndarray, sigma: float) -> np.ndarray:
@@ -273,21 +276,45 @@ def evaluate_slides(labels_csv: str | Path, patients: list[str], scorer: TileSco
 
 
 def comparison_record(slide: RebuiltSlide, result) -> dict:
-    """How an analysis on the 50 px lattice of ``slide`` compares with its labels: tile
-    AUC, share of annotated tiles analysed, reference and reported direction, angle error,
-    focus distance (tiles)."""
-    scores = result.heatmap
-    annotated = slide.labels >= 0
+    """How an analysis on the 50 px lattice of ``slide`` compares with its labels (see
+    :func:`map_comparison`); ``raw`` holds the same for the tile model's own scores where
+    the whole-slide stage changed them."""
+    record = map_comparison(slide.patient, slide.labels, result.heatmap, result.spread)
+    raw_scores = result.raw_patch_scores
+    if raw_scores is not None and result.slide_threshold is not None:
+        raw = analyze_spread(map_heatmap(raw_scores), result.spread.threshold)
+        record["raw"] = map_comparison(slide.patient, slide.labels, raw_scores, raw)
+    record["slide_threshold"] = result.slide_threshold
+    return record
+
+
+def map_comparison(patient: str, labels: np.ndarray, scores: np.ndarray, spread) -> dict:
+    """How a heatmap on the 50 px lattice compares with its labels: tile AUC, share of
+    annotated tiles analysed, share of non-IDC tiles marked (at or above the spread's
+    threshold) and the marked extent's F1 against the IDC tiles, reference and reported
+    direction, angle error, focus distance (tiles).
+
+    Args:
+        patient: names the record.
+        labels: (rows, cols) 1 IDC, 0 other tissue, -1 no tile.
+        scores: (rows, cols) the heatmap, NaN where not analysed.
+        spread: its :class:`~dicom_heatmap.spread.SpreadSummary`.
+    """
+    annotated = labels >= 0
     scored = annotated & np.isfinite(scores)
-    reference = reference_direction(slide.labels)
-    spread = result.spread
+    marked = scored & (np.nan_to_num(scores, nan=-1.0) >= spread.threshold)
+    tumour = labels == 1
+    hits = int((marked & tumour).sum())
+    reference = reference_direction(labels)
     focus = spread.focus_index[1:] if spread.focus_index is not None else None
     return {
-        "patient": slide.patient,
+        "patient": patient,
         "tiles": int(annotated.sum()),
-        "tumour_tiles": int((slide.labels == 1).sum()),
+        "tumour_tiles": int(tumour.sum()),
         "analysed_share": float(scored.sum() / annotated.sum()),
-        "tile_auc": roc_auc(slide.labels[scored], scores[scored]),
+        "tile_auc": roc_auc(labels[scored], scores[scored]),
+        "non_idc_marked": float(marked[labels == 0].mean()) if (labels == 0).any() else float("nan"),
+        "extent_f1": 2 * hits / (int(marked.sum()) + int(tumour.sum())) if marked.any() or tumour.any() else float("nan"),
         "reference": reference,
         "directed": bool(spread.directed),
         "angle_deg": spread.angle_deg,
@@ -301,6 +328,19 @@ def comparison_record(slide: RebuiltSlide, result) -> dict:
     }
 
 
+def map_heatmap(scores: np.ndarray, layer_probabilities: np.ndarray | None = None) -> Heatmap:
+    """A :class:`~dicom_heatmap.heatmap.Heatmap` of a patch map on the IDC lattice (50 px
+    patches at 4 um), so that the spread analysis reads it as :func:`~dicom_heatmap.api.analyze` does."""
+    rows, cols = scores.shape
+    analysed = np.isfinite(scores)[None]
+    grid = TileGrid(np.arange(rows + 1) * TILE, np.arange(cols + 1) * TILE, 1, analysed.astype(np.float64), analysed)
+    numbers = np.flatnonzero(analysed.ravel()) + 1
+    layers = (layer_probabilities if layer_probabilities is not None else np.zeros((rows, cols, 13)))
+    spacing_mm = TILE_UM / TILE / 1000.0
+    affine = np.diag([1.0, spacing_mm, spacing_mm, 1.0])
+    return Heatmap.assemble(grid, numbers, scores[analysed[0]], layers[analysed[0]], affine, "SLIDE", (rows * TILE, cols * TILE))
+
+
 def _number(value, digits: int) -> str:
     return "-" if value is None or (isinstance(value, float) and not math.isfinite(value)) else f"{value:.{digits}f}"
 
@@ -309,14 +349,26 @@ def format_slide_table(records: list[dict], name: str = "patient") -> str:
     """The per-slide records as a Markdown table, with the median of each column; the
     direction error's median is over the slides with a directed annotation where a
     direction was reported ("missed": the annotation is directed, the report is not), and
-    the last line counts undirected annotations reported as directed.
+    the last line counts undirected annotations reported as directed. Where the whole-slide
+    stage ran, each cell of the heatmap's columns reads "refined (raw)": the analysis's map,
+    then the tile model's own scores read the same way at the fixed threshold.
 
     Args:
         records: from :func:`evaluate_slides` (or :func:`pipelines.mosaic.evaluate_mosaics`).
         name: the first column's title.
     """
-    lines = [f"| {name} | tiles | IDC tiles | analysed | tile AUC | reference direction | reported direction | "
-             "direction error | focus distance (tiles) |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    def both(record: dict, key: str, format_value) -> str:
+        value = format_value(record)
+        return f"{value} ({format_value(record['raw'])})" if "raw" in record else value
+
+    def error(r: dict) -> str:
+        return "missed" if r["direction_missed"] else _number(r["direction_error_deg"], 0)
+
+    def reported(r: dict) -> str:
+        return f"{r['angle_deg']:.0f} deg ({r['directedness']:.2f})" if r["directed"] else "undirected"
+
+    lines = [f"| {name} | tiles | IDC tiles | analysed | tile AUC | non-IDC marked | extent F1 | reference direction | "
+             "reported direction | direction error | focus distance (tiles) |", "| --- " * 11 + "|"]
     for r in records:
         ref = r["reference"]
         if not r["tumour_tiles"]:
@@ -325,18 +377,30 @@ def format_slide_table(records: list[dict], name: str = "patient") -> str:
             reference = "undirected (0.00)"
         else:
             reference = f"{ref['angle_deg']:.0f} deg ({ref['directedness']:.2f})" + ("" if ref["directed"] else ", undirected")
-        reported = f"{r['angle_deg']:.0f} deg ({r['directedness']:.2f})" if r["directed"] else "undirected"
         lines.append(f"| {r['patient']} | {r['tiles']} | {r['tumour_tiles']} | {r['analysed_share']:.2f} | "
-                     f"{_number(r['tile_auc'], 3)} | {reference} | {reported} | "
-                     f"{'missed' if r['direction_missed'] else _number(r['direction_error_deg'], 0)} | "
+                     f"{both(r, 'tile_auc', lambda x: _number(x['tile_auc'], 3))} | "
+                     f"{both(r, 'non_idc_marked', lambda x: _number(x['non_idc_marked'], 2))} | "
+                     f"{both(r, 'extent_f1', lambda x: _number(x['extent_f1'], 2))} | {reference} | "
+                     f"{both(r, 'reported', reported)} | {both(r, 'error', error)} | "
                      f"{_number(r['focus_distance_tiles'], 1)} |")
-    aucs = [r["tile_auc"] for r in records if math.isfinite(r["tile_auc"])]
-    errors = [r["direction_error_deg"] for r in records if r["direction_error_deg"] is not None]
-    missed = sum(r["direction_missed"] for r in records)
-    lines.append(f"| **median** | | | {np.median([r['analysed_share'] for r in records]):.2f} | "
-                 f"{_number(float(np.median(aucs)) if aucs else None, 3)} | | | "
-                 f"{_number(float(np.median(errors)) if errors else None, 0)} over {len(errors)} directed"
-                 f"{f', {missed} missed' if missed else ''} | |")
+
+    def medians(chosen: list[dict]) -> tuple[str, ...]:
+        aucs = [r["tile_auc"] for r in chosen if math.isfinite(r["tile_auc"])]
+        marked = [r["non_idc_marked"] for r in chosen if math.isfinite(r["non_idc_marked"])]
+        f1 = [r["extent_f1"] for r in chosen if math.isfinite(r["extent_f1"])]
+        errors = [r["direction_error_deg"] for r in chosen if r["direction_error_deg"] is not None]
+        missed = sum(r["direction_missed"] for r in chosen)
+        return (f"{_number(float(np.median(aucs)) if aucs else None, 3)} (worst {_number(min(aucs) if aucs else None, 3)})",
+                f"{_number(float(np.median(marked)) if marked else None, 2)} (most {_number(max(marked) if marked else None, 2)})",
+                _number(float(np.median(f1)) if f1 else None, 2),
+                f"{_number(float(np.median(errors)) if errors else None, 0)} over {len(errors)} directed"
+                f"{f', {missed} missed' if missed else ''}, {sum(e > 60 for e in errors)} over 60")
+
+    rows = [("**median**", records)] + ([("median, raw", [r["raw"] for r in records])] if all("raw" in r for r in records) else [])
+    for label, chosen in rows:
+        auc, marked, f1, errors = medians(chosen)
+        lines.append(f"| {label} | | | {np.median([r['analysed_share'] for r in records]):.2f} | {auc} | {marked} | {f1} | | | "
+                     f"{errors} | |")
     undirected = [r for r in records if r["tumour_tiles"] and not r["reference"]["directed"]]
     if undirected:
         lines.append(f"\nUndirected annotations reported as directed: {sum(r['directed'] for r in undirected)} of {len(undirected)}.")

@@ -289,8 +289,11 @@ def _train_extractor(net: HeadedVGG16, extractor_set: TileTable, validation_set:
     AUC of the classifier on ``validation_set``, patients stage 1 never saw) and the
     seconds this call trained.
     """
+    # every parameter but the whole-slide stage's, trained later on whole slides: the same
+    # group as before 1.5, so a checkpoint written then resumes
+    tile_parameters = [parameter for name, parameter in net.named_parameters() if not name.startswith("context.")]
     optimizer = torch.optim.SGD(
-        net.parameters(), lr=settings.learning_rate, momentum=0.9, nesterov=True, weight_decay=settings.weight_decay
+        tile_parameters, lr=settings.learning_rate, momentum=0.9, nesterov=True, weight_decay=settings.weight_decay
     )
     steps_per_epoch = math.ceil(len(extractor_set) / settings.batch_size)
     scheduler = torch.optim.lr_scheduler.OneCycleLR(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import csv
 import shutil
 import subprocess
 import sys
@@ -12,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pydicom
 import pytest
+from PIL import Image
 
 ROOT = Path(__file__).resolve().parent.parent
 DATA = ROOT / "tests" / "data"
@@ -99,3 +101,28 @@ def write_series(folder: Path, slices: int = 4, spacing: float = 2.5, series_uid
         ds.save_as(path)
         paths.append(path)
     return paths
+
+
+#: The IDC patient whose rebuilt slide is in tests/data (idc_slide_14082.jpg and .csv)
+SLIDE_PATIENT = "14082"
+
+
+@pytest.fixture(scope="session")
+def slide_table(tmp_path_factory, data_dir):
+    """The slide cut back into its 50 px tiles, with a labels table as the IDC set has it."""
+    folder = tmp_path_factory.mktemp("idc")
+    picture = np.asarray(Image.open(data_dir / f"idc_slide_{SLIDE_PATIENT}.jpg"))
+    with (data_dir / f"idc_slide_{SLIDE_PATIENT}.csv").open(newline="") as handle:
+        tiles = list(csv.DictReader(handle))
+    rows = []
+    for tile in tiles:
+        x, y, label = int(tile["x"]), int(tile["y"]), int(tile["label"])
+        path = f"images/{SLIDE_PATIENT}/{label}/{SLIDE_PATIENT}_idx5_x{x}_y{y}_class{label}.png"
+        (folder / path).parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(picture[y - 1 : y + 49, x - 1 : x + 49]).save(folder / path)
+        rows.append({"path": path, "patient_id": SLIDE_PATIENT, "x": x, "y": y, "label": label, "width": 50, "height": 50, "fold": 2})
+    with (folder / "labels.csv").open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    return folder / "labels.csv"

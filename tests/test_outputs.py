@@ -116,6 +116,11 @@ def test_a_ct_or_mr_input_is_flagged_as_outside_the_models_domain(analysed, key)
     warnings = [line for line in (folder.parent / "stderr.txt").read_text().splitlines() if "warning:" in line]
     groups = hd.sr.srread(folder / "sr.dcm").content.get_image_measurement_groups()
     coded = groups[0].get_qualitative_evaluations(name=CONCEPTS["input_domain"])
+    if key in ("wsi", "svs"):  # too coarse for the model's patches; skin on which the 13 layers disagree
+        words = {"wsi": "too coarse for the model", "svs": "13 layers disagree"}[key]
+        assert words in result["input"]["warning"] and len(warnings) == 1 and words in warnings[0]
+        assert len(coded) == 1
+        return
     if outside:
         assert "H&E-stained breast tissue" in result["input"]["warning"] and key.upper() in result["input"]["warning"]
         assert len(warnings) == 1 and warnings[0].startswith("dicom-heatmap: warning: ")
