@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import ctypes
 import gc
 import json
@@ -24,8 +25,7 @@ from pydicom.dataset import Dataset
 
 from dicom_heatmap._version import __version__
 from dicom_heatmap.errors import ConfigurationError, DicomHeatmapError, InputError, OutputError, checked_number, is_uid
-from dicom_heatmap.calibration import calibrate, slide_threshold
-from dicom_heatmap.context import PatchContext
+from dicom_heatmap.context import PatchContext, whole_slide_scores
 from dicom_heatmap.domain import DISAGREEMENT_LIMIT, layer_disagreement
 from dicom_heatmap.heatmap import Heatmap
 from dicom_heatmap.network import DEFAULT_FIELD_OF_VIEW_UM, DEFAULT_INPUT_SIZE
@@ -277,7 +277,7 @@ class AnalysisResult:
                     "organ or scanner?), so its scores are not findings")
         return None
 
-    @property
+    @functools.cached_property
     def layer_disagreement(self) -> float | None:
         """The domain check's statistic (:func:`dicom_heatmap.domain.layer_disagreement`) over
         the patches scored (the tiles where they were scored whole)."""
@@ -343,10 +343,9 @@ class AnalysisResult:
     def _whole_slide_dict(self) -> dict:
         if self.slide_threshold is None:
             return {"ran": False, "scores": "the tile model's own (raw_scores are the same)"}
-        refined = bool(self.tile_map.patches is not None and self.tile_map.patches.raw_scores is not None
-                       and self.refined_by_context)
-        return {"ran": True, "context": refined, "slide_threshold": round(self.slide_threshold, 6),
-                "scores": ("refined by the context network from each patch's neighbours, then " if refined else "")
+        return {"ran": True, "context": self.refined_by_context, "slide_threshold": round(self.slide_threshold, 6),
+                "scores": ("refined by the context network from each patch's neighbours, then "
+                           if self.refined_by_context else "")
                           + "calibrated so that the slide's own threshold reads 0.5; raw_scores are the tile model's"}
 
     def save(self, out_dir: str | Path, viewer_files: bool = True) -> Path:
@@ -705,14 +704,11 @@ def analyze_prepared(data: dict, scorer: TileScorer, settings: AnalysisSettings,
 
 
 def _whole_slide_stage(patches: Heatmap, context: PatchContext) -> tuple[Heatmap, float, bool]:
-    """The patch map refined by ``context`` (where the model has a trained one) and
-    calibrated to the slide's own threshold; that threshold; whether it was refined."""
-    scores = patches.scores[0]
-    refined = context.is_trained
-    if refined:
-        scores = context.refine(np.concatenate([scores[..., None], patches.layer_probabilities[0]], axis=-1))
-    threshold = slide_threshold(scores)
-    return patches.with_scores(calibrate(scores, threshold)[None]), threshold, refined
+    """The patch map after :func:`~dicom_heatmap.context.whole_slide_scores`; the slide's
+    threshold; whether the model's context stage refined it."""
+    probabilities = np.concatenate([patches.scores[0][..., None], patches.layer_probabilities[0]], axis=-1)
+    scores, threshold = whole_slide_scores(probabilities, context)
+    return patches.with_scores(scores[None]), threshold, context.is_trained
 
 
 def model_patch_side(meta: dict, scorer: TileScorer, slices: int = 1) -> tuple[float, float] | None:

@@ -20,24 +20,26 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["slide_threshold", "calibrate", "THRESHOLD_FLOOR", "THRESHOLD_CEILING"]
+__all__ = ["slide_threshold", "calibrate", "logit", "LOGIT_CLIP", "THRESHOLD_FLOOR", "THRESHOLD_CEILING"]
 
 #: Least per-slide threshold: calibration only ever raises the bar a raw score must pass
 THRESHOLD_FLOOR = 0.5
 #: Highest per-slide threshold
 THRESHOLD_CEILING = 0.9
-#: Log-odds are clipped to this magnitude before the threshold is sought
-_CLIP = 8.0
+#: Log-odds are clipped to this magnitude (a probability of 1 - 3e-4): scores of 1.0 in float32 are common
+LOGIT_CLIP = 8.0
 
 
-def _logit(p: np.ndarray) -> np.ndarray:
-    p = np.clip(p.astype(np.float64), 1e-12, 1 - 1e-12)
-    return np.clip(np.log(p) - np.log1p(-p), -_CLIP, _CLIP)
+def logit(p: np.ndarray, clip: float | None = LOGIT_CLIP) -> np.ndarray:
+    """Log-odds of probabilities (float64), clipped to +-``clip`` (None: not clipped)."""
+    p = np.clip(np.asarray(p, dtype=np.float64), 1e-12, 1 - 1e-12)
+    values = np.log(p) - np.log1p(-p)
+    return values if clip is None else np.clip(values, -clip, clip)
 
 
 def _otsu(values: np.ndarray, bins: int = 128) -> float:
     """The cut that maximises the between-group variance of ``values``."""
-    counts, edges = np.histogram(values, bins=bins, range=(-_CLIP, _CLIP))
+    counts, edges = np.histogram(values, bins=bins, range=(-LOGIT_CLIP, LOGIT_CLIP))
     centres = 0.5 * (edges[:-1] + edges[1:])
     weight_low = np.cumsum(counts)
     weight_high = weight_low[-1] - weight_low
@@ -66,7 +68,7 @@ def slide_threshold(scores: np.ndarray, floor: float = THRESHOLD_FLOOR, ceiling:
     values = values[np.isfinite(values)]
     if values.size < 2 or np.ptp(values) == 0:
         return floor
-    cut = 1.0 / (1.0 + np.exp(-_otsu(_logit(values))))
+    cut = 1.0 / (1.0 + np.exp(-_otsu(logit(values))))
     return float(min(max(cut, floor), ceiling))
 
 
@@ -76,5 +78,5 @@ def calibrate(scores: np.ndarray, threshold: float) -> np.ndarray:
     if not 0 < threshold < 1:
         raise ValueError(f"threshold must lie in (0, 1), got {threshold}")
     scores = np.asarray(scores)
-    shifted = _logit(np.nan_to_num(scores, nan=0.5)) - float(_logit(np.array(threshold)))
+    shifted = logit(np.nan_to_num(scores, nan=0.5)) - float(logit(threshold))
     return np.where(np.isfinite(scores), 1.0 / (1.0 + np.exp(-shifted)), np.nan).astype(np.float32)

@@ -6,13 +6,14 @@ low neighbours is more likely a false positive than a tumour one patch wide. Fol
 NCRF (Li & Ping, 2018: a conditional random field over neighbouring patches' features
 cleaned the tumour maps of Camelyon16), :class:`PatchContext` is a small convolutional
 network over the *patch map*: it reads, for every analysed patch, the fused score and
-the 13 layer probabilities of the patch and of its neighbours (two rings, 5 x 5
-patches), and returns a refined tumour probability.
+the 13 layer probabilities of the patch and of its neighbours (a 7 x 7-patch view), and
+returns a refined tumour probability. :func:`whole_slide_scores` then calibrates the slide to
+its own threshold (:mod:`dicom_heatmap.calibration`): what the analysis does with a patch map.
 
 Its input, per patch (``INPUT_CHANNELS``):
 
 * the log-odds of the fused score and of the 13 layer probabilities, clipped to
-  +-``LOGIT_CLIP`` and scaled by 1 / ``LOGIT_CLIP`` (scores of 1.0 in float32 are common);
+  +-``LOGIT_CLIP`` and scaled by 1 / ``LOGIT_CLIP``;
 * the fused log-odds less their median over the slide's analysed patches: where this
   slide's patches stand against each other, which survives the shift of scores from
   patient to patient;
@@ -30,10 +31,9 @@ import numpy as np
 import torch
 from torch import nn
 
-__all__ = ["PatchContext", "context_inputs", "INPUT_CHANNELS", "LOGIT_CLIP"]
+from dicom_heatmap.calibration import LOGIT_CLIP, calibrate, logit, slide_threshold
 
-#: Log-odds are clipped to this magnitude (a probability of 1 - 3e-4)
-LOGIT_CLIP = 8.0
+__all__ = ["PatchContext", "context_inputs", "whole_slide_scores", "INPUT_CHANNELS", "LOGIT_CLIP"]
 #: fused + 13 layer log-odds, the slide-centred fused log-odds, the analysed flag
 INPUT_CHANNELS = 16
 #: Width of the hidden layers
@@ -41,11 +41,6 @@ HIDDEN = 16
 #: Most the context may move a patch's log-odds, either way: a small tumour of confident
 #: patches among low neighbours is lowered, never erased (a prior, not a veto)
 MAX_CHANGE = 3.0
-
-
-def _logits(probabilities: np.ndarray) -> np.ndarray:
-    p = np.clip(np.nan_to_num(probabilities.astype(np.float64), nan=0.5), 1e-12, 1 - 1e-12)
-    return np.clip(np.log(p) - np.log1p(-p), -LOGIT_CLIP, LOGIT_CLIP)
 
 
 def context_inputs(probabilities: np.ndarray) -> torch.Tensor:
@@ -56,7 +51,7 @@ def context_inputs(probabilities: np.ndarray) -> torch.Tensor:
             of each patch, NaN where the patch was not analysed.
     """
     analysed = np.isfinite(probabilities[..., 0])
-    logits = _logits(probabilities)
+    logits = logit(np.nan_to_num(probabilities, nan=0.5))
     centred = logits[..., :1] - (np.median(logits[..., 0][analysed]) if analysed.any() else 0.0)
     channels = np.concatenate([logits, centred], axis=-1) / LOGIT_CLIP * analysed[..., None]
     channels = np.concatenate([channels, analysed[..., None].astype(np.float64)], axis=-1)
@@ -106,3 +101,16 @@ class PatchContext(nn.Module):
         logits = self(context_inputs(probabilities))[0, 0].double().numpy()
         refined = 1.0 / (1.0 + np.exp(-logits))
         return np.where(analysed, refined, np.nan).astype(np.float32)
+
+
+def whole_slide_scores(probabilities: np.ndarray, context: PatchContext | None) -> tuple[np.ndarray, float]:
+    """What the analysis makes of a patch map: the fused scores refined by ``context`` (where
+    it is given and trained), then calibrated to the slide's own threshold; and that threshold.
+
+    Args:
+        probabilities: (rows, cols, 14) fused score and layer probabilities, NaN on glass.
+        context: the model's context stage, or None for the raw scores.
+    """
+    scores = context.refine(probabilities) if context is not None and context.is_trained else probabilities[..., 0]
+    threshold = slide_threshold(scores)
+    return calibrate(scores, threshold), threshold

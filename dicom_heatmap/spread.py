@@ -61,6 +61,7 @@ from dataclasses import asdict, dataclass, field, replace
 
 import numpy as np
 
+from dicom_heatmap.calibration import LOGIT_CLIP, logit
 from dicom_heatmap.heatmap import Heatmap
 
 __all__ = ["SpreadSummary", "analyze_spread", "lesion_masks", "COMPASS", "direction_words"]
@@ -79,8 +80,6 @@ FOCUS_SIGMA = 2.0
 MIN_LESION_TILES = 2
 #: A lesion joins the dominant one in the summary when it holds this share of its confident mass
 JOIN_SHARE = 0.2
-#: Log-odds above the threshold count up to this much a tile in a lesion's confident mass
-LOGIT_CLIP = 8.0
 
 _PATIENT_WORDS = (("right", "left"), ("anterior", "posterior"), ("inferior", "superior"))  # -/+ along L, P, S
 _SLIDE_WORDS = (("left", "right"), ("up", "down"), ("", ""))  # slide x right, y down
@@ -350,34 +349,29 @@ def _confident_mass(values: np.ndarray, part: np.ndarray, threshold: float) -> f
     """How much confident tumour a lesion holds: the sum over its tiles of their log-odds
     above the threshold's (at most :data:`LOGIT_CLIP` a tile). A thin halo just over the
     threshold weighs little; a tile at 0.99 weighs as much as many at 0.55."""
-    p = np.clip(values[part], 1e-6, 1 - 1e-6)
-    t = min(max(threshold, 1e-6), 1 - 1e-6)
-    margin = np.log(p / (1 - p)) - math.log(t / (1 - t))
+    margin = logit(values[part], clip=None) - float(logit(threshold, clip=None))
     return float(np.clip(margin, 0.0, LOGIT_CLIP).sum())
 
 
-def _lesions(heatmap: Heatmap, threshold: float) -> tuple[np.ndarray, list[np.ndarray]]:
+def _lesions(heatmap: Heatmap, threshold: float) -> tuple[np.ndarray, list[np.ndarray], list[float]]:
     """The lesion tiles - the analysed tiles whose scores, smoothed by :data:`LESION_SIGMA`
     over the analysed tiles, reach ``threshold`` - and their connected parts of at least
-    :data:`MIN_LESION_TILES`, the dominant one (most confident tumour, see
-    :func:`_confident_mass`) first."""
+    :data:`MIN_LESION_TILES` with each one's confident mass (:func:`_confident_mass`), the
+    dominant one (most confident tumour) first."""
     analysed = heatmap.analysed
     values = np.nan_to_num(heatmap.scores.astype(np.float64), nan=0.0)
     mask = analysed & (_smooth(values, LESION_SIGMA, analysed.astype(np.float64)) >= threshold)
     parts = [part for part in _components(mask) if part.sum() >= MIN_LESION_TILES]
     masses = [_confident_mass(values, part, threshold) for part in parts]
     order = np.argsort([-m for m in masses], kind="stable")
-    return mask, [parts[i] for i in order]
+    return mask, [parts[i] for i in order], [masses[i] for i in order]
 
 
-def _main_lesions(heatmap: Heatmap, parts: list[np.ndarray], threshold: float) -> np.ndarray:
+def _main_lesions(parts: list[np.ndarray], masses: list[float]) -> np.ndarray:
     """The tiles the summary is read on: the dominant lesion and every other lesion holding
     at least :data:`JOIN_SHARE` of its confident mass; scattered false positives and small
     second regions are left to the lesion list."""
-    values = np.nan_to_num(heatmap.scores.astype(np.float64), nan=0.0)
-    masses = [_confident_mass(values, part, threshold) for part in parts]
-    main = [part for part, mass in zip(parts, masses) if mass >= JOIN_SHARE * masses[0]]
-    return np.logical_or.reduce(main)
+    return np.logical_or.reduce([part for part, mass in zip(parts, masses) if mass >= JOIN_SHARE * masses[0]])
 
 
 def lesion_masks(heatmap: Heatmap, threshold: float = 0.5) -> list[np.ndarray]:
@@ -464,7 +458,7 @@ def analyze_spread(heatmap: Heatmap, threshold: float = 0.5) -> SpreadSummary:
         return SpreadSummary(**summary)  # nothing analysed, or a flat field: nothing to report
 
     reading = _reading(heatmap)
-    lesion_mask, parts = _lesions(reading, threshold)
+    lesion_mask, parts, masses = _lesions(reading, threshold)
     # every lesion tile counts the same from here on: the scores' noise inside a lesion
     # would otherwise move the maximum about on the plateau of a large one
     lesion_scores = lesion_mask.astype(np.float64)
@@ -477,7 +471,7 @@ def analyze_spread(heatmap: Heatmap, threshold: float = 0.5) -> SpreadSummary:
     reading_measure = tile_measure if reading is heatmap else _tile_measure(reading)
     lesions = [_on_grid(heatmap, reading, _direction(reading, lesion_scores, part, focus_field, reading_measure))
                for part in parts]
-    main = _main_lesions(reading, parts, threshold)
+    main = _main_lesions(parts, masses)
     # the focus is sought on the main lesions alone: a false-positive patch elsewhere cannot take it
     whole = _on_grid(heatmap, reading,
                      _direction(reading, lesion_scores, main, _smooth(main.astype(np.float64), FOCUS_SIGMA), reading_measure))

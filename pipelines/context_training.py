@@ -23,22 +23,19 @@ patch maps are cached in ``OUT/maps/`` by model checksum, so a second run does n
 from __future__ import annotations
 
 import json
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
 from tqdm import tqdm
 
-from dicom_heatmap.calibration import calibrate, slide_threshold
-from dicom_heatmap.context import LOGIT_CLIP, PatchContext, context_inputs
+from dicom_heatmap.context import LOGIT_CLIP, PatchContext, context_inputs, whole_slide_scores
 from dicom_heatmap.scorer import TileScorer
-from pipelines.slides import lattice_settings, rebuild_slide
+from pipelines.slides import analyze_picture, lattice_settings, map_record, rebuild_slide
 
-__all__ = ["SlideMap", "slide_map", "cached_slide_maps", "model_unseen_patients", "fit_context", "leave_slides_out", "whole_slide_scores",
+__all__ = ["SlideMap", "slide_map", "cached_slide_maps", "model_unseen_patients", "fit_context", "leave_slides_out",
            "format_report", "train_context", "CONTEXT_EPOCHS"]
 
 
@@ -67,13 +64,8 @@ class SlideMap:
 def slide_map(labels_csv: str | Path, patient: str, scorer: TileScorer, rows: list[dict] | None = None) -> SlideMap:
     """Rebuild ``patient``'s slide and score it through :func:`dicom_heatmap.api.analyze`
     (50 px patches on the IDC lattice, the context stage off)."""
-    from dicom_heatmap.api import analyze
-
     slide = rebuild_slide(labels_csv, patient, rows=rows)
-    with tempfile.TemporaryDirectory(prefix="dicom-heatmap-context-") as temporary:
-        path = Path(temporary) / f"{patient}.png"
-        Image.fromarray(slide.picture).save(path)
-        result = analyze(path, scorer, lattice_settings(context=False), progress=False)
+    result = analyze_picture(slide.picture, scorer, lattice_settings(context=False))
     patches = result.tile_map.patches if result.tile_map.patches is not None else result.tile_map
     probabilities = np.concatenate([patches.scores[0][..., None], patches.layer_probabilities[0]], axis=-1)
     if probabilities.shape[:2] != slide.labels.shape:
@@ -180,21 +172,6 @@ def fit_context(maps: list[SlideMap], epochs: int = CONTEXT_EPOCHS, seed: int = 
 REPORT_GROUPS = 4
 
 
-def _refined_record(slide: SlideMap, scores: np.ndarray, threshold: float = 0.5) -> dict:
-    from dicom_heatmap.spread import analyze_spread
-    from pipelines.slides import map_comparison, map_heatmap
-
-    return map_comparison(slide.patient, slide.labels, scores, analyze_spread(map_heatmap(scores), threshold))
-
-
-def whole_slide_scores(slide: SlideMap, context: PatchContext | None) -> tuple[np.ndarray, float]:
-    """What the analysis makes of a patch map: refined by ``context`` (None: raw), then
-    calibrated to the slide's own threshold; and that threshold."""
-    scores = context.refine(slide.probabilities) if context is not None else slide.probabilities[..., 0]
-    threshold = slide_threshold(scores)
-    return calibrate(scores, threshold), threshold
-
-
 def leave_slides_out(maps: list[SlideMap], epochs: int = CONTEXT_EPOCHS, groups: int = REPORT_GROUPS,
                      progress: bool = True) -> list[dict]:
     """Each slide's record (see :func:`pipelines.slides.map_comparison`) with the context stage
@@ -207,10 +184,10 @@ def leave_slides_out(maps: list[SlideMap], epochs: int = CONTEXT_EPOCHS, groups:
         for index, slide in enumerate(maps):
             if index % groups != group:
                 continue
-            scores, threshold = whole_slide_scores(slide, context)
-            record = _refined_record(slide, scores)
+            scores, threshold = whole_slide_scores(slide.probabilities, context)
+            record = map_record(slide.patient, slide.labels, scores)
             record["slide_threshold"] = threshold
-            record["raw"] = _refined_record(slide, slide.probabilities[..., 0])
+            record["raw"] = map_record(slide.patient, slide.labels, slide.probabilities[..., 0])
             records[index] = record
     return records
 

@@ -153,10 +153,7 @@ def evaluate_mosaics(labels_csv: str | Path, patients: list[str], scorer, count:
         one record a mosaic, as :func:`pipelines.slides.evaluate_slides` gives for a slide
         (``patient`` holds the mosaic's name).
     """
-    import tempfile
-
-    from dicom_heatmap.api import analyze
-    from pipelines.slides import TILE, RebuiltSlide, comparison_record, draw_slide, lattice_settings
+    from pipelines.slides import TILE, RebuiltSlide, analyze_picture, comparison_record, draw_slide, lattice_settings
 
     folder = Path(out_dir) / "mosaics" if out_dir is not None else None
     if folder is not None:
@@ -164,17 +161,14 @@ def evaluate_mosaics(labels_csv: str | Path, patients: list[str], scorer, count:
     settings = lattice_settings(threshold)
     rows = mosaic_rows(labels_csv, patients, TILE)
     records = []
-    with tempfile.TemporaryDirectory(prefix="dicom-heatmap-mosaic-") as temporary:
-        for seed, (name, layout) in enumerate(mosaic_layouts(count)):
-            picture, _ = paste_mosaic(rows, Path(labels_csv).parent, layout, TILE, seed)
-            path = Path(temporary) / f"{name}.png"
-            Image.fromarray(picture).save(path)
-            result = analyze(path, scorer, settings, progress=False)
-            mosaic = RebuiltSlide(name, picture, layout.astype(np.int8))
-            record = comparison_record(mosaic, result)
-            records.append(record)
-            if folder is not None:
-                draw_slide(mosaic, result.heatmap, record, folder / f"{name}.png", title=f"mosaic {name}")
+    for seed, (name, layout) in enumerate(mosaic_layouts(count)):
+        picture, _ = paste_mosaic(rows, Path(labels_csv).parent, layout, TILE, seed)
+        result = analyze_picture(picture, scorer, settings)
+        mosaic = RebuiltSlide(name, picture, layout.astype(np.int8))
+        record = comparison_record(mosaic, result)
+        records.append(record)
+        if folder is not None:
+            draw_slide(mosaic, result.heatmap, record, folder / f"{name}.png", title=f"mosaic {name}")
     return records
 
 

@@ -39,7 +39,7 @@ from dicom_heatmap.spread import MIN_DIRECTEDNESS, analyze_spread
 from pipelines.metrics import roc_auc
 from transforms.grid import TileGrid
 
-__all__ = ["RebuiltSlide", "comparison_record", "lattice_settings", "whole_patients", "chosen_whole_patients", "rebuild_slide", "reference_direction", "angle_error", "evaluate_slides", "map_comparison", "map_heatmap",
+__all__ = ["RebuiltSlide", "comparison_record", "lattice_settings", "whole_patients", "chosen_whole_patients", "rebuild_slide", "reference_direction", "angle_error", "evaluate_slides", "map_comparison", "map_heatmap", "map_record", "analyze_picture",
            "draw_slide", "write_slide_outputs",
            "format_slide_table", "MIN_WHOLE_TILES", "REFERENCE_SIGMA"]
 
@@ -238,6 +238,15 @@ def draw_slide(slide: RebuiltSlide, scores: np.ndarray, record: dict, path: str 
     canvas.save(path)
 
 
+def analyze_picture(picture: np.ndarray, scorer: TileScorer, settings: AnalysisSettings, progress: bool = False):
+    """:func:`~dicom_heatmap.api.analyze` of an RGB picture held in memory (a rebuilt slide, a
+    mosaic): written to a temporary PNG, so that it takes the path users' pictures take."""
+    with tempfile.TemporaryDirectory(prefix="dicom-heatmap-picture-") as temporary:
+        path = Path(temporary) / "picture.png"
+        Image.fromarray(picture).save(path)
+        return analyze(path, scorer, settings, progress=progress)
+
+
 def evaluate_slides(labels_csv: str | Path, patients: list[str], scorer: TileScorer, out_dir: str | Path | None = None,
                     root: str | Path | None = None, threshold: float = 0.5, progress: bool = True) -> list[dict]:
     """Rebuild each patient's slide, analyse it with 50 px grid tiles and compare with the annotation.
@@ -264,10 +273,7 @@ def evaluate_slides(labels_csv: str | Path, patients: list[str], scorer: TileSco
     rows = _read_rows(Path(labels_csv))
     for patient in patients:
         slide = rebuild_slide(labels_csv, patient, root, rows)
-        with tempfile.TemporaryDirectory(prefix="dicom-heatmap-slide-") as temporary:
-            path = Path(temporary) / f"{patient}.png"
-            Image.fromarray(slide.picture).save(path)
-            result = analyze(path, scorer, settings, progress=progress)
+        result = analyze_picture(slide.picture, scorer, settings, progress)
         record = comparison_record(slide, result)
         records.append(record)
         if folder is not None:
@@ -280,12 +286,16 @@ def comparison_record(slide: RebuiltSlide, result) -> dict:
     :func:`map_comparison`); ``raw`` holds the same for the tile model's own scores where
     the whole-slide stage changed them."""
     record = map_comparison(slide.patient, slide.labels, result.heatmap, result.spread)
-    raw_scores = result.raw_patch_scores
-    if raw_scores is not None and result.slide_threshold is not None:
-        raw = analyze_spread(map_heatmap(raw_scores), result.spread.threshold)
-        record["raw"] = map_comparison(slide.patient, slide.labels, raw_scores, raw)
+    if result.slide_threshold is not None:  # the whole-slide stage ran
+        record["raw"] = map_record(slide.patient, slide.labels, result.raw_patch_scores, result.spread.threshold)
     record["slide_threshold"] = result.slide_threshold
     return record
+
+
+def map_record(patient: str, labels: np.ndarray, scores: np.ndarray, threshold: float = 0.5) -> dict:
+    """:func:`map_comparison` of a bare patch map on the IDC lattice, its spread read as
+    :func:`~dicom_heatmap.api.analyze` reads it (at ``threshold``)."""
+    return map_comparison(patient, labels, scores, analyze_spread(map_heatmap(scores), threshold))
 
 
 def map_comparison(patient: str, labels: np.ndarray, scores: np.ndarray, spread) -> dict:
@@ -328,14 +338,14 @@ def map_comparison(patient: str, labels: np.ndarray, scores: np.ndarray, spread)
     }
 
 
-def map_heatmap(scores: np.ndarray, layer_probabilities: np.ndarray | None = None) -> Heatmap:
+def map_heatmap(scores: np.ndarray) -> Heatmap:
     """A :class:`~dicom_heatmap.heatmap.Heatmap` of a patch map on the IDC lattice (50 px
     patches at 4 um), so that the spread analysis reads it as :func:`~dicom_heatmap.api.analyze` does."""
     rows, cols = scores.shape
     analysed = np.isfinite(scores)[None]
     grid = TileGrid(np.arange(rows + 1) * TILE, np.arange(cols + 1) * TILE, 1, analysed.astype(np.float64), analysed)
     numbers = np.flatnonzero(analysed.ravel()) + 1
-    layers = (layer_probabilities if layer_probabilities is not None else np.zeros((rows, cols, 13)))
+    layers = np.zeros((rows, cols, 13))  # the spread reads the scores only
     spacing_mm = TILE_UM / TILE / 1000.0
     affine = np.diag([1.0, spacing_mm, spacing_mm, 1.0])
     return Heatmap.assemble(grid, numbers, scores[analysed[0]], layers[analysed[0]], affine, "SLIDE", (rows * TILE, cols * TILE))
@@ -357,7 +367,7 @@ def format_slide_table(records: list[dict], name: str = "patient") -> str:
         records: from :func:`evaluate_slides` (or :func:`pipelines.mosaic.evaluate_mosaics`).
         name: the first column's title.
     """
-    def both(record: dict, key: str, format_value) -> str:
+    def both(record: dict, format_value) -> str:
         value = format_value(record)
         return f"{value} ({format_value(record['raw'])})" if "raw" in record else value
 
@@ -378,10 +388,10 @@ def format_slide_table(records: list[dict], name: str = "patient") -> str:
         else:
             reference = f"{ref['angle_deg']:.0f} deg ({ref['directedness']:.2f})" + ("" if ref["directed"] else ", undirected")
         lines.append(f"| {r['patient']} | {r['tiles']} | {r['tumour_tiles']} | {r['analysed_share']:.2f} | "
-                     f"{both(r, 'tile_auc', lambda x: _number(x['tile_auc'], 3))} | "
-                     f"{both(r, 'non_idc_marked', lambda x: _number(x['non_idc_marked'], 2))} | "
-                     f"{both(r, 'extent_f1', lambda x: _number(x['extent_f1'], 2))} | {reference} | "
-                     f"{both(r, 'reported', reported)} | {both(r, 'error', error)} | "
+                     f"{both(r, lambda x: _number(x['tile_auc'], 3))} | "
+                     f"{both(r, lambda x: _number(x['non_idc_marked'], 2))} | "
+                     f"{both(r, lambda x: _number(x['extent_f1'], 2))} | {reference} | "
+                     f"{both(r, reported)} | {both(r, error)} | "
                      f"{_number(r['focus_distance_tiles'], 1)} |")
 
     def medians(chosen: list[dict]) -> tuple[str, ...]:
