@@ -9,7 +9,8 @@ Research software, not for diagnostic use.
 """
 
 from dicom_heatmap._version import __version__
-from dicom_heatmap.api import AnalysisResult, AnalysisSettings, analyze
+from dicom_heatmap.api import AnalysisSettings, analyze
+from dicom_heatmap.result import AnalysisResult
 from dicom_heatmap.errors import DicomHeatmapError
 from dicom_heatmap.scorer import TileScorer
 

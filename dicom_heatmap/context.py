@@ -20,7 +20,7 @@ Its input, per patch (``INPUT_CHANNELS``):
 * 1 where the patch was analysed, 0 on glass (the other channels are 0 there, so glass
   neither raises nor lowers a neighbour).
 
-It is trained by ``dicom-heatmap train-context`` (:mod:`pipelines.context_training`) on
+It is trained by ``dicom-heatmap train-context`` (:mod:`pipelines.training.context_stage`) on
 whole slides scored by models that never saw their patients, and stored in the model file
 (keys ``context.*``); a model file without them has no context stage.
 """

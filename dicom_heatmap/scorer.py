@@ -108,11 +108,11 @@ class TileScorer:
     def __init__(self, network: HeadedVGG16, checksum: str, batch_size: int = 32, precision: str = "auto",
                  device: str | torch.device | None = None, backend: str = "auto") -> None:
         if batch_size < 1:
-            raise ValueError(f"batch_size must be positive, got {batch_size}")
+            raise ConfigurationError(f"batch_size must be positive, got {batch_size}")
         if precision not in PRECISIONS:
-            raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+            raise ConfigurationError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
         if backend not in BACKENDS:
-            raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
+            raise ConfigurationError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
         self.device = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self.precision = fast_precision(self.device) if precision == "auto" else precision
         if backend == "auto":

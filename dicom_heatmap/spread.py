@@ -11,11 +11,11 @@ region is zero), and a uniformly scored lesion of any shape has flows only on it
 boundary. What a reader means by "it spreads to the right" is an asymmetry of the
 lesion about its focus. So:
 
-* lesions - the scores are first smoothed by a Gaussian of :data:`LESION_SIGMA` tiles
-  over the analysed tiles (a normalised convolution: tiles not analysed neither lower
-  nor raise their neighbours); the analysed tiles whose smoothed score is at or above
-  the threshold, split into connected parts of at least :data:`MIN_LESION_TILES`
-  tiles, are the lesions. The smoothing is what keeps an isolated high tile or a bridge
+* lesions (:mod:`dicom_heatmap.lesions`) - the scores are first smoothed by a Gaussian of
+  :data:`~dicom_heatmap.lesions.LESION_SIGMA` tiles over the analysed tiles (a normalised
+  convolution: tiles not analysed neither lower nor raise their neighbours); the analysed
+  tiles whose smoothed score is at or above the threshold, split into connected parts of
+  at least :data:`~dicom_heatmap.lesions.MIN_LESION_TILES` tiles, are the lesions. The smoothing is what keeps an isolated high tile or a bridge
   one tile wide from joining or steering a lesion: alone among low neighbours it falls
   under the threshold, while a lesion two tiles thick stays. The dominant lesion (the
   most confident tumour, below) comes first;
@@ -42,9 +42,9 @@ its patches; its area is in mm^2 either way. The flow field and the extent stay 
 grid's tiles.
 
 The summary reads the main lesions: the dominant one - the most confident tumour, the sum
-of its tiles' log-odds above the threshold's (:func:`_confident_mass`), so a thin halo just
+of its tiles' log-odds above the threshold's (:func:`~dicom_heatmap.lesions.confident_mass`), so a thin halo just
 over the threshold weighs little - joined by every other lesion holding at least
-:data:`JOIN_SHARE` of that mass. Scattered false-positive regions and small second regions
+:data:`~dicom_heatmap.lesions.JOIN_SHARE` of that mass. Scattered false-positive regions and small second regions
 take neither the focus nor the direction; ``lesions`` repeats focus, direction,
 directedness, extent and reach for each lesion alone, the dominant one first.
 
@@ -57,14 +57,14 @@ from __future__ import annotations
 
 import itertools
 import math
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-from dicom_heatmap.calibration import LOGIT_CLIP, logit
 from dicom_heatmap.heatmap import Heatmap
+from dicom_heatmap.lesions import find_lesions, main_lesions, reading_map, smooth
 
-__all__ = ["SpreadSummary", "analyze_spread", "lesion_masks", "COMPASS", "direction_words"]
+__all__ = ["SpreadSummary", "analyze_spread", "COMPASS", "direction_words", "MIN_DIRECTEDNESS"]
 
 #: The 8 bins of the in-plane flow histogram, counter-clockwise from "right" on screen.
 COMPASS = ("right", "up-right", "up", "up-left", "left", "down-left", "down", "down-right")
@@ -72,14 +72,8 @@ COMPASS = ("right", "up-right", "up", "up-left", "left", "down-left", "down", "d
 MIN_DIRECTEDNESS = 0.2
 #: Value differences below this are not flows (score noise).
 MIN_DIFFERENCE = 1e-3
-#: Gaussian (in tiles) smoothing the scores before the lesions are taken.
-LESION_SIGMA = 1.0
 #: Gaussian (in tiles) smoothing the lesion mask before its maximum, the focus, is taken.
 FOCUS_SIGMA = 2.0
-#: Fewest tiles of a lesion.
-MIN_LESION_TILES = 2
-#: A lesion joins the dominant one in the summary when it holds this share of its confident mass
-JOIN_SHARE = 0.2
 
 _PATIENT_WORDS = (("right", "left"), ("anterior", "posterior"), ("inferior", "superior"))  # -/+ along L, P, S
 _SLIDE_WORDS = (("left", "right"), ("up", "down"), ("", ""))  # slide x right, y down
@@ -205,51 +199,6 @@ def flow_field(scores: np.ndarray) -> tuple[np.ndarray, list[tuple[np.ndarray, n
     return field, pairs
 
 
-def _smooth(values: np.ndarray, sigma: float, weights: np.ndarray | None = None) -> np.ndarray:
-    """Gaussian smoothing (``sigma`` in tiles) along every axis longer than one tile.
-
-    Without ``weights`` the field is padded with zeros (what lies outside counts as no
-    tumour); with them it is a normalised convolution, the weighted mean of the
-    neighbourhood, so that tiles not analysed neither lower nor raise their neighbours.
-    """
-    radius = max(1, int(math.ceil(3 * sigma)))
-    kernel = np.exp(-0.5 * (np.arange(-radius, radius + 1) / sigma) ** 2)
-    kernel /= kernel.sum()
-
-    def convolve(field: np.ndarray) -> np.ndarray:
-        for axis, size in enumerate(field.shape):
-            if size > 1:
-                field = np.apply_along_axis(lambda v: np.convolve(v, kernel)[radius : radius + size], axis, field)
-        return field
-
-    if weights is None:
-        return convolve(values.astype(np.float64))
-    total, norm = convolve(values * weights), convolve(weights.astype(np.float64))
-    return np.where(norm > 1e-12, total / np.maximum(norm, 1e-12), 0.0)
-
-
-def _components(mask: np.ndarray) -> list[np.ndarray]:
-    """Connected parts of ``mask`` (26-connectivity; 8 within a slice), each as a mask."""
-    seen = np.zeros_like(mask)
-    steps = [o for o in itertools.product((-1, 0, 1), repeat=3) if any(o)]
-    parts = []
-    for seed in map(tuple, np.argwhere(mask)):
-        if seen[seed]:
-            continue
-        part = np.zeros_like(mask)
-        stack = [seed]
-        part[seed] = seen[seed] = True
-        while stack:
-            s, r, c = stack.pop()
-            for ds, dr, dc in steps:
-                n = (s + ds, r + dr, c + dc)
-                if all(0 <= v < size for v, size in zip(n, mask.shape)) and mask[n] and not seen[n]:
-                    part[n] = seen[n] = True
-                    stack.append(n)
-        parts.append(part)
-    return parts
-
-
 def _peak(field: np.ndarray, within: np.ndarray) -> tuple[int, int, int]:
     """The tile of ``within`` where ``field`` is largest; among equal maxima, the one
     nearest their centroid."""
@@ -291,7 +240,7 @@ def _refine(field: np.ndarray, peak: tuple[int, int, int]) -> np.ndarray:
     return position
 
 
-def _direction(heatmap: Heatmap, scores: np.ndarray, tiles: np.ndarray, focus_field: np.ndarray, tile_measure: float) -> dict:
+def _lesion_geometry(heatmap: Heatmap, scores: np.ndarray, tiles: np.ndarray, focus_field: np.ndarray, tile_measure: float) -> dict:
     """Focus, direction, directedness, reach, area (``tile_measure`` a tile) and ellipsoid
     of a set of lesion tiles.
 
@@ -345,66 +294,7 @@ def _tile_measure(heatmap: Heatmap) -> float:
     return in_plane_area * (heatmap.tile_spacing[0] if heatmap.scores.shape[0] > 1 else 1.0)
 
 
-def _confident_mass(values: np.ndarray, part: np.ndarray, threshold: float) -> float:
-    """How much confident tumour a lesion holds: the sum over its tiles of their log-odds
-    above the threshold's (at most :data:`LOGIT_CLIP` a tile). A thin halo just over the
-    threshold weighs little; a tile at 0.99 weighs as much as many at 0.55."""
-    margin = logit(values[part], clip=None) - float(logit(threshold, clip=None))
-    return float(np.clip(margin, 0.0, LOGIT_CLIP).sum())
-
-
-def _lesions(heatmap: Heatmap, threshold: float) -> tuple[np.ndarray, list[np.ndarray], list[float]]:
-    """The lesion tiles - the analysed tiles whose scores, smoothed by :data:`LESION_SIGMA`
-    over the analysed tiles, reach ``threshold`` - and their connected parts of at least
-    :data:`MIN_LESION_TILES` with each one's confident mass (:func:`_confident_mass`), the
-    dominant one (most confident tumour) first."""
-    analysed = heatmap.analysed
-    values = np.nan_to_num(heatmap.scores.astype(np.float64), nan=0.0)
-    mask = analysed & (_smooth(values, LESION_SIGMA, analysed.astype(np.float64)) >= threshold)
-    parts = [part for part in _components(mask) if part.sum() >= MIN_LESION_TILES]
-    masses = [_confident_mass(values, part, threshold) for part in parts]
-    order = np.argsort([-m for m in masses], kind="stable")
-    return mask, [parts[i] for i in order], [masses[i] for i in order]
-
-
-def _main_lesions(parts: list[np.ndarray], masses: list[float]) -> np.ndarray:
-    """The tiles the summary is read on: the dominant lesion and every other lesion holding
-    at least :data:`JOIN_SHARE` of its confident mass; scattered false positives and small
-    second regions are left to the lesion list."""
-    return np.logical_or.reduce([part for part, mass in zip(parts, masses) if mass >= JOIN_SHARE * masses[0]])
-
-
-def lesion_masks(heatmap: Heatmap, threshold: float = 0.5) -> list[np.ndarray]:
-    """Boolean (slices, rows, cols) tile mask of each lesion, the dominant one first: the
-    lesions :func:`analyze_spread` reports, for the segmentation and outline outputs.
-
-    Where the lesions were read on the model's patches, a tile belongs to a lesion when at
-    least half of the scored patch pixels it holds do; a lesion that fills no tile so is left out.
-    """
-    parts = _lesions(_reading(heatmap), threshold)[1]
-    if heatmap.patches is None:
-        return parts
-    rows, cols = heatmap.grid.overlaps(heatmap.patches.grid)
-    scored = heatmap.patches.analysed.astype(np.float64)
-    held = np.einsum("ri,sij,cj->src", rows, scored, cols)
-    masks = [heatmap.analysed & (np.einsum("ri,sij,cj->src", rows, part * scored, cols) >= 0.5 * np.maximum(held, 1e-9))
-             for part in parts]
-    return [mask for mask in masks if mask.any()]
-
-
-def _reading(heatmap: Heatmap) -> Heatmap:
-    """The map the lesions are read on: the model's patches where the tiles were pooled from
-    them (the same whatever grid was asked for), else the tiles; and on the tile model's own
-    patch scores where the whole-slide stage changed them. The refined map is tighter and
-    marks less stroma (the extent counts it), but on the development slides left out it
-    turned or lost more directions than the raw one (docs/model_card.md)."""
-    if heatmap.patches is None:
-        return heatmap
-    patches = heatmap.patches
-    return patches if patches.raw_scores is None else replace(patches, scores=patches.raw_scores, raw_scores=None)
-
-
-def _on_grid(heatmap: Heatmap, reading: Heatmap, found: dict) -> dict:
+def _in_grid_tiles(heatmap: Heatmap, reading: Heatmap, found: dict) -> dict:
     """A lesion read on ``reading`` told in ``heatmap``'s tiles: the focus tile is the tile
     holding the focus patch's centre, and the image direction is in tile-index axes."""
     if reading is heatmap:
@@ -457,24 +347,24 @@ def analyze_spread(heatmap: Heatmap, threshold: float = 0.5) -> SpreadSummary:
     if not analysed.any() or flow_count == 0:
         return SpreadSummary(**summary)  # nothing analysed, or a flat field: nothing to report
 
-    reading = _reading(heatmap)
-    lesion_mask, parts, masses = _lesions(reading, threshold)
+    reading = reading_map(heatmap)
+    lesion_mask, parts, masses = find_lesions(reading, threshold)
     # every lesion tile counts the same from here on: the scores' noise inside a lesion
     # would otherwise move the maximum about on the plateau of a large one
     lesion_scores = lesion_mask.astype(np.float64)
-    focus_field = _smooth(lesion_scores, FOCUS_SIGMA)
+    focus_field = smooth(lesion_scores, FOCUS_SIGMA)
     if not parts:  # no lesion: the focus is where the scores are highest, smoothed the same way
-        focus = _peak(_smooth(values, FOCUS_SIGMA), analysed)
+        focus = _peak(smooth(values, FOCUS_SIGMA), analysed)
         summary.update(focus_tile=int(heatmap.grid.number(*focus)), focus_index=list(focus),
                        focus_position=[round(float(v), 3) for v in heatmap.centre(focus)])
         return SpreadSummary(**summary)
     reading_measure = tile_measure if reading is heatmap else _tile_measure(reading)
-    lesions = [_on_grid(heatmap, reading, _direction(reading, lesion_scores, part, focus_field, reading_measure))
+    lesions = [_in_grid_tiles(heatmap, reading, _lesion_geometry(reading, lesion_scores, part, focus_field, reading_measure))
                for part in parts]
-    main = _main_lesions(parts, masses)
+    main = main_lesions(parts, masses)
     # the focus is sought on the main lesions alone: a false-positive patch elsewhere cannot take it
-    whole = _on_grid(heatmap, reading,
-                     _direction(reading, lesion_scores, main, _smooth(main.astype(np.float64), FOCUS_SIGMA), reading_measure))
+    whole = _in_grid_tiles(heatmap, reading,
+                     _lesion_geometry(reading, lesion_scores, main, smooth(main.astype(np.float64), FOCUS_SIGMA), reading_measure))
     summary.update(
         {key: whole[key] for key in ("focus_tile", "focus_index", "focus_position", "directed", "directedness",
                                      "direction_image", "angle_deg", "direction_frame", "words", "reach")},

@@ -14,9 +14,10 @@ from monai.data import Dataset
 from dicom_heatmap.api import AnalysisSettings, analyze_prepared, project_errors
 from dicom_heatmap.inferer import TileGridInferer
 from dicom_heatmap.scorer import TileScorer
-from pipelines.evaluate import run_evaluation
-from pipelines.tile_data import TileTable
-from pipelines.train import TrainSettings, train
+from pipelines.evaluation.evaluate import run_evaluation
+from pipelines.training.tile_data import TileTable
+from pipelines.training.plan import TrainSettings
+from pipelines.training.train import train
 
 __all__ = ["HeatmapWorkflow", "TrainWorkflow", "EvaluateWorkflow", "refuse_unknown_overrides"]
 
@@ -116,7 +117,7 @@ class HeatmapWorkflow:
 
 
 class TrainWorkflow:
-    """The training bundle's ``trainer``: the three stages of :func:`pipelines.train.train`.
+    """The training bundle's ``trainer``: the three stages of :func:`pipelines.training.train.train`.
 
     The tiles of ``table`` are split by patient fold as ``settings`` says; ``train#inferer``
     of the config (MONAI's SimpleInferer) is there for the bundle's property check only:
@@ -125,7 +126,7 @@ class TrainWorkflow:
     Args:
         table: the labelled tiles (``train#dataset``).
         output_dir: checkpoints, ``model.pt`` and ``training.json`` go here.
-        settings: a :class:`pipelines.train.TrainSettings`.
+        settings: a :class:`pipelines.training.plan.TrainSettings`.
         max_epochs: stage-1 epochs (replaces ``settings.epochs``).
     """
 
@@ -142,7 +143,7 @@ class TrainWorkflow:
 
 class EvaluateWorkflow:
     """The evaluation bundle's ``evaluator``: what ``dicom-heatmap evaluate`` runs
-    (:func:`pipelines.evaluate.run_evaluation`): metrics and ROC plot of a model on labelled
+    (:func:`pipelines.evaluation.evaluate.run_evaluation`): metrics and ROC plot of a model on labelled
     tiles; with ``slides``, the whole-slide table; with ``mosaics``, the mosaic table.
 
     Args:

@@ -22,6 +22,10 @@ import traceback
 from pathlib import Path
 
 from dicom_heatmap.errors import EXIT_CODE, DicomHeatmapError
+from dicom_heatmap.runtime import BACKENDS
+from dicom_heatmap.scorer import PRECISIONS
+from pipelines.pacs.ledger import STATES
+from transforms.io.guards import DEFAULT_MAX_VALUES
 
 __all__ = ["main", "build_parser"]
 
@@ -62,10 +66,10 @@ def _add_analysis_options(parser: argparse.ArgumentParser) -> None:
     pre.add_argument("--zoom", type=float, default=1.0, help="resampling factor (default 1)")
     pre.add_argument("--rotate", type=float, default=0.0, metavar="DEG", help="counter-clockwise rotation in degrees")
     parser.add_argument("--model", type=Path, help="model file (default: the shipped models/model.pt)")
-    parser.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"], default="auto",
+    parser.add_argument("--precision", choices=PRECISIONS, default="auto",
                         help="precision of the conv layers: auto = bf16 on CPUs with bf16 instructions, fp16 on a GPU, "
                              "else fp32 (the reference); it enters the output UIDs")
-    parser.add_argument("--backend", choices=["auto", "torch", "openvino"], default="auto",
+    parser.add_argument("--backend", choices=BACKENDS, default="auto",
                         help="runtime of the conv layers: auto = OpenVINO for bf16 on a CPU, torch otherwise; "
                              "it enters the output UIDs")
     parser.add_argument("--tissue-threshold", type=float, default=0.25, help="least tissue share of an analysed tile (default 0.25)")
@@ -80,8 +84,9 @@ def _add_analysis_options(parser: argparse.ArgumentParser) -> None:
                                                                "levels over 64 megapixels are streamed tile by tile)")
     parser.add_argument("--pixel-size-um", type=float, metavar="UM",
                         help="pixel size of a PNG/JPEG picture in micrometres (a picture cannot say it)")
-    parser.add_argument("--max-megavalues", type=_positive, default=512, metavar="M",
-                        help="refuse inputs that would decode to more than M million pixel values (default 512)")
+    parser.add_argument("--max-megavalues", type=_positive, default=DEFAULT_MAX_VALUES / 1e6, metavar="M",
+                        help=f"refuse inputs that would decode to more than M million pixel values "
+                             f"(default {DEFAULT_MAX_VALUES / 1e6:g})")
 
 
 class _OneLineParser(argparse.ArgumentParser):
@@ -91,11 +96,8 @@ class _OneLineParser(argparse.ArgumentParser):
         self.exit(EXIT_CODE, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = _OneLineParser(prog="dicom-heatmap", description="Tile-wise tumour heatmaps and spread direction, written back as DICOM. Research use only, not for diagnosis.")
-    parser.add_argument("--debug", action="store_true", help="show tracebacks of unexpected failures")
-    commands = parser.add_subparsers(dest="command", required=True)
-
+def _add_analyze(commands) -> None:
+    """``analyze``: the product's main command."""
     analyze = commands.add_parser("analyze", help="analyse DICOM series/images, whole-slide images, slides or pictures")
     analyze.add_argument("inputs", nargs="+", type=Path, metavar="INPUT", help="DICOM folder or file, SVS/TIFF slide, PNG/JPEG")
     analyze.add_argument("--out", type=Path, required=True, help="output folder (one subfolder per input)")
@@ -104,13 +106,19 @@ def build_parser() -> argparse.ArgumentParser:
                          help="write no scores.nii.gz / seg.dcm (CT, MR) or heatmap.geojson (slides, pictures)")
     _add_analysis_options(analyze)
 
+
+def _add_demo(commands) -> None:
+    """``demo``: the embedded samples."""
     demo = commands.add_parser("demo", help="analyse the sample data shipped in the repository")
     demo.add_argument("--out", type=Path, default=Path("demo-output"))
 
+
+def _add_train(commands) -> None:
+    """``train``: the method's three stages (the model lab)."""
     train = commands.add_parser("train", help="train the model in the method's three stages")
     train.add_argument("--data", type=Path, required=True, help="labels.csv (columns path, patient_id, label, fold)")
     train.add_argument("--out", type=Path, required=True, help="folder for checkpoints and the model")
-    # the plan's defaults live in one place, pipelines.train.TrainSettings: an option not given is not passed
+    # the plan's defaults live in one place, pipelines.training.plan.TrainSettings: an option not given is not passed
     plan_default = argparse.SUPPRESS
     train.add_argument("--epochs", type=int, default=plan_default, help="stage-1 epochs (default: the shipped model's, 10)")
     train.add_argument("--test-fold", type=int, help="patient fold held out for testing (cross-validation); by default "
@@ -138,6 +146,10 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--head-share", type=float, metavar="F",
                        help="share of the head folds' patients kept for the heads and the fusion; the rest train the "
                             "extractor (default: 1 with --test-fold, 2/3 without)")
+
+
+def _add_train_context(commands) -> None:
+    """``train-context``: the whole-slide stage (the model lab)."""
     context = commands.add_parser("train-context", help="train the whole-slide context stage on whole slides and add it "
                                   "to a model")
     context.add_argument("--data", type=Path, required=True, help="labels.csv of the IDC tiles (whole patients are rebuilt "
@@ -150,12 +162,19 @@ def build_parser() -> argparse.ArgumentParser:
                               "may be given several times")
     context.add_argument("--epochs", type=int, default=None, help="passes over the slides (default 30)")
     context.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def _add_bench(commands) -> None:
+    """``bench``: speed as ratios measured in one run."""
     bench = commands.add_parser("bench", help="tile-scoring speed: fast path against the naive loop and the machine's peak")
     bench.add_argument("--model", type=Path, help="model file (default: the shipped model)")
     bench.add_argument("--seconds", type=float, default=4.0, help="time per measurement (default 4)")
     bench.add_argument("--large-side", type=int, default=40000, help="side of the synthetic slide run end to end (0: skip)")
     bench.add_argument("--tile", type=int, default=224, help="tile side on the large slide (default 224)")
 
+
+def _add_pacs(commands) -> None:
+    """``pacs poll|listen|status``: next to a PACS."""
     pacs = commands.add_parser("pacs", help="run next to a PACS: poll it, or receive series as a DICOM node")
     pacs_commands = pacs.add_subparsers(dest="pacs_command", required=True)
     poll = pacs_commands.add_parser("poll", help="find new series in the archive, analyse them, store the results back")
@@ -170,9 +189,12 @@ def build_parser() -> argparse.ArgumentParser:
     poll.add_argument("--every", metavar="DURATION", help="keep polling, e.g. 60s or 5m (default: one round)")
     poll.add_argument("--force", action="store_true", help="analyse and store again series already done or failed")
     poll.add_argument("--quiet", action="store_true", help="no progress bar")
-    status.add_argument("--state", choices=["seen", "receiving", "retrieving", "analysing", "storing", "stored", "failed"],
+    status.add_argument("--state", choices=STATES,
                         help="only series in this state")
 
+
+def _add_evaluate(commands) -> None:
+    """``evaluate``: metrics of a model (the model lab)."""
     evaluate = commands.add_parser("evaluate", help="metrics of a model on labelled tiles, with a ROC plot")
     evaluate.add_argument("--csv", type=Path, required=True, help="labels.csv (columns path, patient_id, label, fold)")
     evaluate.add_argument("--root", type=Path, help="folder the csv paths are relative to (default: the csv's folder)")
@@ -190,8 +212,16 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--out", type=Path, default=Path("evaluation"),
                           help="folder for metrics.json and roc.png (with --slides also slides.md, slides.json, slides/; "
                                "with --mosaics mosaics.md, mosaics.json, mosaics/)")
-    evaluate.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"], default="auto", help="as for analyze")
-    evaluate.add_argument("--backend", choices=["auto", "torch", "openvino"], default="auto", help="as for analyze")
+    evaluate.add_argument("--precision", choices=PRECISIONS, default="auto", help="as for analyze")
+    evaluate.add_argument("--backend", choices=BACKENDS, default="auto", help="as for analyze")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _OneLineParser(prog="dicom-heatmap", description="Tile-wise tumour heatmaps and spread direction, written back as DICOM. Research use only, not for diagnosis.")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks of unexpected failures")
+    commands = parser.add_subparsers(dest="command", required=True)
+    for add in (_add_analyze, _add_demo, _add_train, _add_train_context, _add_bench, _add_pacs, _add_evaluate):
+        add(commands)
     return parser
 
 
@@ -255,8 +285,9 @@ def run_demo(args: argparse.Namespace) -> int:
 
 
 def run_train(args: argparse.Namespace) -> int:
-    from pipelines.tile_data import read_patient_list
-    from pipelines.train import TrainSettings, fold_plan, train
+    from pipelines.training.tile_data import read_patient_list
+    from pipelines.training.plan import TrainSettings, fold_plan
+    from pipelines.training.train import train
 
     plan = fold_plan(args.test_fold)
     if args.head_share is not None:
@@ -273,7 +304,7 @@ def run_train(args: argparse.Namespace) -> int:
 
 def run_train_context(args: argparse.Namespace) -> int:
     from dicom_heatmap.errors import checked_number
-    from pipelines.context_training import CONTEXT_EPOCHS, train_context
+    from pipelines.training.context_stage import CONTEXT_EPOCHS, train_context
 
     epochs = checked_number("epochs", args.epochs if args.epochs is not None else CONTEXT_EPOCHS, int, 1, 10_000)
     model = train_context(args.data, args.out, args.model, args.map_model, epochs, progress=not args.quiet)
@@ -282,8 +313,8 @@ def run_train_context(args: argparse.Namespace) -> int:
 
 
 def run_evaluate(args: argparse.Namespace) -> int:
-    from pipelines.evaluate import run_evaluation
-    from pipelines.tile_data import read_patient_list
+    from pipelines.evaluation.evaluate import run_evaluation
+    from pipelines.training.tile_data import read_patient_list
 
     patients = read_patient_list(args.patients) if args.patients is not None else None
     run_evaluation(args.csv, args.out, args.model, args.root, args.folds, patients, args.slides, args.mosaics,
@@ -292,7 +323,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
 
 
 def run_bench(args: argparse.Namespace) -> int:
-    from pipelines.bench import run_bench as bench
+    from pipelines.evaluation.bench import run_bench as bench
 
     bench(args.model, args.seconds, args.large_side, args.tile)
     return 0

@@ -7,10 +7,11 @@ import time
 from pathlib import Path
 
 import numpy as np
+import torch
+from monai.metrics import compute_roc_auc
 
 from dicom_heatmap.api import AnalysisSettings, analyze
 from dicom_heatmap.scorer import TileScorer
-from pipelines.metrics import roc_auc
 
 __all__ = ["run_demo", "SAMPLES"]
 
@@ -45,7 +46,8 @@ def run_demo(out_dir: str | Path) -> int:
         if name.endswith(".png") and truth.exists():
             layout = np.array(json.loads(truth.read_text())["layout"])
             scores = np.nan_to_num(result.heatmap, nan=0.0)
-            print(f"  against the known layout: tile AUC {roc_auc(layout.ravel(), scores.ravel()):.3f}; "
+            auc = float(compute_roc_auc(torch.as_tensor(scores.ravel()), torch.as_tensor(layout.ravel())))
+            print(f"  against the known layout: tile AUC {auc:.3f}; "
                   f"expected direction right (0 deg), found {result.spread.words} ({result.spread.angle_deg} deg)")
         names = sorted(p.name for p in folder.iterdir() if not p.name.startswith("sc-"))
         print(f"  -> {folder}/ (sc-*.dcm, {', '.join(names)})")

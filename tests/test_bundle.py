@@ -67,7 +67,12 @@ def test_unknown_bundle_override_is_refused(config, tmp_path):
 def test_bundle_inference_default_runs_on_the_embedded_sample(tmp_path):
     bundle("run", "--config_file", "configs/inference.json", "--output_dir", tmp_path)
     name, uids, heatmap = result_of(tmp_path)
-    assert len(uids) == 3
+    assert len(set(uids)) == 3 and name.startswith("2.25.")  # SC, PM, SR in a folder named by UID
+    # the embedded mosaic (400 x 600 px) on the default grid, its tumour focus found
+    (grid,) = heatmap  # one slice
+    assert (len(grid), len(grid[0])) == (8, 12)
+    scores = [v for row in grid for v in row if v is not None]
+    assert all(0.0 <= v <= 1.0 for v in scores) and max(scores) >= 0.5
 
 
 @pytest.mark.parametrize("config,kind", [("configs/inference.json", "infer"), ("configs/train.json", "train")])
@@ -93,6 +98,7 @@ def test_metadata_schema_rejects_missing_fields(tmp_path):
     done = subprocess.run([sys.executable, "-m", "monai.bundle", "verify_metadata", "--meta_file", str(broken),
                            "--filepath", str(ROOT / "configs/metadata_schema.json")], cwd=ROOT, capture_output=True, text=True)
     assert done.returncode != 0
+    assert "network_data_format" in done.stdout + done.stderr  # refused for the field taken away
 
 
 @pytest.mark.parametrize("how", [[], ["--use_trace", "True", "--input_shape", "[1, 3, 48, 48]"]], ids=["scripted", "traced"])

@@ -5,18 +5,18 @@ import pytest
 
 from dicom_heatmap.heatmap import Heatmap
 from transforms.errors import InputError
-from transforms.grid import GridSplit, GridSplitd, TileGrid
-from transforms.io import _pixel_affine
+from transforms.grid import SplitTileGrid, SplitTileGridd, TileGrid
+from transforms.io.common import pixel_affine
 
 
 def _meta(rule="stain"):
-    return {"tissue_rule": rule, "affine": _pixel_affine(), "frame": "IMAGE", "source_path": "test"}
+    return {"tissue_rule": rule, "affine": pixel_affine(), "frame": "IMAGE", "source_path": "test"}
 
 
 @pytest.mark.parametrize("height,width,rows,cols", [(97, 131, 7, 5), (64, 64, 8, 8), (101, 33, 3, 4), (50, 51, 1, 6)])
 def test_grid_tiles_every_pixel_exactly_once(height, width, rows, cols):
     image = np.zeros((1, height, width, 3), dtype=np.uint8)
-    grid = GridSplit(grid=(rows, cols), tissue_threshold=0)(image, _meta())
+    grid = SplitTileGrid(grid=(rows, cols), tissue_threshold=0)(image, _meta())
     assert grid.shape == (1, rows, cols)
     coverage = np.zeros((height, width), dtype=int)
     for number in range(1, grid.count + 1):
@@ -29,7 +29,7 @@ def test_grid_tiles_every_pixel_exactly_once(height, width, rows, cols):
 
 def test_numbering_is_row_major_from_one_and_round_trips():
     image = np.zeros((2, 70, 90, 3), dtype=np.uint8)
-    grid = GridSplit(grid=(7, 9), tissue_threshold=0)(image, _meta())
+    grid = SplitTileGrid(grid=(7, 9), tissue_threshold=0)(image, _meta())
     rows, cols = 7, 9
     for k in (1, 2, 9, 10, 63, 64, 126):
         s, r, c = (int(v) for v in grid.position(k))
@@ -41,11 +41,11 @@ def test_numbering_is_row_major_from_one_and_round_trips():
 
 def test_heatmap_places_each_tile_by_number():
     image = np.zeros((1, 55, 77, 3), dtype=np.uint8)
-    grid = GridSplit(grid=(5, 7), tissue_threshold=0)(image, _meta())
+    grid = SplitTileGrid(grid=(5, 7), tissue_threshold=0)(image, _meta())
     numbers = np.arange(1, grid.count + 1)
     rng = np.random.default_rng(0)
     order = rng.permutation(numbers)  # scored in any order
-    heat = Heatmap.assemble(grid, order, order.astype(np.float32), np.zeros((len(order), 13)), _pixel_affine(), "IMAGE", (55, 77))
+    heat = Heatmap.assemble(grid, order, order.astype(np.float32), np.zeros((len(order), 13)), pixel_affine(), "IMAGE", (55, 77))
     for k in numbers:
         assert heat.scores[0, (k - 1) // 7, (k - 1) % 7] == k
 
@@ -53,7 +53,7 @@ def test_heatmap_places_each_tile_by_number():
 def test_tissue_fraction_marks_background_tiles():
     image = np.full((1, 40, 40, 3), 245, dtype=np.uint8)  # white glass
     image[0, :20, :20] = (150, 60, 140)  # stained tissue in the top-left quarter
-    grid = GridSplit(grid=(2, 2))(image, _meta())
+    grid = SplitTileGrid(grid=(2, 2))(image, _meta())
     assert grid.is_tissue[0].tolist() == [[True, False], [False, False]]
     assert grid.tissue_fraction[0, 0, 0] == pytest.approx(1.0)
 
@@ -61,14 +61,14 @@ def test_tissue_fraction_marks_background_tiles():
 def test_image_smaller_than_one_tile_is_refused():
     image = np.zeros((1, 30, 30, 3), dtype=np.uint8)
     with pytest.raises(InputError, match="smaller than one tile"):
-        GridSplit(tile_size=64)(image, _meta())
+        SplitTileGrid(tile_size=64)(image, _meta())
     with pytest.raises(InputError, match="too small"):
-        GridSplit(grid=(8, 8))(image, _meta())
+        SplitTileGrid(grid=(8, 8))(image, _meta())
 
 
 def test_dictionary_form_adds_the_grid():
     image = np.zeros((1, 64, 64, 3), dtype=np.uint8)
-    data = GridSplitd("image", grid=(4, 4))({"image": image, "image_meta_dict": _meta("intensity")})
+    data = SplitTileGridd("image", grid=(4, 4))({"image": image, "image_meta_dict": _meta("intensity")})
     assert data["image_grid"].shape == (1, 4, 4)
 
 

@@ -96,7 +96,7 @@ def test_shipped_model_separates_real_tumour_tiles(scorer, data_dir):
 
     from PIL import Image
 
-    from pipelines.metrics import roc_auc
+    from pipelines.training.metrics import roc_auc
 
     mosaic = np.asarray(Image.open(data_dir / "idc_mosaic_tail.png").convert("RGB"))
     layout = np.array(json.loads((data_dir / "idc_mosaic_tail.json").read_text())["layout"])
@@ -116,7 +116,7 @@ def test_fast_path_keeps_the_scores_of_the_reference(data_dir, backend, precisio
 
     from PIL import Image
 
-    from pipelines.metrics import roc_auc
+    from pipelines.training.metrics import roc_auc
 
     mosaic = np.asarray(Image.open(data_dir / "idc_mosaic_tail.png").convert("RGB"))
     labels = np.array(json.loads((data_dir / "idc_mosaic_tail.json").read_text())["layout"]).ravel()
@@ -133,9 +133,9 @@ def test_precision_and_backend_enter_the_identity():
     assert TileScorer.load(precision="bf16").identity != TileScorer.load(precision="fp32").identity
     assert (TileScorer.load(precision="bf16", backend="openvino").identity
             != TileScorer.load(precision="bf16", backend="torch").identity)
-    with pytest.raises(ValueError, match="precision"):
+    with pytest.raises(ConfigurationError, match="precision"):
         TileScorer.load(precision="int4")
-    with pytest.raises(ValueError, match="backend"):
+    with pytest.raises(ConfigurationError, match="backend"):
         TileScorer.load(backend="tensorrt")
     with pytest.raises(ConfigurationError, match="openvino backend runs on the CPU in fp32 or bf16"):
         TileScorer.load(precision="fp16", backend="openvino")

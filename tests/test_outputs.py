@@ -146,7 +146,7 @@ def test_patient_geometry_reaches_the_outputs(analysed):
 
 def test_png_heatmap_finds_the_known_lesion(analysed, data_dir):
     """The shipped model against the mosaic's known layout (real tiles from held-out patients)."""
-    from pipelines.metrics import roc_auc
+    from pipelines.training.metrics import roc_auc
 
     result = json.loads((analysed["png"] / "result.json").read_text())
     layout = np.array(json.loads((data_dir / "idc_mosaic_tail.json").read_text())["layout"])

@@ -433,7 +433,7 @@ def test_the_readme_example_configuration_and_rules_work(tmp_path):
     import datetime as dt
     import re
 
-    from pipelines.pacs.config import load_config
+    from pipelines.pacs.config_file import load_config
     from pipelines.pacs.ledger import SeriesRef
 
     section = (ROOT / "README.md").read_text().split("## Run next to a PACS")[1].split("\n## ")[0]

@@ -2,7 +2,7 @@
 stability on a real slide.
 
 tests/data/idc_slide_14082.jpg is IDC patient 14082's downsampled slide, rebuilt by pasting
-every one of its 478 tiles at (x - 1, y - 1) (pipelines.slides.rebuild_slide);
+every one of its 478 tiles at (x - 1, y - 1) (pipelines.training.whole_slides.rebuild_slide);
 idc_slide_14082.csv holds each tile's x, y and label (the pathologist's IDC outline).
 """
 
@@ -14,7 +14,7 @@ import pytest
 from PIL import Image
 
 from dicom_heatmap.api import AnalysisSettings, analyze
-from pipelines.slides import reference_direction
+from pipelines.training.whole_slides import reference_direction
 
 from conftest import SLIDE_PATIENT as PATIENT
 

@@ -6,7 +6,7 @@ import pytest
 from dicom_heatmap.heatmap import Heatmap
 from dicom_heatmap.spread import analyze_spread, direction_words, flow_field
 from transforms.grid import TileGrid
-from transforms.io import _affine_2d, _pixel_affine
+from transforms.io.common import pixel_affine, plane_affine
 
 
 def heatmap_of(field: np.ndarray, affine=None, frame="IMAGE", tile=10) -> Heatmap:
@@ -15,7 +15,7 @@ def heatmap_of(field: np.ndarray, affine=None, frame="IMAGE", tile=10) -> Heatma
     grid = TileGrid(np.arange(r + 1) * tile, np.arange(c + 1) * tile, s, np.ones(field.shape), np.ones(field.shape, bool))
     numbers = np.arange(1, field.size + 1)
     return Heatmap.assemble(grid, numbers, field.ravel(), np.zeros((field.size, 13)),
-                            _pixel_affine() if affine is None else affine, frame, (r * tile, c * tile))
+                            pixel_affine() if affine is None else affine, frame, (r * tile, c * tile))
 
 
 def lesion_with_tail() -> np.ndarray:
@@ -106,7 +106,7 @@ def test_flow_field_follows_the_patents_rule():
 
 def test_patient_frame_gives_anatomical_words():
     # axial slice: rows run posterior (+y), columns run left (+x); tail toward +column = left
-    affine = _affine_2d(2.0, 2.0, (0, 1, 0), (1, 0, 0), (0, 0, 0))
+    affine = plane_affine(2.0, 2.0, (0, 1, 0), (1, 0, 0), (0, 0, 0))
     summary = analyze_spread(heatmap_of(lesion_with_tail(), affine, "PATIENT"))
     assert summary.words == "left"
     assert summary.direction_frame[0] == pytest.approx(1.0, abs=0.02)

@@ -3,11 +3,12 @@
 import numpy as np
 import pytest
 
-import transforms.io as slide_io
+import transforms.io.slide as slide_io
 from dicom_heatmap import analyze
 from dicom_heatmap.errors import ConfigurationError
-from pipelines.bench import make_synthetic_slide
-from transforms.io import StreamedSlide
+from pipelines.evaluation.bench import make_synthetic_slide
+from transforms.io.load import LoadInput
+from transforms.io.slide import StreamedSlide
 
 
 @pytest.fixture
@@ -52,7 +53,7 @@ def test_whole_image_operations_are_refused_on_a_streamed_slide(scorer, data_dir
 
 def test_streamed_tiles_come_from_a_coarser_level_when_that_is_enough(tmp_path, stream_everything):
     slide = make_synthetic_slide(tmp_path / "slide.tif", 4096)
-    image, _ = slide_io.LoadInput(level=0)(slide)
+    image, _ = LoadInput(level=0)(slide)
     full = image[0, 0:256, 0:256]
     [coarse] = image.regions([(0, 0, 256, 256)], min_side=48)
     assert full.shape == (256, 256, 3) and coarse.shape == (64, 64, 3)  # level 1 (/4) still gives 64 >= 48 px
@@ -64,7 +65,7 @@ def test_streamed_tiles_come_from_a_coarser_level_when_that_is_enough(tmp_path, 
 
 def test_neighbouring_tiles_read_together_are_the_tiles_read_one_by_one(tmp_path, stream_everything):
     slide = make_synthetic_slide(tmp_path / "slide.tif", 4096)
-    image, _ = slide_io.LoadInput(level=0)(slide)
+    image, _ = LoadInput(level=0)(slide)
     # a row of tiles (read in one call), a tile of another row, and one out of order
     boxes = [(224, 0, 448, 224), (224, 224, 448, 448), (224, 448, 448, 672), (672, 224, 896, 448), (224, 1120, 448, 1344)]
     for min_side in (48, 100):

@@ -50,7 +50,7 @@ def test_fixed_seed_gives_the_same_model_and_a_killed_run_resumes(tmp_path):
 def test_balanced_sampling_draws_both_classes_equally_often():
     import numpy as np
 
-    from pipelines.train import epoch_order
+    from pipelines.training.train import epoch_order
 
     labels = np.array([1] * 270 + [0] * 730)  # the IDC tiles' share of tumour
     generator = torch.Generator().manual_seed(0)
@@ -66,8 +66,8 @@ def test_stages_get_patients_of_their_own():
 
     import numpy as np
 
-    from pipelines.tile_data import load_tile_table
-    from pipelines.train import TrainSettings, fold_plan, stage_sets
+    from pipelines.training.tile_data import load_tile_table
+    from pipelines.training.plan import TrainSettings, fold_plan, stage_sets
 
     table = load_tile_table(TINY)
     held_out = ["12875", "9291"]  # two fold-3 patients of the tiny table

@@ -5,9 +5,9 @@ import pydicom
 import pytest
 
 from conftest import write_series
-from transforms.intensity import NormalizeIntensity, NormalizeIntensityd
-from transforms.io import LoadInput, LoadInputd
-from transforms.spatial import CropForeground, CropTemplate, Rotate, Rotated, Zoom
+from transforms.intensity import NormalizeByModality, NormalizeByModalityd
+from transforms.io.load import LoadInput, LoadInputd
+from transforms.spatial import CropToTissue, CropTemplate, RotateWithGeometry, RotateWithGeometryd, ZoomWithGeometry
 
 
 def position(meta, index):
@@ -46,8 +46,8 @@ def test_whole_slide_image_assembles_its_tiles(data_dir):
 
 def test_rotation_by_quarter_turns_keeps_positions(data_dir):
     image, meta = LoadInput()(data_dir / "CT_small.dcm")
-    image, meta = NormalizeIntensity()(image, meta)
-    turned, turned_meta = Rotate(90)(image, meta)
+    image, meta = NormalizeByModality()(image, meta)
+    turned, turned_meta = RotateWithGeometry(90)(image, meta)
     assert turned.shape == (1, 128, 128, 3)
     # the pixel at (row 10, col 20) moves to (row 128-1-20, col 10) and keeps its position
     assert np.array_equal(turned[0, 107, 10], image[0, 10, 20])
@@ -58,23 +58,23 @@ def test_arbitrary_rotation_agrees_with_the_exact_one():
     image = np.zeros((1, 41, 41, 3), dtype=np.uint8)
     image[0, 5:10, 25:30] = 200
     meta = {"affine": np.eye(4), "tissue_rule": "intensity"}
-    exact, exact_meta = Rotate(90)(image, meta)
-    resampled, resampled_meta = Rotate(90.0000001)(image, meta)
+    exact, exact_meta = RotateWithGeometry(90)(image, meta)
+    resampled, resampled_meta = RotateWithGeometry(90.0000001)(image, meta)
     np.testing.assert_allclose(resampled_meta["affine"], exact_meta["affine"], atol=1e-5)
     assert np.abs(resampled.astype(int) - exact.astype(int)).max() <= 1
 
 
 def test_zoom_and_crop_update_the_geometry(data_dir):
     image, meta = LoadInput()(data_dir / "CT_small.dcm")
-    image, meta = NormalizeIntensity()(image, meta)
-    zoomed, zoomed_meta = Zoom(0.5)(image, meta)
+    image, meta = NormalizeByModality()(image, meta)
+    zoomed, zoomed_meta = ZoomWithGeometry(0.5)(image, meta)
     assert zoomed.shape == (1, 64, 64, 3)
     # new pixel (0,0) covers old pixels 0..1: its centre lies between them
     np.testing.assert_allclose(position(zoomed_meta, (0, 0, 0)), position(meta, (0, 0.5, 0.5)), atol=1e-9)
     framed = image.copy()
     framed[:, :10], framed[:, :, :7] = 0, 0  # air above and left of the body
     framed[:, 10:, 7:] = np.maximum(framed[:, 10:, 7:], 60)
-    cropped, cropped_meta = CropForeground()(framed, meta)
+    cropped, cropped_meta = CropToTissue()(framed, meta)
     assert cropped.shape == (1, 118, 121, 3)
     np.testing.assert_allclose(position(cropped_meta, (0, 0, 0)), position(meta, (0, 10, 7)), atol=1e-9)
 
@@ -91,10 +91,15 @@ def test_crop_template_frames_the_most_tissue():
 
 def test_dictionary_forms_chain(data_dir):
     data = LoadInputd("image")({"image": data_dir / "MR_small.dcm"})
-    data = NormalizeIntensityd("image")(data)
-    data = Rotated("image", 180)(data)
+    loaded = data["image_meta_dict"]["affine"].copy()
+    data = NormalizeByModalityd("image")(data)
+    data = RotateWithGeometryd("image", 180)(data)
     assert data["image"].shape == (1, 64, 64, 3) and data["image"].dtype == np.uint8
     assert data["image_meta_dict"]["modality"] == "MR"
+    # half a turn about the centre: index (r, c) now lies where (63 - r, 63 - c) lay
+    affine = data["image_meta_dict"]["affine"]
+    for row, col in [(0, 0), (10, 50), (63, 0)]:
+        np.testing.assert_allclose(affine @ [0, row, col, 1], loaded @ [0, 63 - row, 63 - col, 1], atol=1e-6)
 
 
 def test_whole_slide_folder_reads_the_volume_level_not_the_thumbnail(tmp_path, data_dir):
@@ -110,7 +115,9 @@ def test_whole_slide_folder_reads_the_volume_level_not_the_thumbnail(tmp_path, d
 def test_whole_slide_level_follows_the_wanted_resolution():
     from pydicom.dataset import Dataset
 
-    from transforms.io import WSI_SOP_CLASS, _choose_wsi_level
+    from pydicom.uid import VLWholeSlideMicroscopyImageStorage
+
+    from transforms.io.dicom_wsi import choose_wsi_level
 
     def level(spacing, side):
         ds, shared, measures = Dataset(), Dataset(), Dataset()
@@ -118,15 +125,15 @@ def test_whole_slide_level_follows_the_wanted_resolution():
         shared.PixelMeasuresSequence = [measures]
         ds.SharedFunctionalGroupsSequence = [shared]
         ds.ImageType = ["ORIGINAL", "PRIMARY", "VOLUME", "NONE"]
-        ds.SOPClassUID, ds.SamplesPerPixel = WSI_SOP_CLASS, 3
+        ds.SOPClassUID, ds.SamplesPerPixel = VLWholeSlideMicroscopyImageStorage, 3
         ds.TotalPixelMatrixRows = ds.TotalPixelMatrixColumns = side
         return ds
 
     levels = [("l0", level(0.00025, 80000)), ("l1", level(0.001, 20000)), ("l2", level(0.004, 5000)), ("l3", level(0.016, 1250))]
-    assert _choose_wsi_level(levels, "slide", 1.1) == "l1"  # micrometres
-    assert _choose_wsi_level(levels, "slide", None) == "l3"  # the finest level of at most 4096 px
+    assert choose_wsi_level(levels, "slide", 1.1) == "l1"  # micrometres
+    assert choose_wsi_level(levels, "slide", None) == "l3"  # the finest level of at most 4096 px
     # for the model (4.2 um an input pixel): the coarsest level of at most 1.25 times that...
-    assert _choose_wsi_level(levels, "slide", None, model_scale_um=200 / 48) == "l2"
-    assert _choose_wsi_level(levels, "slide", None, model_scale_um=2.0, max_values=2 * 10**9) == "l1"
+    assert choose_wsi_level(levels, "slide", None, model_scale_um=200 / 48) == "l2"
+    assert choose_wsi_level(levels, "slide", None, model_scale_um=2.0, max_values=2 * 10**9) == "l1"
     # ...among the levels the size guard lets through whole
-    assert _choose_wsi_level(levels, "slide", None, model_scale_um=200 / 48, max_values=5000 * 5000) == "l3"
+    assert choose_wsi_level(levels, "slide", None, model_scale_um=200 / 48, max_values=5000 * 5000) == "l3"

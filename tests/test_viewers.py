@@ -15,7 +15,7 @@ from shapely.geometry import shape
 
 from conftest import write_series
 from dicom_heatmap import analyze
-from dicom_heatmap.spread import lesion_masks
+from dicom_heatmap.lesions import lesion_masks
 
 
 def _tiles(folder):
@@ -27,7 +27,7 @@ def _tiles(folder):
                                             ("cmu_small_region.svs", {"level": 0}), ("pyramid.tif", {"level": 1})])
 def test_geojson_tiles_lie_on_full_resolution_pixels(sample, options, scorer, data_dir, tmp_path):
     if sample == "pyramid.tif":  # levels 4096 and 1024 px: level 1 is 4x coarser than level 0
-        from pipelines.bench import make_synthetic_slide
+        from pipelines.evaluation.bench import make_synthetic_slide
 
         data_dir = tmp_path
         make_synthetic_slide(tmp_path / sample, side=4096, tile=256, smallest=1024)

@@ -12,7 +12,7 @@ import numbers
 import re
 from pathlib import Path
 
-__all__ = ["DicomHeatmapError", "InputError", "ModelError", "ConfigurationError", "OutputError", "EXIT_CODE", "one_line",
+__all__ = ["DicomHeatmapError", "InputError", "NotDicomError", "ModelError", "ConfigurationError", "OutputError", "EXIT_CODE", "one_line",
            "is_uid", "checked_number"]
 
 #: Exit status of the command line for any of these errors.
@@ -64,6 +64,10 @@ class InputError(DicomHeatmapError):
         self.source = str(source)
         self.problem = problem
         super().__init__(f"{self.source}: {problem}")
+
+
+class NotDicomError(InputError):
+    """A file in a folder being read as DICOM is no DICOM file (a folder may hold others)."""
 
 
 class ModelError(InputError):

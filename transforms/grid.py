@@ -23,7 +23,7 @@ from transforms.errors import ConfigurationError, InputError
 from transforms.intensity import tissue_mask
 from transforms.spatial import pixel_spacing
 
-__all__ = ["TileGrid", "GridSplit", "GridSplitd", "MIN_TILE_SIDE"]
+__all__ = ["TileGrid", "SplitTileGrid", "SplitTileGridd", "MIN_TILE_SIDE"]
 
 #: Smallest tile side, in pixels, the split accepts.
 MIN_TILE_SIDE = 8
@@ -158,7 +158,7 @@ def _edges(length: int, parts: int) -> np.ndarray:
     return np.round(np.linspace(0, length, parts + 1)).astype(np.int64)
 
 
-class GridSplit(Transform):
+class SplitTileGrid(Transform):
     """Split an image into an equal grid and mark which tiles hold tissue.
 
     Give exactly one of ``grid``, ``tile_size`` or ``tile_size_um``; with none, tiles are
@@ -233,13 +233,13 @@ class GridSplit(Transform):
         return TileGrid(row_edges, col_edges, slices, fraction, is_tissue, mask, scale)
 
 
-class GridSplitd(MapTransform):
-    """Dictionary form of :class:`GridSplit`: puts the :class:`TileGrid` of ``data[key]``
+class SplitTileGridd(MapTransform):
+    """Dictionary form of :class:`SplitTileGrid`: puts the :class:`TileGrid` of ``data[key]``
     under ``data[f"{key}_grid"]``."""
 
     def __init__(self, keys: str | Sequence[str], *args: Any, allow_missing_keys: bool = False, **kwargs: Any) -> None:
         super().__init__(keys, allow_missing_keys)
-        self.split = GridSplit(*args, **kwargs)
+        self.split = SplitTileGrid(*args, **kwargs)
 
     def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
         d = dict(data)

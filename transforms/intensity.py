@@ -1,6 +1,6 @@
 """Intensity normalisation per modality, and the tissue (foreground) rule.
 
-After :class:`NormalizeIntensity` every input is uint8 RGB (slices, rows, cols, 3): the
+After :class:`NormalizeByModality` every input is uint8 RGB (slices, rows, cols, 3): the
 space the tile network was trained in and the picture the Secondary Capture shows.
 """
 
@@ -11,7 +11,7 @@ from monai.transforms import Transform
 
 from transforms._dictionary import dictionary_form
 
-__all__ = ["NormalizeIntensity", "NormalizeIntensityd", "tissue_mask"]
+__all__ = ["NormalizeByModality", "NormalizeByModalityd", "tissue_mask"]
 
 
 def tissue_mask(image: np.ndarray, rule: str, scale: float = 1.0) -> np.ndarray:
@@ -41,11 +41,12 @@ def tissue_mask(image: np.ndarray, rule: str, scale: float = 1.0) -> np.ndarray:
 STAIN_CLOSING_RADIUS = 4
 
 
-def _spread(mask: np.ndarray, radius: int, fill: bool) -> np.ndarray:
-    """Dilation (``fill`` False: pads with background) or erosion (``fill`` True: pads with
+def _square_morphology(mask: np.ndarray, radius: int, erode: bool) -> np.ndarray:
+    """Dilation (``erode`` False: pads with background) or erosion (``erode`` True: pads with
     foreground, so the image edge does not eat the mask) by a square of side 2 * radius + 1,
     over the last two axes, as separable running maxima or minima."""
-    combine = np.logical_and if fill else np.logical_or
+    fill = erode
+    combine = np.logical_and if erode else np.logical_or
     for axis in (-2, -1):
         pad = [(0, 0)] * mask.ndim
         pad[axis] = (radius, radius)
@@ -66,10 +67,10 @@ def _spread(mask: np.ndarray, radius: int, fill: bool) -> np.ndarray:
 
 def _closing(mask: np.ndarray, radius: int) -> np.ndarray:
     """Morphological closing (dilate, then erode) of a boolean mask by a square."""
-    return _spread(_spread(mask, radius, fill=False), radius, fill=True)
+    return _square_morphology(_square_morphology(mask, radius, erode=False), radius, erode=True)
 
 
-class NormalizeIntensity(Transform):
+class NormalizeByModality(Transform):
     """Map modality values to uint8 RGB and record which tissue rule applies.
 
     Args:
@@ -107,4 +108,4 @@ class NormalizeIntensity(Transform):
         return np.repeat(grey[..., None], 3, axis=-1), meta
 
 
-NormalizeIntensityd = dictionary_form(NormalizeIntensity)
+NormalizeByModalityd = dictionary_form(NormalizeByModality)

@@ -1,6 +1,6 @@
 """Crop, zoom and rotate (S2 of the method), keeping ``meta["affine"]`` exact.
 
-All act on uint8 RGB arrays (slices, rows, cols, 3) from :class:`NormalizeIntensity`
+All act on uint8 RGB arrays (slices, rows, cols, 3) from :class:`NormalizeByModality`
 and change every slice the same way. The affine maps index (slice, row, col, 1) to a
 position; each transform composes it with the index map it applies, so positions
 computed downstream stay right.
@@ -18,8 +18,8 @@ from transforms.intensity import tissue_mask
 
 __all__ = [
     "pixel_spacing",
-    "CropForeground", "CropForegroundd", "CropTemplate", "CropTemplated",
-    "Zoom", "Zoomd", "Rotate", "Rotated",
+    "CropToTissue", "CropToTissued", "CropTemplate", "CropTemplated",
+    "ZoomWithGeometry", "ZoomWithGeometryd", "RotateWithGeometry", "RotateWithGeometryd",
 ]
 
 
@@ -58,7 +58,7 @@ def _background(meta: dict) -> int:
     return 255 if meta.get("tissue_rule") == "stain" else 0
 
 
-class CropForeground(Transform):
+class CropToTissue(Transform):
     """Crop to the bounding box of tissue over all slices, with a margin.
 
     Args:
@@ -109,7 +109,7 @@ class CropTemplate(Transform):
         return _crop(image, meta, int(top), int(left), height, width)
 
 
-class Zoom(Transform):
+class ZoomWithGeometry(Transform):
     """Resample by ``factor`` in rows and columns (bilinear); spacing shrinks by it."""
 
     def __init__(self, factor: float) -> None:
@@ -131,7 +131,7 @@ class Zoom(Transform):
         return out, meta
 
 
-class Rotate(Transform):
+class RotateWithGeometry(Transform):
     """Rotate counter-clockwise as seen on screen by ``angle`` degrees about the centre.
 
     Multiples of 90 degrees are exact (the canvas turns with the image); other angles
@@ -182,7 +182,7 @@ class Rotate(Transform):
         return out, meta
 
 
-CropForegroundd = dictionary_form(CropForeground)
+CropToTissued = dictionary_form(CropToTissue)
 CropTemplated = dictionary_form(CropTemplate)
-Zoomd = dictionary_form(Zoom)
-Rotated = dictionary_form(Rotate)
+ZoomWithGeometryd = dictionary_form(ZoomWithGeometry)
+RotateWithGeometryd = dictionary_form(RotateWithGeometry)

@@ -43,7 +43,7 @@ def build_feature_collection(heatmap: Heatmap, lesions: list[np.ndarray], pixel_
 
     Args:
         heatmap: the scores (one slice).
-        lesions: boolean tile masks of the lesions, dominant first (:func:`lesion_masks`).
+        lesions: boolean tile masks of the lesions, dominant first (:func:`dicom_heatmap.lesions.lesion_masks`).
         pixel_affine: the analysed image's pixel index -> frame position map.
         level0: ``(scale, offset)`` from frame positions to level-0 pixel coordinates
             (the loader's ``level0_pixels``).

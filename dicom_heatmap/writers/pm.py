@@ -7,11 +7,12 @@ import copy
 import highdicom as hd
 import numpy as np
 from pydicom.dataset import Dataset
+from pydicom.uid import VLWholeSlideMicroscopyImageStorage
 
 from dicom_heatmap.heatmap import Heatmap
 from dicom_heatmap.errors import is_uid
 from dicom_heatmap.writers.common import OutputIdentity, equipment
-from transforms.io import WSI_SOP_CLASS, slice_thickness
+from transforms.io.dicom import slice_thickness
 
 __all__ = ["build_parametric_map", "geometry_carrier", "on_slide"]
 
@@ -45,7 +46,7 @@ def on_slide(source: Dataset) -> bool:
     """Whether the map can be placed in a DICOM whole-slide image's own slide coordinates:
     a VL Whole Slide Microscopy image with Total Pixel Matrix Origin, Image Orientation
     (Slide) and a valid Frame of Reference UID."""
-    return (source.get("SOPClassUID") == WSI_SOP_CLASS and bool(source.get("TotalPixelMatrixOriginSequence"))
+    return (source.get("SOPClassUID") == VLWholeSlideMicroscopyImageStorage and bool(source.get("TotalPixelMatrixOriginSequence"))
             and len(source.get("ImageOrientationSlide") or []) == 6
             and is_uid(source.get("FrameOfReferenceUID")))
 

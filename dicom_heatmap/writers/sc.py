@@ -8,10 +8,7 @@ from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence as DicomSequence
 from pydicom.uid import ExplicitVRLittleEndian
 
-from dicom_heatmap._version import __version__
-from dicom_heatmap.writers.common import (
-    MANUFACTURER, PATIENT_STUDY_KEYWORDS, OutputIdentity, patient_orientation,
-)
+from dicom_heatmap.writers.common import PATIENT_STUDY_KEYWORDS, OutputIdentity, equipment, patient_orientation
 
 __all__ = ["build_secondary_capture"]
 
@@ -58,6 +55,7 @@ def build_secondary_capture(
     orientation = None
     if row_direction is not None:
         orientation = (patient_orientation(col_direction), patient_orientation(row_direction))
+    gear = equipment()
     sc = hd.sc.SCImage(
         pixel_array=np.ascontiguousarray(picture),
         photometric_interpretation="RGB",
@@ -68,7 +66,7 @@ def build_secondary_capture(
         series_number=series_number,
         sop_instance_uid=identity.uid("sc", instance_number),
         instance_number=instance_number,
-        manufacturer=MANUFACTURER,
+        manufacturer=gear["manufacturer"],
         # highdicom demands a value and accepts single letters only (an oblique plane
         # needs "LFP"); the real value, or empty where unknown, is set below
         patient_orientation=("L", "P"),
@@ -106,7 +104,7 @@ def build_secondary_capture(
         instance.ReferencedSOPInstanceUID = source.SOPInstanceUID
         series.ReferencedInstanceSequence = DicomSequence([instance])
         sc.ReferencedSeriesSequence = DicomSequence([series])
-    # General Equipment / SC Equipment
-    sc.SoftwareVersions = __version__
-    sc.ManufacturerModelName = "dicom-heatmap"
+    # General Equipment / SC Equipment: what SCImage takes no argument for
+    sc.SoftwareVersions = gear["software_versions"]
+    sc.ManufacturerModelName = gear["manufacturer_model_name"]
     return sc

@@ -12,12 +12,12 @@ from __future__ import annotations
 import highdicom as hd
 import numpy as np
 from pydicom.dataset import Dataset
+from pydicom.uid import VLWholeSlideMicroscopyImageStorage
 from pydicom.sr.codedict import codes
 
 from dicom_heatmap._version import __version__
 from dicom_heatmap.heatmap import Heatmap
 from dicom_heatmap.writers.common import ALGORITHM_NAME, OutputIdentity, equipment
-from transforms.io import WSI_SOP_CLASS
 
 __all__ = ["build_segmentation", "pixel_mask"]
 
@@ -66,7 +66,7 @@ def build_segmentation(heatmap: Heatmap, lesions: list[np.ndarray], sources: lis
     # a whole-slide image: the mask is its total pixel matrix, cut into highdicom's tiles,
     # each placed in the slide's coordinates
     tiled = {}
-    if sources[0].get("SOPClassUID") == WSI_SOP_CLASS:
+    if sources[0].get("SOPClassUID") == VLWholeSlideMicroscopyImageStorage:
         measures = sources[0].SharedFunctionalGroupsSequence[0].PixelMeasuresSequence[0]
         tiled = {"tile_pixel_array": True, "dimension_organization_type": "TILED_SPARSE",
                  # slide images often omit Slice Thickness, which the SEG's pixel measures need

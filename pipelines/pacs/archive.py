@@ -1,10 +1,11 @@
 """What the job needs from an archive, whatever the protocol: find, retrieve, store.
 
-:func:`open_archive` gives a :class:`~pipelines.pacs.dimse.DimseArchive` (C-FIND,
-C-GET or C-MOVE, C-STORE) or a :class:`~pipelines.pacs.dicomweb.DicomwebArchive`
-(QIDO-RS, WADO-RS, STOW-RS). Both raise :class:`ArchiveUnavailable` for faults that may
-pass (the archive is down, refuses the association, times out) and
-:class:`ArchiveRefused` when the archive answers that it will not take or give an object.
+:class:`Archive` is the interface; :mod:`pipelines.pacs.dimse` (C-FIND, C-GET or C-MOVE,
+C-STORE) and :mod:`pipelines.pacs.dicomweb` (QIDO-RS, WADO-RS, STOW-RS) implement it, and
+:func:`pipelines.pacs.connect.open_archive` chooses one (this module imports neither).
+Both raise :class:`ArchiveUnavailable` for faults that may pass (the archive is down,
+refuses the association, times out) and :class:`ArchiveRefused` when the archive answers
+that it will not take or give an object.
 """
 
 from __future__ import annotations
@@ -17,10 +18,10 @@ from pydicom.dataset import Dataset
 from dicom_heatmap.errors import DicomHeatmapError, InputError, is_uid
 from dicom_heatmap.writers.common import is_result_description
 
-from pipelines.pacs.config import PacsConfig, Query
+from pipelines.pacs.config import Query
 from pipelines.pacs.ledger import SeriesRef
 
-__all__ = ["Archive", "ArchiveUnavailable", "ArchiveRefused", "open_archive", "checked_uid",
+__all__ = ["Archive", "ArchiveUnavailable", "ArchiveRefused", "checked_uid",
            "is_our_output", "series_from_answer", "write_instance"]
 
 class ArchiveUnavailable(DicomHeatmapError):
@@ -85,14 +86,3 @@ class Archive(Protocol):
 
     def store(self, paths: list[Path]) -> int:
         """Store the files; an instance the archive already holds counts as stored."""
-
-
-def open_archive(config: PacsConfig) -> Archive:
-    """The archive the configuration names, speaking its protocol."""
-    if config.pacs.protocol == "dicomweb":
-        from pipelines.pacs.dicomweb import DicomwebArchive
-
-        return DicomwebArchive(config)
-    from pipelines.pacs.dimse import DimseArchive
-
-    return DimseArchive(config)

@@ -11,7 +11,8 @@ import threading
 
 from dicom_heatmap.errors import EXIT_CODE, one_line
 
-from pipelines.pacs.config import load_config, parse_duration
+from pipelines.pacs.config import parse_duration
+from pipelines.pacs.config_file import load_config
 from pipelines.pacs.ledger import Ledger
 
 __all__ = ["poll", "listen", "status"]

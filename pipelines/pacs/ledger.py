@@ -26,10 +26,12 @@ from typing import Iterator
 from dicom_heatmap.errors import ConfigurationError
 
 __all__ = ["Ledger", "LedgerRow", "SeriesRef", "JobLock", "SEEN", "RECEIVING", "RETRIEVING", "ANALYSING", "STORING",
-           "STORED", "FAILED", "IN_PROGRESS"]
+           "STORED", "FAILED", "STATES", "IN_PROGRESS"]
 
 SEEN, RECEIVING, RETRIEVING, ANALYSING, STORING, STORED, FAILED = (
     "seen", "receiving", "retrieving", "analysing", "storing", "stored", "failed")
+#: Every state a series can be in, in the order a series passes them.
+STATES = (SEEN, RECEIVING, RETRIEVING, ANALYSING, STORING, STORED, FAILED)
 IN_PROGRESS = (RETRIEVING, ANALYSING, STORING)
 
 _SCHEMA = """

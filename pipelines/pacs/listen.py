@@ -23,7 +23,8 @@ from pathlib import Path
 
 import pydicom
 
-from pipelines.pacs.archive import checked_uid, open_archive, write_instance
+from pipelines.pacs.archive import checked_uid, write_instance
+from pipelines.pacs.connect import open_archive
 from pipelines.pacs.config import PacsConfig
 from pipelines.pacs.dimse import StorageServer
 from pipelines.pacs.ledger import FAILED, SEEN, STORED, JobLock, Ledger, LedgerRow, SeriesRef

@@ -14,7 +14,8 @@ import threading
 import time
 from pathlib import Path
 
-from pipelines.pacs.archive import ArchiveUnavailable, is_our_output, open_archive
+from pipelines.pacs.archive import ArchiveUnavailable, is_our_output
+from pipelines.pacs.connect import open_archive
 from pipelines.pacs.config import PacsConfig
 from pipelines.pacs.ledger import FAILED, SEEN, STORED, JobLock, Ledger, LedgerRow, SeriesRef
 from pipelines.pacs.runner import RoundSummary, SeriesRunner, open_executor

@@ -38,7 +38,7 @@ from dicom_heatmap.scorer import TileScorer
 
 __all__ = ["conv_flops", "cpu_model", "run_bench"]
 
-DATA = Path(__file__).resolve().parent.parent / "tests" / "data"
+DATA = Path(__file__).resolve().parents[2] / "tests" / "data"
 
 
 def conv_flops(network: HeadedVGG16, size: int) -> float:
@@ -202,7 +202,7 @@ def _large_slide(fast: TileScorer, side: int, tile: int, seconds: float) -> dict
         command = [sys.executable, "-c", launcher, "analyze", str(slide), "--level", "0", "--tile-size", str(tile),
                    "--out", str(Path(folder) / "out"), "--quiet"]
         started = time.perf_counter()
-        done = subprocess.run(command, capture_output=True, text=True, cwd=Path(__file__).resolve().parent.parent)
+        done = subprocess.run(command, capture_output=True, text=True, cwd=Path(__file__).resolve().parents[2])
         process_wall = time.perf_counter() - started
         if done.returncode != 0:
             raise RuntimeError(done.stderr)

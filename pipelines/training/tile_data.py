@@ -1,4 +1,8 @@
-"""Labelled tile tables (the IDC layout: ``labels.csv`` + PNG tiles) loaded into memory."""
+"""Labelled tile tables (the IDC layout: ``labels.csv`` + PNG tiles) loaded into memory.
+
+Read by ``dicom-heatmap train`` and ``evaluate`` and by the bundle's training and
+evaluation configs (``configs/train.json``, ``configs/evaluate.json``).
+"""
 
 from __future__ import annotations
 
@@ -15,7 +19,7 @@ from dicom_heatmap.errors import InputError
 __all__ = ["TileTable", "load_tile_table", "read_patient_list", "HELD_OUT_PATIENTS_FILE"]
 
 #: The IDC patients the shipped model never saw in any stage: the demo mosaic is drawn from them
-HELD_OUT_PATIENTS_FILE = Path(__file__).resolve().parent.parent / "models" / "held_out_patients.txt"
+HELD_OUT_PATIENTS_FILE = Path(__file__).resolve().parents[2] / "models" / "held_out_patients.txt"
 
 REQUIRED_COLUMNS = ("path", "patient_id", "label", "fold")
 

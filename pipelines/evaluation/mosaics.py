@@ -6,6 +6,9 @@ tiles elsewhere, giving a picture whose right answer is known. Tiles are drawn a
 random (fixed seed) from the chosen patients only - by default those of
 ``models/held_out_patients.txt``, which no stage of the shipped model's training used -
 with no look at any model's output.
+
+Run by ``dicom-heatmap evaluate --mosaics N`` (:func:`evaluate_mosaics`); ``python -m
+pipelines.evaluation.mosaics --labels labels.csv --out DIR`` builds one, as the demo's was.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ import numpy as np
 from PIL import Image
 
 from dicom_heatmap.errors import InputError
-from pipelines.tile_data import HELD_OUT_PATIENTS_FILE, read_patient_list
+from pipelines.training.tile_data import HELD_OUT_PATIENTS_FILE, read_patient_list
 
 __all__ = ["tail_layout", "spread_layout", "symmetric_layout", "mosaic_layouts", "mosaic_rows", "paste_mosaic", "build_mosaic",
            "evaluate_mosaics"]
@@ -139,7 +142,7 @@ def evaluate_mosaics(labels_csv: str | Path, patients: list[str], scorer, count:
     """Build ``count`` mosaics of real tiles of ``patients`` (see :func:`mosaic_layouts`),
     analyse each through the real :func:`dicom_heatmap.api.analyze` path with its pixel size
     declared (the IDC tiles' 4 um), and compare with the layout, as the whole slides are
-    compared with their annotation (:func:`pipelines.slides.reference_direction`).
+    compared with their annotation (:func:`pipelines.training.whole_slides.reference_direction`).
 
     Args:
         labels_csv: the IDC table.
@@ -150,10 +153,11 @@ def evaluate_mosaics(labels_csv: str | Path, patients: list[str], scorer, count:
         threshold: the analysis's lesion threshold.
 
     Returns:
-        one record a mosaic, as :func:`pipelines.slides.evaluate_slides` gives for a slide
+        one record a mosaic, as :func:`pipelines.evaluation.slides.evaluate_slides` gives for a slide
         (``patient`` holds the mosaic's name).
     """
-    from pipelines.slides import TILE, RebuiltSlide, analyze_picture, comparison_record, draw_slide, lattice_settings
+    from pipelines.evaluation.slides import comparison_record, draw_slide
+    from pipelines.training.whole_slides import TILE, RebuiltSlide, analyze_picture, lattice_settings
 
     folder = Path(out_dir) / "mosaics" if out_dir is not None else None
     if folder is not None:

@@ -1,27 +1,26 @@
-"""Binary classification metrics without extra dependencies."""
+"""The measures the model lab reports: training's validation, the evaluation's tables.
+
+They live with training, upstream of :mod:`pipelines.evaluation`, which imports them, so
+that the lab's imports point one way (evaluation → training).
+"""
 
 from __future__ import annotations
 
 import numpy as np
+import torch
+from monai.metrics import compute_roc_auc
 
 __all__ = ["roc_auc", "roc_curve", "threshold_metrics"]
 
 
 def roc_auc(labels: np.ndarray, scores: np.ndarray) -> float:
-    """Area under the ROC curve (Mann-Whitney U with midranks for ties); NaN if one class."""
-    labels = np.asarray(labels).astype(bool)
-    scores = np.asarray(scores, dtype=np.float64)
-    positives, negatives = labels.sum(), (~labels).sum()
-    if positives == 0 or negatives == 0:
+    """Area under the ROC curve (MONAI's :func:`~monai.metrics.compute_roc_auc`, ties
+    counted half); NaN when only one class is present."""
+    labels = np.asarray(labels).astype(bool).ravel()
+    if labels.all() or not labels.any():
         return float("nan")
-    order = np.argsort(scores, kind="mergesort")
-    sorted_scores = scores[order]
-    ranks = np.empty(len(scores), dtype=np.float64)
-    # midranks: equal scores share the mean of their positions
-    _, first, counts = np.unique(sorted_scores, return_index=True, return_counts=True)
-    midranks = first + (counts + 1) / 2.0
-    ranks[order] = np.repeat(midranks, counts)
-    return float((ranks[labels].sum() - positives * (positives + 1) / 2) / (positives * negatives))
+    return float(compute_roc_auc(torch.as_tensor(np.asarray(scores, dtype=np.float64).ravel()),
+                                 torch.as_tensor(labels.astype(np.int64))))
 
 
 def roc_curve(labels: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -1,12 +1,17 @@
-"""What compressed pixel data declares inside its own codestream, read before any decoder runs.
+"""The size guards: what an input will decode to, judged before any decoder runs.
 
-The DICOM header's Rows and Columns are what the size guard checks, but a decoder
+- The declared size: the pixel values a header announces (rows x columns x samples x
+  frames, or a slide level's matrix) against the limit ``max_values``
+  (:data:`DEFAULT_MAX_VALUES` unless the caller gives another), :func:`check_size`.
+- The codestream: the DICOM header's Rows and Columns are what the size guard checks, but a decoder
 allocates what the codestream says: a 64 x 64 image whose JPEG frame header declares
 60000 x 60000 makes the decoder allocate gigabytes. So every frame's own header is read
 here (JPEG SOF, JPEG-LS SOF55, JPEG 2000 SIZ, the RLE header) and must agree with the
 DICOM header, and an encapsulated Pixel Data may hold no more frames than Number of
 Frames says. A deflated dataset is inflated here with a bound, before pydicom inflates
 it whole.
+- The TIFF layout: a slide's tiles or strips, and its smallest level, must be of a size a
+  reader can hold (:func:`check_tiff_layout`), before openslide opens it.
 """
 
 from __future__ import annotations
@@ -15,19 +20,50 @@ import struct
 import zlib
 from pathlib import Path
 
+import pydicom
 from pydicom.dataset import Dataset
 from pydicom.encaps import generate_frames
+from pydicom.uid import DeflatedExplicitVRLittleEndian, VLWholeSlideMicroscopyImageStorage
 
 from transforms.errors import InputError
 
-__all__ = ["check_codestreams", "check_deflated_size", "codestream_size"]
+__all__ = ["DEFAULT_MAX_VALUES", "MAX_PIECE_PIXELS", "STREAMED_LEVEL_FACTOR", "check_size", "declared_values",
+           "check_codestreams", "check_deflated_size", "codestream_size", "deflated_body_offset", "check_tiff_layout"]
+
+#: Most pixel values (pixels x samples x frames) an input may decode to by default - the
+#: ``--max-megavalues`` default of 512 million, for every entry point (CLI, bundle, API, PACS
+#: job). Checked from the header before any pixel data is decoded: a decompression bomb or a
+#: header claiming 100,000 x 100,000 x 1,000 is refused, not attempted.
+DEFAULT_MAX_VALUES = 512_000_000
+#: Most pixels of one TIFF tile or strip (a reader decodes one whole).
+MAX_PIECE_PIXELS = 64 * 1024 * 1024
+#: A slide whose smallest level has more pixels than this times the size guard is refused:
+#: its tissue map would read that whole level, band by band.
+STREAMED_LEVEL_FACTOR = 4
+
+
+def check_size(source: Path, values: int, what: str, limit: int) -> None:
+    """Refuse ``what`` of ``source`` when it would decode to more than ``limit`` values."""
+    if values > limit:
+        raise InputError(source, f"{what} would decode to {values:,} values, more than the limit of {limit:,}; "
+                                 "raise the limit (--max-megavalues) only if the machine has the memory")
+
+
+def declared_values(ds: Dataset, path: Path) -> int:
+    """Pixel values the header announces: rows x columns x samples x frames (or the total matrix)."""
+    try:
+        samples = int(ds.get("SamplesPerPixel", 1) or 1)
+        if ds.get("SOPClassUID") == VLWholeSlideMicroscopyImageStorage and "TotalPixelMatrixRows" in ds:
+            return int(ds.TotalPixelMatrixRows) * int(ds.TotalPixelMatrixColumns) * samples
+        return int(ds.get("Rows", 0) or 0) * int(ds.get("Columns", 0) or 0) * samples * int(ds.get("NumberOfFrames", 1) or 1)
+    except (TypeError, ValueError):
+        raise InputError(path, "Rows, Columns, Samples per Pixel or Number of Frames is not a number") from None
 
 _JPEG = {"1.2.840.10008.1.2.4.50", "1.2.840.10008.1.2.4.51", "1.2.840.10008.1.2.4.57", "1.2.840.10008.1.2.4.70",
          "1.2.840.10008.1.2.4.80", "1.2.840.10008.1.2.4.81"}  # JPEG, JPEG lossless, JPEG-LS
 _JPEG_2000 = {"1.2.840.10008.1.2.4.90", "1.2.840.10008.1.2.4.91", "1.2.840.10008.1.2.4.201",
               "1.2.840.10008.1.2.4.202", "1.2.840.10008.1.2.4.203"}  # JPEG 2000, HTJ2K
 _RLE = "1.2.840.10008.1.2.5"
-DEFLATED = "1.2.840.10008.1.2.1.99"
 #: JPEG start-of-frame markers (SOF0-SOF15 but DHT, JPG and DAC) and JPEG-LS's SOF55.
 _SOF_MARKERS = {*range(0xC0, 0xD0)} - {0xC4, 0xC8, 0xCC} | {0xF7}
 #: Markers without a length field.
@@ -145,3 +181,38 @@ def check_deflated_size(path: Path, offset: int, max_values: int) -> None:
             if total > limit:
                 raise InputError(path, f"the deflated dataset inflates to more than {limit:,} bytes, beyond the size "
                                        "limit; raise it (--max-megavalues) only if the machine has the memory")
+
+
+def deflated_body_offset(path: Path) -> int | None:
+    """Where the body of a deflated DICOM file starts; None for any other file."""
+    try:
+        meta = pydicom.filereader.read_file_meta_info(path)
+        if str(meta.get("TransferSyntaxUID", "")) != DeflatedExplicitVRLittleEndian:
+            return None
+        return 132 + 12 + int(meta.FileMetaInformationGroupLength)  # preamble, DICM, the group length element
+    except Exception:  # not DICOM, or no group length: pydicom's own reading judges it
+        return None
+
+
+def check_tiff_layout(path: Path, max_values: int) -> None:
+    """Refuse a TIFF-based slide whose tiles or strips, or whose smallest level, no reader
+    could hold, before openslide opens it (a tile side of 2**20 aborts openslide's
+    process; a 200,000-pixel-square level without a smaller one cannot be mapped)."""
+    import tifffile
+
+    try:
+        with tifffile.TiffFile(path) as tiff:
+            pages = [(page.imagewidth, page.imagelength, page.tilewidth, page.tilelength, page.rowsperstrip)
+                     for page in tiff.pages]
+    except Exception:  # not a TIFF (another openslide format), or damaged: openslide judges it
+        return
+    for index, (width, length, tile_width, tile_length, rows_per_strip) in enumerate(pages):
+        piece = tile_width * tile_length if tile_width else width * min(rows_per_strip or length, length)
+        if piece > MAX_PIECE_PIXELS:
+            what = f"tiles of {tile_width} x {tile_length}" if tile_width else f"strips of {width} x {rows_per_strip}"
+            raise InputError(path, f"TIFF page {index} has {what} pixels, more than any reader can hold at once "
+                                   f"({MAX_PIECE_PIXELS:,}); refused before reading")
+    smallest = min((width * length for width, length, *_ in pages), default=0)
+    if smallest > STREAMED_LEVEL_FACTOR * max_values:
+        raise InputError(path, f"the slide's smallest level has {smallest:,} pixels and no smaller level to map its "
+                               "tissue from; raise the limit (--max-megavalues) only if you can wait for it to be read")

@@ -15,7 +15,7 @@ models, each knowing from its ``training.json`` which folds it left out), else b
 model being extended. The held-out patients (``models/held_out_patients.txt``) are in no
 map and no fit.
 
-Every slide is rebuilt from its tiles (:func:`pipelines.slides.rebuild_slide`) and runs
+Every slide is rebuilt from its tiles (:func:`pipelines.training.whole_slides.rebuild_slide`) and runs
 through the real :func:`dicom_heatmap.api.analyze` path with the context stage off; the
 patch maps are cached in ``OUT/maps/`` by model checksum, so a second run does not score.
 """
@@ -33,7 +33,7 @@ from tqdm import tqdm
 
 from dicom_heatmap.context import LOGIT_CLIP, PatchContext, context_inputs, whole_slide_scores
 from dicom_heatmap.scorer import TileScorer
-from pipelines.slides import analyze_picture, lattice_settings, map_record, rebuild_slide
+from pipelines.training.whole_slides import analyze_picture, lattice_settings, map_record, read_rows, rebuild_slide
 
 __all__ = ["SlideMap", "slide_map", "cached_slide_maps", "model_unseen_patients", "fit_context", "leave_slides_out",
            "format_report", "train_context", "CONTEXT_EPOCHS"]
@@ -92,8 +92,6 @@ def cached_slide_maps(labels_csv: str | Path, patients: list[str], scorer: TileS
                       progress: bool = True) -> list[SlideMap]:
     """:func:`slide_map` of each patient, read from ``cache/<model sha256[:12]>/<patient>.npz``
     where an earlier run left it."""
-    from pipelines.slides import _read_rows
-
     folder = Path(cache) / scorer.checksum[:12]
     folder.mkdir(parents=True, exist_ok=True)
     rows = None
@@ -104,7 +102,7 @@ def cached_slide_maps(labels_csv: str | Path, patients: list[str], scorer: TileS
             with np.load(path) as stored:
                 maps.append(SlideMap(patient, stored["probabilities"], stored["labels"], scorer.checksum))
             continue
-        rows = rows if rows is not None else _read_rows(Path(labels_csv))
+        rows = rows if rows is not None else read_rows(Path(labels_csv))
         found = slide_map(labels_csv, patient, scorer, rows)
         temporary = path.with_suffix(".tmp.npz")
         np.savez_compressed(temporary, probabilities=found.probabilities, labels=found.labels)
@@ -174,7 +172,7 @@ REPORT_GROUPS = 4
 
 def leave_slides_out(maps: list[SlideMap], epochs: int = CONTEXT_EPOCHS, groups: int = REPORT_GROUPS,
                      progress: bool = True) -> list[dict]:
-    """Each slide's record (see :func:`pipelines.slides.map_comparison`) with the context stage
+    """Each slide's record (see :func:`pipelines.training.whole_slides.map_comparison`) with the context stage
     fit on the other groups' slides (slide ``i`` is in group ``i % groups``); ``raw`` holds the
     tile model's map read the same way (fixed threshold 0.5, no calibration)."""
     records: list[dict] = [{} for _ in maps]
@@ -237,8 +235,8 @@ def train_context(labels_csv: str | Path, out_dir: str | Path, model: str | Path
     """
     from dicom_heatmap.checksum import file_sha256
     from dicom_heatmap.scorer import DEFAULT_MODEL_PATH
-    from pipelines.slides import chosen_whole_patients
-    from pipelines.tile_data import HELD_OUT_PATIENTS_FILE, read_patient_list
+    from pipelines.training.whole_slides import chosen_whole_patients
+    from pipelines.training.tile_data import HELD_OUT_PATIENTS_FILE, read_patient_list
 
     out_dir = Path(out_dir)
     model_path = Path(model) if model is not None else DEFAULT_MODEL_PATH

@@ -1,4 +1,9 @@
-"""Evaluate a model on labelled tiles: pooled and per-patient metrics, every head, a ROC plot."""
+"""Evaluate a model on labelled tiles: pooled and per-patient metrics, every head, a ROC plot.
+
+Run by ``dicom-heatmap evaluate`` and the bundle's ``configs/evaluate.json``; with
+``--slides`` and ``--mosaics`` it also runs :mod:`pipelines.evaluation.slides` and
+:mod:`pipelines.evaluation.mosaics`.
+"""
 
 from __future__ import annotations
 
@@ -12,8 +17,8 @@ from tqdm import tqdm
 
 from dicom_heatmap.errors import ConfigurationError, InputError
 from dicom_heatmap.scorer import TileScorer
-from pipelines.metrics import roc_auc, roc_curve, threshold_metrics
-from pipelines.tile_data import load_tile_table
+from pipelines.training.metrics import roc_auc, roc_curve, threshold_metrics
+from pipelines.training.tile_data import load_tile_table
 
 __all__ = ["evaluate", "draw_roc", "format_report", "write_outputs", "run_evaluation", "mosaic_patients"]
 
@@ -145,7 +150,7 @@ def mosaic_patients(csv_path: str | Path, folds: list[int] | None, patients: lis
         InputError: when none is chosen (mosaics must come from patients the model never saw,
             which only the user knows), or the table has no tile sizes to draw 50 px tiles by.
     """
-    from pipelines.mosaic import mosaic_rows
+    from pipelines.evaluation.mosaics import mosaic_rows
 
     csv_path = Path(csv_path)
     if patients is None and folds is None:
@@ -184,8 +189,9 @@ def run_evaluation(csv_path: str | Path, out_dir: str | Path, model: str | Path 
     Returns:
         what ``metrics.json`` holds, with ``slides`` and ``mosaics`` records where asked for.
     """
-    from pipelines.mosaic import evaluate_mosaics
-    from pipelines.slides import chosen_whole_patients, evaluate_slides, format_slide_table, write_slide_outputs
+    from pipelines.evaluation.mosaics import evaluate_mosaics
+    from pipelines.evaluation.slides import evaluate_slides, format_slide_table, write_slide_outputs
+    from pipelines.training.whole_slides import chosen_whole_patients
 
     if not 0 <= mosaics <= MAX_MOSAICS:
         raise ConfigurationError(f"mosaics must be a whole number from 0 to {MAX_MOSAICS}, got {mosaics}")

@@ -1,6 +1,6 @@
 """Heatmap sanity check on BCSS regions with pixel tumour masks.
 
-    python -m pipelines.sanity --bcss ../shared/data/bcss --out docs
+    python -m pipelines.evaluation.sanity --bcss ../shared/data/bcss --out docs
 
 BCSS regions are at a much finer scale than the IDC training tiles (cells tens of pixels
 wide against fat cells of 10-20 pixels), so each region is zoomed down before the split;
@@ -27,7 +27,7 @@ from PIL import Image
 from dicom_heatmap.api import AnalysisSettings, analyze
 from dicom_heatmap.render import colorize
 from dicom_heatmap.scorer import TileScorer
-from pipelines.metrics import roc_auc
+from pipelines.training.metrics import roc_auc
 
 __all__ = ["run_sanity", "matched_scale_check", "ZOOMS", "MATCHED_ZOOM"]
 

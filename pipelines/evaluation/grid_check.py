@@ -1,13 +1,13 @@
 """Does the spread direction hold when the grid changes? The model card's grid table.
 
-Each whole IDC patient's slide is rebuilt (:func:`pipelines.slides.rebuild_slide`) and
+Each whole IDC patient's slide is rebuilt (:func:`pipelines.training.whole_slides.rebuild_slide`) and
 analysed with grid tiles of 0.75, 0.875, 1, 1.125 and 1.25 times the default tile size
 (8 tiles along the shorter side), once with each tile scored whole (no pixel size: the
 behaviour before 1.2) and once with the IDC tiles' pixel size declared (4 um: the model
 scores its 200 um patches). One line a slide: the annotation's direction and, per grid,
 the reported angle and directedness ("-" where undirected).
 
-    python -m pipelines.grid_check --csv ../shared/data/idc/labels.csv [--patients FILE]
+    python -m pipelines.evaluation.grid_check --csv ../shared/data/idc/labels.csv [--patients FILE]
 """
 
 from __future__ import annotations
@@ -20,8 +20,8 @@ from PIL import Image
 
 from dicom_heatmap.api import AnalysisSettings, analyze
 from dicom_heatmap.scorer import TileScorer
-from pipelines.slides import TILE, TILE_UM, rebuild_slide, reference_direction, whole_patients
-from pipelines.tile_data import read_patient_list
+from pipelines.training.whole_slides import TILE, TILE_UM, rebuild_slide, reference_direction, whole_patients
+from pipelines.training.tile_data import read_patient_list
 
 __all__ = ["GRID_FACTORS", "grid_readings"]
 
