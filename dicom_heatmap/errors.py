@@ -13,6 +13,9 @@ from transforms.errors import (  # noqa: F401
     is_uid,
     checked_number,
     one_line,
+    say,
+    OneLineFormatter,
 )
 
-__all__ = ["DicomHeatmapError", "InputError", "ModelError", "ConfigurationError", "OutputError", "EXIT_CODE", "one_line", "is_uid", "checked_number"]
+__all__ = ["DicomHeatmapError", "InputError", "ModelError", "ConfigurationError", "OutputError", "EXIT_CODE", "one_line",
+           "say", "OneLineFormatter", "is_uid", "checked_number"]

@@ -302,13 +302,18 @@ def _evidence_header(ds: Dataset) -> Dataset:
     header.file_meta = getattr(ds, "file_meta", Dataset())
     charset = header.get("SpecificCharacterSet")
     if isinstance(charset, (list, tuple)) or (charset is not None and not isinstance(charset, str)):
-        # "\ISO 2022 IR 87" (default repertoire, then code extensions) is valid DICOM that
-        # highdicom's check refuses; "ISO 2022 IR 6" is the same repertoire named. The
-        # outputs are written with the source's own value (see _ResultWriter.save).
+        # highdicom's check refuses valid multi-valued sets: "\ISO 2022 IR 87" (the default
+        # repertoire, then code extensions; "ISO 2022 IR 6" names the same repertoire) and
+        # any holding "ISO 2022 IR 58" (GB2312), which its list of code extensions lacks.
+        # Its constructors only carry the value over, and the outputs are written with the
+        # source's own value (see _ResultWriter.save), so it is given one it accepts.
         values = list(charset)
         if values and values[0] == "":
-            # a new element: header shares the source's elements, which must stay as they are
-            header[0x00080005] = DataElement(0x00080005, "CS", ["ISO 2022 IR 6", *values[1:]])
+            values = ["ISO 2022 IR 6", *values[1:]]
+        if "ISO 2022 IR 58" in values:
+            values = ["ISO_IR 192"]
+        # a new element: header shares the source's elements, which must stay as they are
+        header[0x00080005] = DataElement(0x00080005, "CS", values if len(values) > 1 else values[0])
     for keyword in PATIENT_STUDY_KEYWORDS:
         if keyword not in header:
             setattr(header, keyword, None)

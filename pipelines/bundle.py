@@ -11,7 +11,7 @@ from monai.bundle import ConfigParser
 
 from monai.data import Dataset
 
-from dicom_heatmap.api import AnalysisSettings, analyze_prepared, project_errors
+from dicom_heatmap.api import DEFAULT_MAX_PATCHES, AnalysisSettings, analyze_prepared, project_errors
 from dicom_heatmap.inferer import TileGridInferer
 from dicom_heatmap.scorer import TileScorer
 from pipelines.evaluation.evaluate import run_evaluation
@@ -90,11 +90,13 @@ class HeatmapWorkflow:
         settings: the :class:`AnalysisSettings` the preprocessing was configured with.
         output_dir: where each input's result folder goes.
         viewer_files: also write the files viewers open (see :meth:`AnalysisResult.save`).
+        max_patches: most patches (or tiles) an input may have scored (see :func:`analyze_prepared`).
     """
 
     def __init__(self, dataset: Dataset, scorer: TileScorer, inferer: TileGridInferer, settings: AnalysisSettings,
-                 output_dir: str | Path, viewer_files: bool = True) -> None:
+                 output_dir: str | Path, viewer_files: bool = True, max_patches: int = DEFAULT_MAX_PATCHES) -> None:
         self.viewer_files = viewer_files
+        self.max_patches = max_patches
         self.dataset = dataset
         self.scorer = scorer
         self.inferer = inferer
@@ -107,7 +109,7 @@ class HeatmapWorkflow:
         for index in range(len(self.dataset)):
             with project_errors():
                 data = self.dataset[index]
-            result = analyze_prepared(data, self.scorer, self.settings, self.inferer)
+            result = analyze_prepared(data, self.scorer, self.settings, self.inferer, max_patches=self.max_patches)
             folder = result.save(self.output_dir, viewer_files=self.viewer_files)
             if result.domain_warning:
                 print(f"warning: {result.meta['source_path']}: {result.domain_warning}")

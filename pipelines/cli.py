@@ -21,7 +21,8 @@ import sys
 import traceback
 from pathlib import Path
 
-from dicom_heatmap.errors import EXIT_CODE, DicomHeatmapError
+from dicom_heatmap.api import DEFAULT_MAX_PATCHES
+from dicom_heatmap.errors import EXIT_CODE, DicomHeatmapError, OneLineFormatter, say
 from dicom_heatmap.runtime import BACKENDS
 from dicom_heatmap.scorer import PRECISIONS
 from pipelines.pacs.ledger import STATES
@@ -51,6 +52,17 @@ def _positive(text: str) -> float:
         raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
     if not (math.isfinite(value) and value > 0):
         raise argparse.ArgumentTypeError(f"expected a number above 0, got {text!r}")
+    return value
+
+
+def _positive_whole(text: str) -> int:
+    """A whole number above 0 (argparse type)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number above 0, got {text!r}")
     return value
 
 
@@ -87,6 +99,9 @@ def _add_analysis_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-megavalues", type=_positive, default=DEFAULT_MAX_VALUES / 1e6, metavar="M",
                         help=f"refuse inputs that would decode to more than M million pixel values "
                              f"(default {DEFAULT_MAX_VALUES / 1e6:g})")
+    parser.add_argument("--max-patches", type=_positive_whole, default=DEFAULT_MAX_PATCHES, metavar="N",
+                        help=f"refuse inputs with more than N patches (or tiles) of tissue to score, before scoring "
+                             f"(default {DEFAULT_MAX_PATCHES:,}, about 14 minutes on two CPU cores)")
 
 
 class _OneLineParser(argparse.ArgumentParser):
@@ -255,26 +270,27 @@ def run_analyze(args: argparse.Namespace) -> int:
     failed = 0
     for path in args.inputs:
         try:
-            result = analyze(path, scorer, settings, progress=not args.quiet, max_values=int(args.max_megavalues * 1e6))
+            result = analyze(path, scorer, settings, progress=not args.quiet, max_values=int(args.max_megavalues * 1e6),
+                             max_patches=args.max_patches)
             folder = result.save(args.out, viewer_files=args.viewer_files)
         except DicomHeatmapError as error:
-            print(f"dicom-heatmap: error: {error}", file=sys.stderr)
+            say(f"dicom-heatmap: error: {error}", sys.stderr)
             failed += 1
             continue
         except Exception as error:  # one bad input must not stop the others
             # the exception's text may quote header values (patient data): only its type is shown
             if args.debug:
                 traceback.print_exc()
-            print(f"dicom-heatmap: error: {path}: unexpected failure ({type(error).__name__}); "
-                  "rerun with --debug and report it", file=sys.stderr)
+            say(f"dicom-heatmap: error: {path}: unexpected failure ({type(error).__name__}); "
+                "rerun with --debug and report it", sys.stderr)
             failed += 1
             continue
         if result.domain_warning:
-            print(f"dicom-heatmap: warning: {path}: {result.domain_warning}", file=sys.stderr)
+            say(f"dicom-heatmap: warning: {path}: {result.domain_warning}", sys.stderr)
         if result.scale_notice:
-            print(f"dicom-heatmap: notice: {path}: {result.scale_notice}", file=sys.stderr)
-        print(f"{path}: {result.summary_line()}")
-        print(f"  -> {folder}")
+            say(f"dicom-heatmap: notice: {path}: {result.scale_notice}", sys.stderr)
+        say(f"{path}: {result.summary_line()}")
+        say(f"  -> {folder}")
     return EXIT_CODE if failed else 0
 
 
@@ -298,7 +314,7 @@ def run_train(args: argparse.Namespace) -> int:
     settings = TrainSettings(max_tiles=args.max_tiles, balanced_sampling=args.balanced_sampling, cross_fit=args.cross_fit,
                              stain_normalisation=args.stain_normalisation, **given, **plan)
     model = train(args.data, args.out, settings)
-    print(f"model written to {model}")
+    say(f"model written to {model}")
     return 0
 
 
@@ -308,7 +324,7 @@ def run_train_context(args: argparse.Namespace) -> int:
 
     epochs = checked_number("epochs", args.epochs if args.epochs is not None else CONTEXT_EPOCHS, int, 1, 10_000)
     model = train_context(args.data, args.out, args.model, args.map_model, epochs, progress=not args.quiet)
-    print(f"model with the context stage written to {model}")
+    say(f"model with the context stage written to {model}")
     return 0
 
 
@@ -342,7 +358,7 @@ def _console_logging(debug: bool) -> None:
     ``--debug`` shows."""
     logging.captureWarnings(True)  # warnings.warn -> the "py.warnings" logger
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("%(name)s: %(message)s"))
+    handler.setFormatter(OneLineFormatter("%(name)s: %(message)s"))
     if not debug:
         handler.addFilter(lambda record: record.name == log.name or record.name.startswith(log.name + "."))
     root = logging.getLogger()
@@ -360,16 +376,16 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return handlers[args.command](args)
     except DicomHeatmapError as error:
-        print(f"dicom-heatmap: error: {error}", file=sys.stderr)
+        say(f"dicom-heatmap: error: {error}", sys.stderr)
         return EXIT_CODE
     except KeyboardInterrupt:
-        print("dicom-heatmap: interrupted", file=sys.stderr)
+        say("dicom-heatmap: interrupted", sys.stderr)
         return 130
     except Exception as error:  # a bug or an unforeseen input: one line, never a traceback by default
         if args.debug:
             traceback.print_exc()
-        print(f"dicom-heatmap: error: unexpected failure ({type(error).__name__}); rerun with --debug and report it",
-              file=sys.stderr)
+        say(f"dicom-heatmap: error: unexpected failure ({type(error).__name__}); rerun with --debug and report it",
+            sys.stderr)
         return EXIT_CODE
 
 

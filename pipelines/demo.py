@@ -11,6 +11,7 @@ import torch
 from monai.metrics import compute_roc_auc
 
 from dicom_heatmap.api import AnalysisSettings, analyze
+from dicom_heatmap.errors import say
 from dicom_heatmap.scorer import TileScorer
 
 __all__ = ["run_demo", "SAMPLES"]
@@ -36,7 +37,8 @@ def run_demo(out_dir: str | Path) -> int:
         started = time.perf_counter()
         result = analyze(DATA / name, scorer, settings)
         folder = result.save(out_dir)
-        print(f"\n{name}: {what}")
+        print()
+        print(f"{name}: {what}")
         print(f"  {result.summary_line()}  [{time.perf_counter() - started:.1f} s]")
         if result.domain_warning:
             print(f"  warning: {result.domain_warning}")
@@ -50,6 +52,7 @@ def run_demo(out_dir: str | Path) -> int:
             print(f"  against the known layout: tile AUC {auc:.3f}; "
                   f"expected direction right (0 deg), found {result.spread.words} ({result.spread.angle_deg} deg)")
         names = sorted(p.name for p in folder.iterdir() if not p.name.startswith("sc-"))
-        print(f"  -> {folder}/ (sc-*.dcm, {', '.join(names)})")
-    print(f"\nAll outputs are in {out_dir}/. Research use only, not for diagnosis.")
+        say(f"  -> {folder}/ (sc-*.dcm, {', '.join(names)})")
+    print()
+    say(f"All outputs are in {out_dir}/. Research use only, not for diagnosis.")
     return 0

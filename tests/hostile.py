@@ -28,6 +28,7 @@ class Case:
     path: Path
     expect: str  # "refused": exit 2, one line with ``message``; "kept": exit 0, names exact; "analysed": exit 0
     message: str = ""
+    options: tuple[str, ...] = ()  # options of the analyze command beside the input
 
 
 def _mono8(size: int = 64) -> np.ndarray:
@@ -76,10 +77,10 @@ def make_cases(folder: Path) -> list[Case]:
     pixels = _mono8()
     cases = []
 
-    def write(name: str, ds: pydicom.Dataset, expect: str, message: str = "") -> None:
+    def write(name: str, ds: pydicom.Dataset, expect: str, message: str = "", options: tuple[str, ...] = ()) -> None:
         path = folder / f"{name}.dcm"
         ds.save_as(path, enforce_file_format=True)
-        cases.append(Case(name, path, expect, message))
+        cases.append(Case(name, path, expect, message, options))
 
     # 1. decoder bombs: the codestream declares a size far beyond the DICOM header's
     bomb = _patch(jpeg_frame(pixels), b"\xff\xc0", 5, ">HH", 60000, 60000)
@@ -106,7 +107,7 @@ def make_cases(folder: Path) -> list[Case]:
     deflated.add_new(0x00091010, "OB", bytes(80 * 1024 * 1024))  # a private element of zeros
     deflated.add_new(0x00090010, "LO", "HOSTILE")
     deflated.file_meta.TransferSyntaxUID = DeflatedExplicitVRLittleEndian
-    write("deflate_bomb", deflated, "refused", "inflates to more than")
+    write("deflate_bomb", deflated, "refused", "inflates to more than", ("--max-megavalues", "1"))
     # 2. header text that would break a console line, or be copied into the outputs
     for name, value in [("pn_bel", f"{PLANTED}\x07^Name"), ("pn_crlf", f"{PLANTED}\r\n^Name"),
                         ("pn_escape", f"{PLANTED}\x1b[2J^Name")]:
@@ -154,7 +155,9 @@ def make_cases(folder: Path) -> list[Case]:
     # 3. valid non-ASCII names: kept exactly, in the source's character set
     for name, charset, value in [("latin1_name", "ISO_IR 100", "Müller^Jürgen"),
                                  ("utf8_name", "ISO_IR 192", "Müller^Jürgen=山田^太郎"),
-                                 ("ir87_name", ["", "ISO 2022 IR 87"], "Yamada^Tarou=山田^太郎")]:
+                                 ("ir87_name", ["", "ISO 2022 IR 87"], "Yamada^Tarou=山田^太郎"),
+                                 # PS3.5 J.3's example: GB2312 designated into G1 by ESC $ ) A
+                                 ("ir58_name", ["", "ISO 2022 IR 58"], b"Zhang^XiaoDong=\x1b$)A\xd5\xc5^\xd0\xa1\xb6\xab=")]:
         ds = _base(pixels)
         ds.SpecificCharacterSet = charset
         ds.PatientName = value
@@ -162,6 +165,9 @@ def make_cases(folder: Path) -> list[Case]:
     negative = _base(pixels)
     negative.SliceThickness = "-2.5"
     write("negative_slice_thickness", negative, "kept")  # the PM must not copy it (dciodvfy)
+    _whole_slide_cases(write)
+    _decoy_cases(pixels, write)
+    cases += _console_and_work_cases(folder)
     # 4. slides: a TIFF's own layout (openslide aborts its process on a 2**20 tile side)
     tiff = folder / "small.tif"
     tifffile.imwrite(tiff, np.full((512, 512, 3), 200, np.uint8), tile=(256, 256), photometric="rgb", compression="zlib")
@@ -182,6 +188,128 @@ def make_cases(folder: Path) -> list[Case]:
     Image.new("RGB", (12000, 12000), (230, 200, 220)).save(plain)
     cases.append(Case("plain_12000_png", plain, "analysed"))
     return cases
+
+
+def _wsi(change) -> pydicom.Dataset:
+    """The embedded DICOM whole-slide image, with ``change`` applied to its header."""
+    ds = pydicom.dcmread(DATA / "wsi_lymph_node.dcm")
+    ds.PatientName = f"{PLANTED}^Test"
+    change(ds)
+    return ds
+
+
+def _whole_slide_cases(write) -> None:
+    """What a DICOM whole-slide image's decoder will produce, whatever its matrix claims, and
+    the header numbers its geometry is computed from."""
+    def tile_bomb(ds):  # one 24000-pixel-square frame (its codestream agrees) in a 64-pixel matrix
+        ds.Rows = ds.Columns = 24000
+        ds.TotalPixelMatrixRows = ds.TotalPixelMatrixColumns = 64
+        ds.NumberOfFrames = 1
+        frame = _patch(jpeg_frame(np.full((64, 64, 3), 200, np.uint8)), b"\xff\xc0", 5, ">HH", 24000, 24000)
+        _encapsulated(ds, [frame], JPEGBaseline8Bit)
+
+    def frame_flood(ds):  # 20,000 frames of 256 x 256 (3.9 G values) for a 64-pixel matrix
+        ds.TotalPixelMatrixRows = ds.TotalPixelMatrixColumns = 64
+        ds.NumberOfFrames = 20000
+        _encapsulated(ds, [jpeg_frame(np.full((256, 256, 3), 200, np.uint8))] * 20000, JPEGBaseline8Bit)
+
+    def spacing(values):
+        def change(ds):
+            ds.SharedFunctionalGroupsSequence[0].PixelMeasuresSequence[0].PixelSpacing = values
+        return change
+
+    write("wsi_tile_bomb", _wsi(tile_bomb), "refused", "would decode to")
+    write("wsi_frame_flood", _wsi(frame_flood), "analysed")  # only the one frame the matrix needs is decoded
+    with pydicom.config.disable_value_validation():
+        for name, values in [("wsi_zero_spacing", [0, 0]), ("wsi_nan_spacing", ["NaN", "NaN"]),
+                             ("wsi_infinite_spacing", ["inf", "1"])]:
+            write(name, _wsi(spacing(values)), "refused", "Pixel Spacing (mm) must be a finite number")
+
+
+def _decoy_cases(pixels: np.ndarray, write) -> None:
+    """Codestreams whose first or most visible size is honest while the one the decoder uses is not."""
+    j2k = _base(pixels)
+    j2k.compress(JPEG2000Lossless)
+    honest = next(pydicom.encaps.generate_frames(j2k.PixelData, number_of_frames=1))
+    bomb = _patch(honest, b"\xff\x51", 6, ">II", 28000, 28000)
+
+    def box(kind: bytes, payload: bytes) -> bytes:
+        return struct.pack(">I", 8 + len(payload)) + kind + payload
+
+    # a JP2 file: signature, file type, a header, an XML box holding the honest SIZ as a decoy,
+    # and the codestream box with the real (28000-pixel-square) one
+    jp2 = (box(b"jP  ", b"\r\n\x87\n") + box(b"ftyp", b"jp2 \x00\x00\x00\x00jp2 ")
+           + box(b"jp2h", box(b"ihdr", struct.pack(">IIHBBBB", 64, 64, 1, 7, 7, 0, 0)))
+           + box(b"xml ", b"<decoy>" + honest + b"</decoy>") + box(b"jp2c", bomb))
+    write("jp2_xml_decoy", _encapsulated(_base(pixels), [jp2], JPEG2000Lossless), "refused", "declares 28000 x 28000")
+    jpeg = jpeg_frame(pixels)
+    # hierarchical JPEG: a DHP segment (the whole image's size) before the honest frame header
+    dhp = b"\xff\xde" + struct.pack(">HBHHB", 11, 8, 54000, 54000, 1) + b"\x01\x11\x00"
+    write("jpeg_dhp_bomb", _encapsulated(_base(pixels), [jpeg[:2] + dhp + jpeg[2:]], JPEGBaseline8Bit),
+          "refused", "declares 54000 x 54000")
+    # a second frame header after the first scan
+    sof = jpeg[jpeg.index(b"\xff\xc0"):]
+    sof = _patch(sof[: 2 + struct.unpack(">H", sof[2:4])[0]], b"\xff\xc0", 5, ">HH", 30000, 30000)
+    write("jpeg_second_sof", _encapsulated(_base(pixels), [jpeg[:-2] + sof + b"\xff\xd9"], JPEGBaseline8Bit),
+          "refused", "declares 30000 x 30000")
+
+
+def _console_and_work_cases(folder: Path) -> list[Case]:
+    cases = []
+    # a path that would act on the terminal: every line that names it must show it escaped
+    named = folder / "ct\x1b[2J\x07\nname.dcm"
+    named.write_bytes((DATA / "CT_small.dcm").read_bytes())
+    cases.append(Case("path_control_characters", named, "analysed"))
+    # openslide prints its own warning to the process's stderr before refusing the file
+    misordered = folder / "misordered_levels.svs"
+    description = "Aperio Image Library v10.0.50\r\n512x512 [0,0 512x512] (256x256) JPEG/RGB Q=30|AppMag = 20|MPP = 0.5"
+    misordered.write_bytes(tiled_tiff([(512, 512, description), (1024, 1024, "Aperio Image Library v10.0.50\r\nlevel")]))
+    cases.append(Case("svs_misordered_levels", misordered, "refused", "cannot open the slide"))
+    zero_mpp = folder / "zero_mpp.svs"
+    zero_mpp.write_bytes(tiled_tiff([(512, 512, description.replace("MPP = 0.5", "MPP = 0"))]))
+    cases.append(Case("svs_zero_mpp", zero_mpp, "refused", "openslide.mpp-x"))
+    # 62,500 patches of 200 um in a 4000-pixel-square picture declared at 12.5 um a pixel
+    tile = np.asarray(Image.open(DATA / "idc_mosaic_tail.png").convert("RGB"))[:200, :200]
+    patches = folder / "patch_bomb.png"
+    Image.fromarray(np.tile(tile, (20, 20, 1))).save(patches)
+    cases.append(Case("patch_bomb_png", patches, "refused", "patches hold tissue to score", ("--pixel-size-um", "12.5")))
+    return cases
+
+
+def tiled_tiff(pages: list[tuple[int, int, str]]) -> bytes:
+    """A little-endian TIFF of JPEG-compressed (7) 256-pixel tiles, one page per (width,
+    height, ImageDescription); the tiles are empty JPEG streams, for readers that judge a
+    file before reading a tile."""
+    out = bytearray(b"II*\x00\x00\x00\x00\x00")
+    next_pointer = 4
+    for width, height, description in pages:
+        count = -(-width // 256) * -(-height // 256)
+        tile = b"\xff\xd8\xff\xd9"
+        offsets = []
+        for _ in range(count):
+            offsets.append(len(out))
+            out += tile
+        text = description.encode() + b"\x00"
+        text_at = len(out)
+        out += text + b"\x00" * (len(text) % 2)
+        bits_at = len(out)
+        out += struct.pack("<HHH", 8, 8, 8)
+        offsets_at = len(out)
+        out += struct.pack(f"<{count}I", *offsets)
+        counts_at = len(out)
+        out += struct.pack(f"<{count}I", *[len(tile)] * count)
+        entries = [(256, 4, 1, width), (257, 4, 1, height), (258, 3, 3, bits_at), (259, 3, 1, 7), (262, 3, 1, 2),
+                   (270, 2, len(text), text_at), (277, 3, 1, 3), (284, 3, 1, 1), (322, 3, 1, 256), (323, 3, 1, 256),
+                   (324, 4, count, offsets_at if count > 1 else offsets[0]),
+                   (325, 4, count, counts_at if count > 1 else len(tile))]
+        struct.pack_into("<I", out, next_pointer, len(out))
+        out += struct.pack("<H", len(entries))
+        for tag, kind, number, value in entries:
+            out += struct.pack("<HHIHH" if kind == 3 and number == 1 else "<HHII", tag, kind, number, value,
+                               *((0,) if kind == 3 and number == 1 else ()))
+        next_pointer = len(out)
+        out += b"\x00\x00\x00\x00"
+    return bytes(out)
 
 
 def _patch_tiff(data: bytes, values: dict[int, int]) -> bytes:

@@ -7,6 +7,7 @@ and checks what Orthanc holds afterwards through its REST API.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import sqlite3
@@ -111,6 +112,17 @@ def accepts(assoc) -> bool:
         assoc.release()
         return True
     return False
+
+
+def verification_accepted(port: int) -> bool:
+    """Whether our listener on ``port`` accepts an association (C-ECHO's context) from ORTHANC."""
+    from pynetdicom import AE
+    from pynetdicom.sop_class import Verification
+
+    ae = AE(ae_title="ORTHANC")
+    ae.add_requested_context(Verification)
+    ae.acse_timeout = ae.network_timeout = 5
+    return accepts(ae.associate("127.0.0.1", port, ae_title=OUR_AE))
 
 
 def result_counts(orthanc: Orthanc) -> dict[str, int]:
@@ -397,6 +409,10 @@ def parametric_maps(orthanc: Orthanc) -> dict[str, np.ndarray]:
      "retry.max_attempts: inf is not allowed"),
     ("ae_title: DHEATMAP\nwork_dir: w\npacs: {ae_title: PACS, host: h, port: 104}\nquery: {study_date: 20260230}\n",
      "20260230 is no date of the calendar"),
+    ("ae_title: DHEATMAP\nwork_dir: w\npacs: {ae_title: PACS, host: h, port: 104}\nquery: {study_date: last 99999 days}\n",
+     "at most 'last 36500 days'"),
+    ("ae_title: DHEATMAP\nwork_dir: w\npacs: {ae_title: PACS, host: h, port: 104}\nquery: {study_date: last 9999999999 days}\n",
+     "expected YYYYMMDD"),
     ("ae_title: DHEATMAP\nwork_dir: w\nwork_dir: v\npacs: {ae_title: PACS, host: h, port: 104}\n", "'work_dir' appears twice"),
     ("a: &a [x, x, x]\nb: [*a, *a, *a]\n", "anchors and aliases are not allowed"),
 ])
@@ -454,38 +470,71 @@ def test_the_readme_example_configuration_and_rules_work(tmp_path):
     assert {series: config.query.selects(series) for series in cases} == cases
 
 
+@contextlib.contextmanager
+def running_listener(tmp_path: Path, orthanc: Orthanc, our_port: int, connections: list):
+    """``pacs listen`` accepting associations; on leaving, ``connections`` are closed and the
+    listener stopped."""
+    config = write_config(tmp_path / "pacs.yaml", orthanc, our_port)
+    node = start_pacs("listen", "--config", config)
+    try:
+        wait_for(lambda: verification_accepted(our_port), what="the listener to accept associations", process=node)
+        yield node
+    finally:
+        for connection in connections:
+            connection.close()
+        node.send_signal(signal.SIGTERM)
+        node.communicate(timeout=60)
+
+
 def test_silent_connections_do_not_block_the_listener(tmp_path, orthanc, our_port):
     """Ten TCP connections that send part of a PDU and go quiet (slowloris) must neither
     block real associations nor hold their slots for long."""
     import socket
 
-    from pynetdicom import AE
-    from pynetdicom.sop_class import Verification
-
-    config = write_config(tmp_path / "pacs.yaml", orthanc, our_port)
-    node = start_pacs("listen", "--config", config)
-
-    def echo() -> bool:
-        ae = AE(ae_title="ORTHANC")
-        ae.add_requested_context(Verification)
-        ae.acse_timeout = ae.network_timeout = 5
-        return accepts(ae.associate("127.0.0.1", our_port, ae_title=OUR_AE))
-
     silent = []
-    try:
-        wait_for(echo, what="the listener to accept associations", process=node)
+    with running_listener(tmp_path, orthanc, our_port, silent):
         for _ in range(12):
             connection = socket.create_connection(("127.0.0.1", our_port))
             connection.sendall(b"\x01\x00\x00\x00\x00\x00")  # the start of an A-ASSOCIATE-RQ, then nothing
             silent.append(connection)
         started = time.monotonic()
-        assert echo(), "a real association was refused while silent connections were open"
+        assert verification_accepted(our_port), "a real association was refused while silent connections were open"
         assert time.monotonic() - started < 5
-    finally:
-        for connection in silent:
-            connection.close()
-        node.send_signal(signal.SIGTERM)
-        node.communicate(timeout=60)
+
+
+def test_half_sent_requests_and_huge_pdus_cannot_exhaust_the_listener(tmp_path, orthanc, our_port):
+    """70 connections that each send part of an A-ASSOCIATE-RQ and then a byte now and then
+    hold no slot past the handshake limit, and a peer announcing a 4 GB PDU before any
+    association is cut off at the PDU's header, nothing of it read."""
+    import socket
+    import struct
+
+    from pipelines.pacs.dimse import HANDSHAKE_TIMEOUT_S
+
+    partial = []
+    with running_listener(tmp_path, orthanc, our_port, partial):
+        for _ in range(70):
+            connection = socket.create_connection(("127.0.0.1", our_port))
+            connection.sendall(b"\x01\x00" + struct.pack(">L", 200) + b"\x00\x01\x00\x00")  # 4 of 200 bytes
+            partial.append(connection)
+        dripped = time.monotonic() + HANDSHAKE_TIMEOUT_S + 2
+        while time.monotonic() < dripped:  # a byte now and then: no read of them ever waits long
+            for connection in partial:
+                try:
+                    connection.sendall(b"A")
+                except OSError:
+                    pass
+            time.sleep(0.5)
+        assert verification_accepted(our_port), "half-sent association requests still held the listener's slots"
+        huge = socket.create_connection(("127.0.0.1", our_port))
+        partial.append(huge)
+        huge.settimeout(10)
+        huge.sendall(b"\x01\x00" + struct.pack(">L", 4_000_000_000))
+        time.sleep(1)
+        with pytest.raises(OSError):  # the listener closed the connection instead of reading on
+            for _ in range(256):
+                huge.sendall(bytes(1 << 20))
+        assert verification_accepted(our_port)
 
 
 def test_configuration_files_that_are_not_what_they_seem_are_refused(tmp_path, capsys):

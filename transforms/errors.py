@@ -1,4 +1,4 @@
-"""The project's one family of exceptions (re-exported as ``dicom_heatmap.errors``).
+"""The project's one family of exceptions (re-exported as ``dicom_heatmap.errors``), and its console lines.
 
 Every message names the input concerned and says what is wrong and what to do. The
 command line prints ``str(error)`` on one line and exits with :data:`EXIT_CODE`.
@@ -7,13 +7,16 @@ Messages never carry patient-identifying values: name instances by UID or by pat
 
 from __future__ import annotations
 
+import logging
 import math
 import numbers
 import re
+import sys
 from pathlib import Path
+from typing import TextIO
 
-__all__ = ["DicomHeatmapError", "InputError", "NotDicomError", "ModelError", "ConfigurationError", "OutputError", "EXIT_CODE", "one_line",
-           "is_uid", "checked_number"]
+__all__ = ["DicomHeatmapError", "InputError", "NotDicomError", "ModelError", "ConfigurationError", "OutputError",
+           "EXIT_CODE", "one_line", "say", "OneLineFormatter", "is_uid", "checked_number"]
 
 #: Exit status of the command line for any of these errors.
 EXIT_CODE = 2
@@ -39,6 +42,20 @@ def one_line(text: str, limit: int = MAX_MESSAGE) -> str:
     never acted on, and the length bounded."""
     text = _UNPRINTABLE.sub(lambda m: m.group().encode("unicode_escape").decode("ascii"), str(text))
     return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def say(text: str, file: TextIO | None = None) -> None:
+    """Print ``text`` as one console line (see :func:`one_line`): every line a command prints
+    goes through here, since paths and header values in it are the user's or the input's,
+    and a path may hold ESC, BEL or a newline."""
+    print(one_line(text), file=file or sys.stdout)
+
+
+class OneLineFormatter(logging.Formatter):
+    """A log formatter whose every record is one console line (see :func:`one_line`)."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        return one_line(super().format(record), limit=4 * MAX_MESSAGE)
 
 
 class DicomHeatmapError(Exception):

@@ -9,7 +9,7 @@ import signal
 import sys
 import threading
 
-from dicom_heatmap.errors import EXIT_CODE, one_line
+from dicom_heatmap.errors import EXIT_CODE, OneLineFormatter, one_line, say
 
 from pipelines.pacs.config import parse_duration
 from pipelines.pacs.config_file import load_config
@@ -23,7 +23,7 @@ log = logging.getLogger("dicom_heatmap.pacs")
 def _log_to_stderr() -> None:
     """Timestamped lines for a batch job's log (UIDs only, never patient data)."""
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%Y-%m-%d %H:%M:%S"))
+    handler.setFormatter(OneLineFormatter("%(asctime)s %(levelname)s %(message)s", "%Y-%m-%d %H:%M:%S"))
     log.addHandler(handler)
     log.setLevel(logging.INFO)
     log.propagate = False
@@ -53,12 +53,11 @@ def poll(args: argparse.Namespace) -> int:
             job.every(every, _stop_on_signals())
             return 0
         summary = job.round()
-    print(summary.line())
+    say(summary.line())
     for failure in summary.failures:
-        print(f"  failed: {failure}")
+        say(f"  failed: {failure}")
     if summary.stopped:
-        print(f"dicom-heatmap: error: {summary.stopped}; the series not done are tried again by the next run",
-              file=sys.stderr)
+        say(f"dicom-heatmap: error: {summary.stopped}; the series not done are tried again by the next run", sys.stderr)
     return 0 if summary.ok else EXIT_CODE
 
 
@@ -74,7 +73,7 @@ def listen(args: argparse.Namespace) -> int:
 def status(args: argparse.Namespace) -> int:
     config = load_config(args.config)
     if not config.ledger_path.exists():
-        print(f"no ledger yet at {config.ledger_path}: no job has run with this configuration")
+        say(f"no ledger yet at {config.ledger_path}: no job has run with this configuration")
         return 0
     ledger = Ledger(config.ledger_path)
     try:

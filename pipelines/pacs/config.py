@@ -22,7 +22,9 @@ from dicom_heatmap.errors import ConfigurationError
 __all__ = ["PacsConfig", "RemoteNode", "Query", "SelectionRule", "RetryPolicy", "TlsSettings", "parse_duration"]
 
 #: ``last N days`` in a query's study date
-LAST_DAYS = re.compile(r"^last (\d+) days?$")
+LAST_DAYS = re.compile(r"^last (\d{1,5}) days?$")
+#: The longest ``last N days`` (a hundred years): date arithmetic overflows long before 99,999.
+MAX_LAST_DAYS = 36_500
 _DURATION = re.compile(r"^(\d+(?:\.\d+)?)\s*(s|m|h)?$")
 
 

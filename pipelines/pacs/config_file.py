@@ -21,8 +21,8 @@ from dicom_heatmap.api import SETTING_RANGES, AnalysisSettings
 from dicom_heatmap.errors import ConfigurationError, one_line
 from dicom_heatmap.runtime import BACKENDS
 from dicom_heatmap.scorer import PRECISIONS
-from pipelines.pacs.config import (LAST_DAYS, PacsConfig, Query, RemoteNode, RetryPolicy, SelectionRule, TlsSettings,
-                                   parse_duration)
+from pipelines.pacs.config import (LAST_DAYS, MAX_LAST_DAYS, PacsConfig, Query, RemoteNode, RetryPolicy, SelectionRule,
+                                   TlsSettings, parse_duration)
 
 __all__ = ["load_config", "SCHEMA", "RULE_SCHEMA"]
 
@@ -265,6 +265,10 @@ def _query(raw: Any, path: Path) -> Query:
                 _DATE_RANGE.match(study_date) and study_date.strip("-")):
             raise ConfigurationError(f"{_where(path, 'query.study_date')}: expected YYYYMMDD, YYYYMMDD-YYYYMMDD, "
                                      f"'today' or 'last N days', got {one_line(repr(study_date), 40)}")
+        last = LAST_DAYS.match(study_date)
+        if last and int(last.group(1)) > MAX_LAST_DAYS:
+            raise ConfigurationError(f"{_where(path, 'query.study_date')}: at most 'last {MAX_LAST_DAYS} days', got "
+                                     f"{one_line(repr(study_date), 40)}")
         for day in re.findall(r"\d{8}", study_date):
             try:
                 dt.datetime.strptime(day, "%Y%m%d")

@@ -8,6 +8,8 @@ the reason, and uses TLS when the configuration gives it.
 from __future__ import annotations
 
 import logging
+import threading
+import time
 from pathlib import Path
 from typing import Callable
 
@@ -26,6 +28,7 @@ from pydicom.uid import (
 )
 from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, build_role, evt
 from pynetdicom.association import Association
+from pynetdicom.transport import AssociationSocket, RequestHandler, ThreadedAssociationServer
 from pynetdicom.sop_class import (
     StudyRootQueryRetrieveInformationModelFind,
     StudyRootQueryRetrieveInformationModelGet,
@@ -61,6 +64,11 @@ def store_status_is_success(status: int) -> bool:
 MAX_ASSOCIATIONS = 64
 #: Seconds a peer has, once connected, to complete its association request.
 HANDSHAKE_TIMEOUT_S = 5.0
+#: Largest PDU our SCP reads before an association is established (an A-ASSOCIATE-RQ is a
+#: few kilobytes), and the largest it advertises and reads after: with
+#: :data:`MAX_ASSOCIATIONS`, what peers can make the listener hold is bounded.
+MAX_REQUEST_PDU = 1024 * 1024
+MAX_PDU = 16 * 1024 * 1024
 
 
 def _new_ae(config: PacsConfig) -> AE:
@@ -223,6 +231,70 @@ class DimseArchive:
         return len(paths)
 
 
+class _BoundedSocket(AssociationSocket):
+    """The SCP's side of one connection: a PDU larger than the peer may send is refused at
+    its header (the connection is closed, nothing of it read), and a PDU must arrive whole
+    within a deadline from its first byte - the handshake limit before the association is
+    established, pacs.timeout after - so a peer that sends part of one and then a byte now
+    and then cannot hold a slot."""
+
+    _handshake_s = _pdu_s = _deadline = 0.0
+    _next_is_header = True  # pynetdicom reads a PDU's 6-byte header, then its body
+
+    @classmethod
+    def adopt(cls, sock: AssociationSocket, handshake_s: float, pdu_s: float) -> None:
+        """Make pynetdicom's socket of a new connection one of these. A second wrapper of the
+        same connection cannot be made instead: making one announces the connection to the
+        association's state machine again."""
+        sock.__class__ = cls
+        sock._handshake_s, sock._pdu_s = handshake_s, pdu_s
+
+    def recv(self, nr_bytes: int) -> bytearray:
+        established = self.assoc.is_established
+        if nr_bytes > (MAX_PDU if established else MAX_REQUEST_PDU):
+            log.warning("closed a connection from %s: it announced a PDU of %d bytes", self.assoc.requestor.address,
+                        nr_bytes)
+            return bytearray()  # short: pynetdicom closes the connection without reading on
+        if self._next_is_header:  # a new PDU starts
+            self._deadline = time.monotonic() + (self._pdu_s if established else self._handshake_s)
+        self._next_is_header = not self._next_is_header
+        received = bytearray()
+        timeout = self.socket.gettimeout()
+        try:
+            while len(received) < nr_bytes:
+                remaining = self._deadline - time.monotonic()
+                if remaining <= 0:
+                    break
+                self.socket.settimeout(remaining)
+                chunk = self.socket.recv(min(65536, nr_bytes - len(received)))
+                if not chunk:
+                    break
+                received.extend(chunk)
+        except (TimeoutError, OSError):
+            pass  # what arrived is short: the connection is closed
+        finally:
+            self.socket.settimeout(timeout)
+        return received
+
+
+class _BoundedRequestHandler(RequestHandler):
+    """pynetdicom's request handler, each connection read through a :class:`_BoundedSocket`."""
+
+    def _create_association(self):
+        assoc = super()._create_association()
+        pdu_s = self.server.pdu_timeout_s
+        _BoundedSocket.adopt(assoc.dul.socket, min(HANDSHAKE_TIMEOUT_S, pdu_s), pdu_s)  # before any read
+        return assoc
+
+
+class _BoundedServer(ThreadedAssociationServer):
+    """pynetdicom's threaded server with :class:`_BoundedRequestHandler` and the PDU deadline."""
+
+    def __init__(self, *args, pdu_timeout_s: float, **kwargs) -> None:
+        self.pdu_timeout_s = pdu_timeout_s
+        super().__init__(*args, request_handler=_BoundedRequestHandler, **kwargs)
+
+
 class StorageServer:
     """Our storage SCP: every storage class (Parametric Map and SR included), Verification,
     only from the allowed calling AE titles, only to our own AE title.
@@ -246,6 +318,7 @@ class StorageServer:
         # to complete the association request; an established one idles out after
         # pacs.timeout.
         ae.maximum_associations = MAX_ASSOCIATIONS
+        ae.maximum_pdu_size = MAX_PDU
         ae.acse_timeout = min(HANDSHAKE_TIMEOUT_S, self.config.pacs.timeout_s)
         ae.require_called_aet = True
         ae.require_calling_aet = list(self.calling_aets)
@@ -254,9 +327,12 @@ class StorageServer:
         ae.add_supported_context(Verification)
         ssl_context = self.config.tls.context(server=True) if self.config.tls else None
         try:
-            self._server = ae.start_server((self.config.bind, self.config.port), block=False, ssl_context=ssl_context,
-                                           evt_handlers=[(evt.EVT_C_STORE, self.on_store),
-                                                         (evt.EVT_REJECTED, _log_rejected)])
+            self._server = ae.make_server((self.config.bind, self.config.port), ssl_context=ssl_context,
+                                          evt_handlers=[(evt.EVT_C_STORE, self.on_store), (evt.EVT_REJECTED, _log_rejected)],
+                                          server_class=_BoundedServer, pdu_timeout_s=self.config.pacs.timeout_s)
+            # what AE.start_server(block=False) does, with our server class
+            ae._servers.append(self._server)
+            threading.Thread(target=self._server.serve_forever, name="storage-scp", daemon=True).start()
         except OSError as error:
             raise ArchiveUnavailable(f"cannot listen on {self.config.bind}:{self.config.port} "
                                      f"({error.strerror or error}); is another program using the port?") from None

@@ -8,9 +8,12 @@ checked first (:func:`shown_uid`, :func:`shown_code`).
 
 from __future__ import annotations
 
+import contextlib
+import math
 import re
 import warnings
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import pydicom
@@ -21,7 +24,7 @@ from transforms.errors import InputError, NotDicomError, is_uid
 from transforms.io.common import input_meta
 from transforms.io.guards import DEFAULT_MAX_VALUES, check_codestreams, check_deflated_size, deflated_body_offset
 
-__all__ = ["read_dicom", "require_identity", "decode_pixels", "header_only", "plane_geometry", "modality_values",
+__all__ = ["read_dicom", "require_identity", "decode_pixels", "decode_frames", "positive_number", "header_only", "plane_geometry", "modality_values",
            "rescale_of", "slice_thickness", "frame_group", "dicom_meta", "shown_uid", "shown_code"]
 
 # pydicom warns about every over-long value of real-world headers (a 66-character UID,
@@ -94,17 +97,36 @@ def require_identity(ds: Dataset, path: Path) -> None:
 def decode_pixels(ds: Dataset, path: Path) -> np.ndarray:
     """The decoded pixel data, once the codestreams agree with the header (the size guard
     on the header has run before)."""
+    _check_decodable(ds, path)
+    with _decoder_errors(ds, path), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return ds.pixel_array
+
+
+def decode_frames(ds: Dataset, path: Path, indices: range) -> Iterator[np.ndarray]:
+    """The frames ``indices`` decoded one at a time (never all at once), once the
+    codestreams agree with the header."""
+    _check_decodable(ds, path)
+    with _decoder_errors(ds, path), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        yield from pydicom.pixels.iter_pixels(ds, indices=indices)
+
+
+def _check_decodable(ds: Dataset, path: Path) -> None:
     if "PixelData" not in ds:
         raise InputError(path, "the DICOM object holds no pixel data (PixelData is missing)")
     for keyword in ("Rows", "Columns"):
         if not ds.get(keyword):
             raise InputError(path, f"the DICOM header lacks {keyword}")
     check_codestreams(ds, path)  # a decoder allocates what the codestream declares, not the header
+
+
+@contextlib.contextmanager
+def _decoder_errors(ds: Dataset, path: Path) -> Iterator[None]:
+    """Whatever a decoder raises, as one :class:`InputError` naming the transfer syntax."""
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            return ds.pixel_array
-    except (KeyboardInterrupt, SystemExit):
+        yield
+    except (KeyboardInterrupt, SystemExit, GeneratorExit, InputError):
         raise
     except BaseException as error:  # decoders in Rust raise PanicException, a BaseException
         raise InputError(
@@ -176,9 +198,29 @@ def modality_values(pixels: np.ndarray, photometric: str | None,
     return values
 
 
-def rescale_of(ds: Dataset) -> tuple[float, float]:
-    """(Rescale Slope, Rescale Intercept) of ``ds``, identity where absent."""
-    return float(ds.get("RescaleSlope", 1) or 1), float(ds.get("RescaleIntercept", 0) or 0)
+def rescale_of(ds: Dataset, path: Path | None = None) -> tuple[float, float]:
+    """(Rescale Slope, Rescale Intercept) of ``ds``, identity where absent; refused where
+    either is not a finite number (every value would come out NaN or infinite)."""
+    try:
+        slope, intercept = float(ds.get("RescaleSlope", 1) or 1), float(ds.get("RescaleIntercept", 0) or 0)
+    except (TypeError, ValueError):
+        slope = intercept = math.nan
+    if not (math.isfinite(slope) and math.isfinite(intercept)):
+        raise InputError(path or "the DICOM object", "Rescale Slope or Rescale Intercept is not a finite number")
+    return slope, intercept
+
+
+def positive_number(value, path: Path, what: str, low: float, high: float) -> float:
+    """``value`` as a float where it is a finite number in [low, high]; otherwise the input is
+    refused naming ``what`` (header numbers enter arithmetic: 0, NaN or infinity would
+    surface as a ZeroDivisionError or a LinAlgError far from the header)."""
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        number = math.nan
+    if not (math.isfinite(number) and low <= number <= high):
+        raise InputError(path, f"{what} must be a finite number from {low:g} to {high:g}")
+    return number
 
 
 def frame_group(ds: Dataset, index: int, sequence: str) -> Dataset | None:

@@ -84,7 +84,7 @@ def load_dicom_series(paths: Sequence[Path], source: Path, series_uid: str | Non
     volume = []
     for path, _ in ordered:
         ds = read_dicom(path, max_values=max_values)
-        image = modality_values(decode_pixels(ds, path), ds.get("PhotometricInterpretation"), rescale_of(ds))
+        image = modality_values(decode_pixels(ds, path), ds.get("PhotometricInterpretation"), rescale_of(ds, path))
         if image.shape != (first.Rows, first.Columns):
             raise InputError(path, f"slice of {image.shape} pixels in a series of {(first.Rows, first.Columns)}")
         volume.append(image)
@@ -158,7 +158,7 @@ def load_dicom_image(path: Path, max_values: int = DEFAULT_MAX_VALUES) -> tuple[
             pixels = np.clip(np.round(pixels.astype(np.float32) * (255.0 / top)), 0, 255)
         image = pixels.astype(np.uint8)[None]
     elif samples == 1:
-        image = modality_values(pixels, ds.get("PhotometricInterpretation"), rescale_of(ds))[None, ..., None]
+        image = modality_values(pixels, ds.get("PhotometricInterpretation"), rescale_of(ds, path))[None, ..., None]
     else:
         raise InputError(path, f"Samples per Pixel {samples} is not supported (1 or 3)")
     frame, affine = "IMAGE", pixel_affine()
@@ -182,7 +182,7 @@ def _load_enhanced(ds: Dataset, path: Path) -> tuple[np.ndarray, dict]:
         frames = frames[None]
     if frames.ndim != 3 or len(frames) != count:
         raise InputError(path, f"expected {count} grey frames, the pixel data holds shape {frames.shape}")
-    rescales = [rescale_of(frame_group(ds, index, "PixelValueTransformationSequence") or ds) for index in range(count)]
+    rescales = [rescale_of(frame_group(ds, index, "PixelValueTransformationSequence") or ds, path) for index in range(count)]
     values = modality_values(frames, ds.get("PhotometricInterpretation"), rescales)
     positions = [frame_group(ds, i, "PlanePositionSequence") for i in range(count)]
     orientation = frame_group(ds, 0, "PlaneOrientationSequence")

@@ -15,10 +15,25 @@ from pydicom.dataset import Dataset
 
 from transforms.errors import InputError
 from transforms.io.common import DEFAULT_SLIDE_SIDE, model_suited_level, plane_affine
-from transforms.io.dicom import decode_pixels, dicom_meta
+from transforms.io.dicom import decode_frames, dicom_meta, positive_number
 from transforms.io.guards import DEFAULT_MAX_VALUES, declared_values
 
-__all__ = ["choose_wsi_level", "load_dicom_wsi"]
+__all__ = ["choose_wsi_level", "load_dicom_wsi", "wsi_pixel_spacing", "SPACING_RANGE_MM"]
+
+#: Plausible pixel spacing of a slide level, in mm: 10 nm to 10 mm.
+SPACING_RANGE_MM = (1e-5, 10.0)
+
+
+def wsi_pixel_spacing(ds: Dataset, path: Path) -> tuple[float, float]:
+    """(row, column) spacing in mm of a whole-slide level, checked: finite and plausible."""
+    try:
+        values = list(ds.SharedFunctionalGroupsSequence[0].PixelMeasuresSequence[0].PixelSpacing)
+    except (AttributeError, IndexError, TypeError, KeyError):
+        raise InputError(path, "the whole-slide image lacks its Pixel Spacing (shared Pixel Measures)") from None
+    if len(values) != 2:
+        raise InputError(path, "the whole-slide image's Pixel Spacing needs two values")
+    return tuple(positive_number(v, path, "the whole-slide image's Pixel Spacing (mm)", *SPACING_RANGE_MM)
+                 for v in values)
 
 
 def choose_wsi_level(levels: list[tuple[Path, Dataset]], source: Path, resolution_um: float | None,
@@ -31,11 +46,11 @@ def choose_wsi_level(levels: list[tuple[Path, Dataset]], source: Path, resolutio
         if "VOLUME" not in [str(v) for v in ds.get("ImageType", [])]:
             continue
         try:
-            spacing = float(ds.SharedFunctionalGroupsSequence[0].PixelMeasuresSequence[0].PixelSpacing[0])
+            spacing = wsi_pixel_spacing(ds, path)[0]
             side = max(int(ds.TotalPixelMatrixRows), int(ds.TotalPixelMatrixColumns))
             values = declared_values(ds, path)
-        except (AttributeError, IndexError, TypeError, ValueError, InputError):
-            continue
+        except (AttributeError, TypeError, ValueError, InputError):
+            continue  # not a level that can be read: another is chosen, or none is left
         candidates.append((spacing, side, path, values))
     if not candidates:
         raise InputError(source, "the whole-slide series has no VOLUME level with a pixel spacing")
@@ -52,28 +67,35 @@ def choose_wsi_level(levels: list[tuple[Path, Dataset]], source: Path, resolutio
 
 
 def load_dicom_wsi(ds: Dataset, path: Path) -> tuple[np.ndarray, dict]:
-    """Assemble the total pixel matrix of a TILED_FULL VL Whole Slide Microscopy image."""
+    """Assemble the total pixel matrix of a TILED_FULL VL Whole Slide Microscopy image.
+
+    The frames it needs are decoded one at a time into the matrix (the size guard has
+    counted the matrix and one frame, :func:`transforms.io.guards.declared_values`); frames
+    beyond them (other focal planes, optical paths) are not decoded.
+    """
     if ds.get("DimensionOrganizationType", "TILED_FULL") != "TILED_FULL":
         raise InputError(path, "only TILED_FULL whole-slide images are supported (this one is TILED_SPARSE)")
     try:
         total_rows, total_cols = int(ds.TotalPixelMatrixRows), int(ds.TotalPixelMatrixColumns)
-        spacing = [float(v) for v in ds.SharedFunctionalGroupsSequence[0].PixelMeasuresSequence[0].PixelSpacing]
-    except (AttributeError, IndexError, TypeError, ValueError):
-        raise InputError(path, "the whole-slide image lacks Total Pixel Matrix size or Pixel Spacing") from None
-    frames = decode_pixels(ds, path)
-    if frames.ndim == 3:
-        frames = frames[None]
-    if frames.shape[-1] != 3:
-        frames = np.repeat(frames[..., None] if frames.ndim == 3 else frames, 3, axis=-1)[..., :3]
-    tile_rows, tile_cols = int(ds.Rows), int(ds.Columns)
+        tile_rows, tile_cols = int(ds.Rows), int(ds.Columns)
+        count = int(ds.get("NumberOfFrames", 1) or 1)
+    except (AttributeError, TypeError, ValueError):
+        raise InputError(path, "the whole-slide image lacks Total Pixel Matrix Rows/Columns, Rows or Columns") from None
+    if min(total_rows, total_cols, tile_rows, tile_cols, count) < 1:
+        raise InputError(path, "the whole-slide image's Total Pixel Matrix, Rows, Columns and Number of Frames "
+                               "must be positive")
+    spacing = wsi_pixel_spacing(ds, path)
     across = -(-total_cols // tile_cols)
     down = -(-total_rows // tile_rows)
-    if len(frames) < across * down:
-        raise InputError(path, f"the image has {len(frames)} frames; TILED_FULL needs {across * down}")
+    if count < across * down:
+        raise InputError(path, f"the image has {count} frames; TILED_FULL needs {across * down}")
     matrix = np.zeros((down * tile_rows, across * tile_cols, 3), dtype=np.uint8)
-    for index in range(across * down):  # TILED_FULL: row-major over the first focal plane
+    # TILED_FULL: row-major over the first focal plane
+    for index, frame in enumerate(decode_frames(ds, path, range(across * down))):
+        if frame.ndim == 2:  # grey
+            frame = np.repeat(frame[..., None], 3, axis=-1)
         r, c = divmod(index, across)
-        matrix[r * tile_rows : (r + 1) * tile_rows, c * tile_cols : (c + 1) * tile_cols] = frames[index]
+        matrix[r * tile_rows : (r + 1) * tile_rows, c * tile_cols : (c + 1) * tile_cols] = frame[..., :3]
     matrix = matrix[:total_rows, :total_cols]
     affine = plane_affine(spacing[0], spacing[1], (0, 1, 0), (1, 0, 0), (0, 0, 0))  # slide x right, y down
     meta = dicom_meta(ds, "slide", affine, "SLIDE", path, modality="SM",

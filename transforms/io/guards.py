@@ -28,7 +28,7 @@ from pydicom.uid import DeflatedExplicitVRLittleEndian, VLWholeSlideMicroscopyIm
 from transforms.errors import InputError
 
 __all__ = ["DEFAULT_MAX_VALUES", "MAX_PIECE_PIXELS", "STREAMED_LEVEL_FACTOR", "check_size", "declared_values",
-           "check_codestreams", "check_deflated_size", "codestream_size", "deflated_body_offset", "check_tiff_layout"]
+           "check_codestreams", "check_deflated_size", "codestream_sizes", "deflated_body_offset", "check_tiff_layout"]
 
 #: Most pixel values (pixels x samples x frames) an input may decode to by default - the
 #: ``--max-megavalues`` default of 512 million, for every entry point (CLI, bundle, API, PACS
@@ -50,33 +50,62 @@ def check_size(source: Path, values: int, what: str, limit: int) -> None:
 
 
 def declared_values(ds: Dataset, path: Path) -> int:
-    """Pixel values the header announces: rows x columns x samples x frames (or the total matrix)."""
+    """Pixel values decoding will produce, from the header: rows x columns x samples x frames;
+    for a whole-slide image, whose frames are decoded one at a time into its total pixel
+    matrix, the matrix as allocated (whole frames across and down, 3 samples) and one frame.
+    Whatever the header claims of the matrix, a frame larger than it counts in full."""
     try:
         samples = int(ds.get("SamplesPerPixel", 1) or 1)
+        rows, columns = int(ds.get("Rows", 0) or 0), int(ds.get("Columns", 0) or 0)
+        frames = int(ds.get("NumberOfFrames", 1) or 1)
         if ds.get("SOPClassUID") == VLWholeSlideMicroscopyImageStorage and "TotalPixelMatrixRows" in ds:
-            return int(ds.TotalPixelMatrixRows) * int(ds.TotalPixelMatrixColumns) * samples
-        return int(ds.get("Rows", 0) or 0) * int(ds.get("Columns", 0) or 0) * samples * int(ds.get("NumberOfFrames", 1) or 1)
+            total_rows, total_cols = int(ds.TotalPixelMatrixRows), int(ds.TotalPixelMatrixColumns)
+            if rows < 1 or columns < 1:  # no frame size (refused when read): the matrix at least
+                return total_rows * total_cols * 3
+            down, across = -(-total_rows // rows), -(-total_cols // columns)
+            return down * rows * across * columns * 3 + rows * columns * samples
     except (TypeError, ValueError):
-        raise InputError(path, "Rows, Columns, Samples per Pixel or Number of Frames is not a number") from None
+        raise InputError(path, "Rows, Columns, Samples per Pixel, Number of Frames or Total Pixel Matrix size is not "
+                               "a number") from None
+    return rows * columns * samples * frames
+
 
 _JPEG = {"1.2.840.10008.1.2.4.50", "1.2.840.10008.1.2.4.51", "1.2.840.10008.1.2.4.57", "1.2.840.10008.1.2.4.70",
          "1.2.840.10008.1.2.4.80", "1.2.840.10008.1.2.4.81"}  # JPEG, JPEG lossless, JPEG-LS
 _JPEG_2000 = {"1.2.840.10008.1.2.4.90", "1.2.840.10008.1.2.4.91", "1.2.840.10008.1.2.4.201",
               "1.2.840.10008.1.2.4.202", "1.2.840.10008.1.2.4.203"}  # JPEG 2000, HTJ2K
 _RLE = "1.2.840.10008.1.2.5"
-#: JPEG start-of-frame markers (SOF0-SOF15 but DHT, JPG and DAC) and JPEG-LS's SOF55.
-_SOF_MARKERS = {*range(0xC0, 0xD0)} - {0xC4, 0xC8, 0xCC} | {0xF7}
+#: JPEG start-of-frame markers (SOF0-SOF15 but DHT, JPG and DAC), JPEG-LS's SOF55, and the
+#: hierarchical mode's DHP, which declares the size of the whole image the same way.
+_SIZE_MARKERS = {*range(0xC0, 0xD0)} - {0xC4, 0xC8, 0xCC} | {0xF7, 0xDE}
 #: Markers without a length field.
 _STANDALONE = {0x01, *range(0xD0, 0xD9)}
+_SOS, _EOI = 0xDA, 0xD9
 #: Header bytes of a deflated dataset allowed beyond its pixel values.
 _HEADER_SLACK = 64 * 1024 * 1024
 
 
-def _jpeg_size(frame: bytes) -> tuple[int, int, int] | None:
-    """(rows, columns, components) of a JPEG or JPEG-LS frame header, or None."""
+def _next_marker(frame: bytes, position: int) -> int:
+    """Where the entropy-coded data starting at ``position`` ends: the next 0xFF followed by
+    a marker code (0xC0 or above, not a restart marker). A stuffed 0xFF 0x00 (JPEG) or 0xFF
+    followed by a byte below 0x80 (JPEG-LS bit stuffing) is data."""
+    while True:
+        found = frame.find(b"\xff", position)
+        if found < 0 or found + 1 >= len(frame):
+            return len(frame)
+        code = frame[found + 1]
+        if code >= 0xC0 and not 0xD0 <= code <= 0xD7 and code != 0xFF:
+            return found
+        position = found + 1
+
+
+def _jpeg_sizes(frame: bytes) -> list[tuple[int, int, int]] | None:
+    """(rows, columns, components) of every frame header of a JPEG or JPEG-LS codestream -
+    each SOF, and a hierarchical codestream's DHP - read in order as a decoder meets them,
+    scans skipped; None where the marker structure cannot be followed."""
     if frame[:2] != b"\xff\xd8":
         return None
-    position = 2
+    sizes, position = [], 2
     while position + 4 <= len(frame):
         if frame[position] != 0xFF:
             return None
@@ -84,38 +113,72 @@ def _jpeg_size(frame: bytes) -> tuple[int, int, int] | None:
         if marker == 0xFF:  # fill byte
             position += 1
             continue
+        if marker == _EOI:
+            break
         if marker in _STANDALONE:
             position += 2
             continue
         length = struct.unpack(">H", frame[position + 2 : position + 4])[0]
-        if marker in _SOF_MARKERS:
-            if position + 10 > len(frame):
+        if length < 2 or position + 2 + length > len(frame):
+            return None
+        if marker in _SIZE_MARKERS:
+            if length < 8:
                 return None
             rows, columns = struct.unpack(">HH", frame[position + 5 : position + 9])
-            return rows, columns, frame[position + 9]
-        if marker == 0xDA or length < 2:  # scan data before any frame header
-            return None
+            sizes.append((rows, columns, frame[position + 9]))
         position += 2 + length
-    return None
+        if marker == _SOS:
+            position = _next_marker(frame, position)
+    return sizes or None
+
+
+def _jpeg_2000_codestream(frame: bytes) -> bytes | None:
+    """The codestream of a raw JPEG 2000 frame, or of a JP2 file's one ``jp2c`` box (its
+    other boxes - XML, UUID - may hold anything, a decoy SIZ included); None where there is
+    no codestream or more than one."""
+    if frame[:4] == b"\xff\x4f\xff\x51":  # SOC, SIZ
+        return frame
+    if frame[4:8] != b"jP  ":
+        return None
+    codestream, position = None, 0
+    while position + 8 <= len(frame):
+        length, kind = struct.unpack(">I4s", frame[position : position + 8])
+        header = 8
+        if length == 1:  # a 64-bit length follows
+            if position + 16 > len(frame):
+                return None
+            length, header = struct.unpack(">Q", frame[position + 8 : position + 16])[0], 16
+        elif length == 0:  # the last box runs to the end
+            length = len(frame) - position
+        if length < header or position + length > len(frame):
+            return None
+        if kind == b"jp2c":
+            if codestream is not None:
+                return None
+            codestream = frame[position + header : position + length]
+        position += length
+    return codestream if codestream is not None and codestream[:4] == b"\xff\x4f\xff\x51" else None
 
 
 def _jpeg_2000_size(frame: bytes) -> tuple[int, int, int] | None:
     """(rows, columns, components) of a JPEG 2000 codestream's SIZ segment, or None."""
-    start = frame.find(b"\xff\x4f\xff\x51")  # SOC then SIZ (a JP2 file wraps the codestream in boxes)
-    if start < 0 or start + 42 > len(frame):
+    codestream = _jpeg_2000_codestream(frame)
+    if codestream is None or len(codestream) < 42:
         return None
-    x_size, y_size, x_offset, y_offset = struct.unpack(">IIII", frame[start + 8 : start + 24])
-    components = struct.unpack(">H", frame[start + 40 : start + 42])[0]
+    x_size, y_size, x_offset, y_offset = struct.unpack(">IIII", codestream[8:24])
+    components = struct.unpack(">H", codestream[40:42])[0]
     return y_size - y_offset, x_size - x_offset, components
 
 
-def codestream_size(frame: bytes, transfer_syntax: str) -> tuple[int, int, int] | None:
-    """(rows, columns, components) a compressed frame declares; None where the syntax has
-    no such header (RLE) or the header cannot be read."""
+def codestream_sizes(frame: bytes, transfer_syntax: str) -> list[tuple[int, int, int]] | None:
+    """(rows, columns, components) of every image a compressed frame declares, parsed as the
+    decoder will read it; None where the syntax has no such header (RLE) or the headers
+    cannot be followed."""
     if transfer_syntax in _JPEG:
-        return _jpeg_size(frame)
+        return _jpeg_sizes(frame)
     if transfer_syntax in _JPEG_2000:
-        return _jpeg_2000_size(frame)
+        size = _jpeg_2000_size(frame)
+        return None if size is None else [size]
     return None
 
 
@@ -144,13 +207,15 @@ def check_codestreams(ds: Dataset, path: Path) -> None:
                     raise InputError(path, f"RLE frame {index + 1} has {segments} segments; the header's samples and "
                                            f"bits need {samples * bytes_per_sample}")
                 continue
-            size = codestream_size(frame, transfer_syntax)
-            if size is None:
-                raise InputError(path, f"frame {index + 1}'s codestream has no readable frame header")
-            if size[:2] != (rows, columns) or size[2] not in (samples, 1 if samples == 3 else samples):
-                raise InputError(path, f"frame {index + 1}'s codestream declares {size[1]} x {size[0]} pixels of "
-                                       f"{size[2]} components, the DICOM header {columns} x {rows} of {samples}; "
+            sizes = codestream_sizes(frame, transfer_syntax)
+            if sizes is None:
+                raise InputError(path, f"frame {index + 1}'s codestream has no frame header that can be read and sized; "
                                        "refused before decoding")
+            for size in sizes:
+                if size[:2] != (rows, columns) or size[2] not in (samples, 1 if samples == 3 else samples):
+                    raise InputError(path, f"frame {index + 1}'s codestream declares {size[1]} x {size[0]} pixels of "
+                                           f"{size[2]} components, the DICOM header {columns} x {rows} of {samples}; "
+                                           "refused before decoding")
     except InputError:
         raise
     except Exception as error:  # pydicom on a damaged item structure

@@ -9,9 +9,15 @@ slide states its pixel size (see :mod:`transforms.io.common`).
 
 from __future__ import annotations
 
+import contextlib
+import logging
+import math
+import os
+import sys
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import numpy as np
 
@@ -23,6 +29,60 @@ __all__ = ["read", "load_slide", "StreamedSlide", "SUFFIXES", "STREAM_ABOVE_PIXE
 
 #: The suffixes this reader takes.
 SUFFIXES = frozenset({".svs", ".tif", ".tiff", ".ndpi", ".scn", ".mrxs", ".bif", ".vms"})
+#: Plausible pixel size a slide may state (openslide's ``mpp-x``), in micrometres.
+MPP_RANGE_UM = (0.01, 10_000.0)
+
+log = logging.getLogger("openslide")
+
+
+@contextlib.contextmanager
+def _native_output_logged() -> Iterator[None]:
+    """What openslide's C code prints to the process's stderr (GLib warnings such as
+    "Downsampled images not correctly ordered") goes to the log at debug level, which
+    ``--debug`` shows, instead of the user's console: the command's own line says what
+    is wrong."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as captured:
+        os.dup2(captured.fileno(), 2)
+        try:
+            yield
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            captured.seek(0)
+            for line in captured.read().decode("utf-8", "replace").splitlines():
+                if line.strip():
+                    log.debug("%s", line)
+
+
+def _open_slide(path: Path):
+    """openslide's handle of ``path``, its native console output logged."""
+    import openslide
+
+    try:
+        with _native_output_logged():
+            return openslide.OpenSlide(str(path))
+    except (openslide.OpenSlideError, OSError) as error:
+        raise InputError(path, f"cannot open the slide ({error})") from None
+
+
+def _base_spacing_mm(properties, path: Path) -> float | None:
+    """The full-resolution level's pixel size in mm, from openslide's ``mpp-x``; None where the
+    slide does not state it. A stated value that is no plausible size is refused."""
+    import openslide
+
+    mpp = properties.get(openslide.PROPERTY_NAME_MPP_X)
+    if not mpp:
+        return None
+    try:
+        value = float(mpp)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and MPP_RANGE_UM[0] <= value <= MPP_RANGE_UM[1]):
+        raise InputError(path, f"the slide states a pixel size (openslide.mpp-x) that is not a finite number from "
+                               f"{MPP_RANGE_UM[0]:g} to {MPP_RANGE_UM[1]:g} um")
+    return value / 1000
 
 #: Slide levels of more pixels than this are streamed tile by tile instead of read whole.
 STREAM_ABOVE_PIXELS = 64 * 1024 * 1024
@@ -64,10 +124,8 @@ class StreamedSlide:
     ndim = 4
 
     def __init__(self, path: Path, level: int) -> None:
-        import openslide
-
         self.path, self.level = Path(path), level
-        self._slide = openslide.OpenSlide(str(path))
+        self._slide = _open_slide(self.path)
         width, height = self._slide.level_dimensions[level]
         self.shape = (1, height, width, 3)
         self._downsamples = tuple(self._slide.level_downsamples)  # openslide makes the tuple anew on each access
@@ -195,14 +253,10 @@ def load_slide(path: Path, resolution_um: float | None = None, max_values: int =
     import openslide
 
     check_tiff_layout(path, max_values)
-    try:
-        slide = openslide.OpenSlide(str(path))
-    except (openslide.OpenSlideError, OSError) as error:
-        raise InputError(path, f"cannot open the slide ({error})") from None
+    slide = _open_slide(path)
     with slide:
-        mpp = slide.properties.get(openslide.PROPERTY_NAME_MPP_X)
         quickhash = slide.properties.get("openslide.quickhash-1")
-        base_mm = float(mpp) / 1000 if mpp else None
+        base_mm = _base_spacing_mm(slide.properties, path)
         downsamples = slide.level_downsamples
         if level is not None:
             if not 0 <= level < slide.level_count:
