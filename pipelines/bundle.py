@@ -12,6 +12,7 @@ from monai.bundle import ConfigParser
 from monai.data import Dataset
 
 from dicom_heatmap.api import DEFAULT_MAX_PATCHES, AnalysisSettings, analyze_prepared, project_errors
+from dicom_heatmap.errors import say
 from dicom_heatmap.inferer import TileGridInferer
 from dicom_heatmap.scorer import TileScorer
 from pipelines.evaluation.evaluate import run_evaluation
@@ -112,8 +113,9 @@ class HeatmapWorkflow:
             result = analyze_prepared(data, self.scorer, self.settings, self.inferer, max_patches=self.max_patches)
             folder = result.save(self.output_dir, viewer_files=self.viewer_files)
             if result.domain_warning:
-                print(f"warning: {result.meta['source_path']}: {result.domain_warning}")
-            print(f"{result.meta['source_path']}: {result.summary_line()}\n  -> {folder}")
+                say(f"warning: {result.meta['source_path']}: {result.domain_warning}")
+            say(f"{result.meta['source_path']}: {result.summary_line()}")
+            say(f"  -> {folder}")
             folders.append(folder)
         return folders
 
@@ -139,7 +141,7 @@ class TrainWorkflow:
 
     def run(self) -> Path:
         model = train(self.table, self.output_dir, self.settings)
-        print(f"model written to {model}")
+        say(f"model written to {model}")
         return model
 
 

@@ -43,27 +43,21 @@ def _pair(text: str) -> tuple[int, int]:
     return rows, cols
 
 
-def _positive(text: str) -> float:
-    """A finite number above 0 (argparse type) for options that are no analysis setting;
-    settings are checked, with the rest, by AnalysisSettings."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not (math.isfinite(value) and value > 0):
-        raise argparse.ArgumentTypeError(f"expected a number above 0, got {text!r}")
-    return value
+def _positive(kind: type = float):
+    """An argparse type: a finite number above 0 (a whole one for ``int``), for options that
+    are no analysis setting; settings are checked, with the rest, by AnalysisSettings."""
+    what = "a whole number" if kind is int else "a number"
 
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
+        if not (math.isfinite(value) and value > 0):
+            raise argparse.ArgumentTypeError(f"expected {what} above 0, got {text!r}")
+        return value
 
-def _positive_whole(text: str) -> int:
-    """A whole number above 0 (argparse type)."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a whole number above 0, got {text!r}")
-    return value
+    return parse
 
 
 def _add_analysis_options(parser: argparse.ArgumentParser) -> None:
@@ -96,10 +90,10 @@ def _add_analysis_options(parser: argparse.ArgumentParser) -> None:
                                                                "levels over 64 megapixels are streamed tile by tile)")
     parser.add_argument("--pixel-size-um", type=float, metavar="UM",
                         help="pixel size of a PNG/JPEG picture in micrometres (a picture cannot say it)")
-    parser.add_argument("--max-megavalues", type=_positive, default=DEFAULT_MAX_VALUES / 1e6, metavar="M",
+    parser.add_argument("--max-megavalues", type=_positive(), default=DEFAULT_MAX_VALUES / 1e6, metavar="M",
                         help=f"refuse inputs that would decode to more than M million pixel values "
                              f"(default {DEFAULT_MAX_VALUES / 1e6:g})")
-    parser.add_argument("--max-patches", type=_positive_whole, default=DEFAULT_MAX_PATCHES, metavar="N",
+    parser.add_argument("--max-patches", type=_positive(int), default=DEFAULT_MAX_PATCHES, metavar="N",
                         help=f"refuse inputs with more than N patches (or tiles) of tissue to score, before scoring "
                              f"(default {DEFAULT_MAX_PATCHES:,}, about 14 minutes on two CPU cores)")
 

@@ -190,11 +190,11 @@ class DicomwebArchive:
             answers = self._call(what, search, offset=len(results), limit=PAGE_SIZE, **kwargs)
             if not isinstance(answers, list) or not all(isinstance(answer, dict) for answer in answers):
                 raise ArchiveRefused(f"PACS {self.name}: {what}: the answer is not a list of DICOM JSON objects")
-            fresh = [answer for answer in answers if _json_value(answer, key) not in seen]
+            fresh = [(uid, answer) for uid, answer in ((_json_value(a, key), a) for a in answers) if uid not in seen]
             if not fresh:
                 break
-            seen.update(_json_value(answer, key) for answer in fresh)
-            results += fresh
+            seen.update(uid for uid, _ in fresh)
+            results += [answer for _, answer in fresh]
         else:
             log.warning("PACS %s: %s: stopped after %d pages of results", self.name, what, MAX_PAGES)
         return results
