@@ -177,7 +177,8 @@ class AnalysisResult:
         return {
             "software": {"name": "dicom-heatmap", "version": __version__, "model_sha256": self.model_checksum,
                          "precision": self.precision},
-            "input": {"kind": self.meta["kind"], "modality": self.meta["modality"], "frame": self.meta["frame"],
+            "input": {"path": self.meta["source_path"], "kind": self.meta["kind"], "modality": self.meta["modality"],
+                      "frame": self.meta["frame"], "positions": self._positions_frame(),
                       "warning": self.domain_warning,
                       "layer_disagreement": None if self.layer_disagreement is None else round(self.layer_disagreement, 6),
                       "layer_disagreement_limit": DISAGREEMENT_LIMIT},
@@ -186,10 +187,23 @@ class AnalysisResult:
                      "numbering": "1-based, slice by slice, rows top to bottom, columns left to right"},
             "patches": self._patches_dict(),
             "statistics": self.tile_map.statistics(self.spread.threshold),
-            "spread": self.spread.to_dict(),
+            "spread": _spread_positions(self.spread.to_dict(), self.meta.get("slide_affine")),
             "heatmap": np.array(scores, dtype=object).reshape(grid.shape).tolist(),
             "tiles": tiles,
         }
+
+    def _positions_frame(self) -> str:
+        """What the positions of ``result.json`` (the spread's focus, directions, lesion
+        ellipsoids) are measured in."""
+        frame = self.meta["frame"]
+        if frame == "PATIENT":
+            return "DICOM patient coordinates (LPS), mm"
+        if frame == "IMAGE":
+            return "pixels of the analysed image from the centre of its top-left pixel, x right, y down"
+        if self.meta.get("slide_affine") is not None:
+            return ("DICOM slide coordinates, mm on the glass (the slide's Total Pixel Matrix Origin and Image "
+                    "Orientation (Slide)); direction words are of the image as displayed")
+        return "mm from the centre of the top-left pixel of the level read, x right, y down (the slide states no origin)"
 
     def _patches_dict(self) -> dict:
         """result.json's account of what the model saw: patches at its scale, or whole tiles."""
@@ -218,7 +232,7 @@ class AnalysisResult:
 
     def save(self, out_dir: str | Path, viewer_files: bool = True) -> Path:
         """Write SC (one per slice), PM, SR, a PNG preview and ``result.json``; with
-        ``viewer_files``, also what viewers open: ``scores.nii.gz`` (a CT or MR image),
+        ``viewer_files``, also what viewers open: ``scores.nii.gz`` and ``analysed.nii.gz`` (a CT or MR image),
         ``heatmap.geojson`` (a slide or picture, for QuPath) and ``seg.dcm`` (a CT/MR image, or
         a DICOM whole-slide image with its own slide coordinates, analysed on its own pixels
         and holding a lesion).
@@ -242,6 +256,33 @@ class AnalysisResult:
         normal /= np.linalg.norm(normal)
         position = float(normal @ (affine @ np.array([slice_index, 0.0, 0.0, 1.0]))[:3])
         return f"slice {slice_index + 1} of {self.image.shape[0]}, at {position:.1f} mm"
+
+
+def _spread_positions(spread: dict, slide_affine: np.ndarray | None) -> dict:
+    """The spread summary's positions and directions moved into slide coordinates by
+    ``slide_affine`` (None: left in the frame's own)."""
+    if slide_affine is None:
+        return spread
+
+    def point(values):
+        return [round(float(v), 4) for v in slide_affine[:3, :3] @ np.asarray(values, dtype=float) + slide_affine[:3, 3]]
+
+    def vector(values):
+        return [round(float(v), 4) for v in slide_affine[:3, :3] @ np.asarray(values, dtype=float)]
+
+    def move(part: dict) -> None:
+        if part.get("focus_position") is not None:
+            part["focus_position"] = point(part["focus_position"])
+        if part.get("direction_frame") is not None:
+            part["direction_frame"] = vector(part["direction_frame"])
+        for key in ("lesion_ellipsoid", "ellipsoid"):
+            if part.get(key):
+                part[key] = {"centre": point(part[key]["centre"]), "axes": [vector(a) for a in part[key]["axes"]]}
+
+    move(spread)
+    for lesion in spread.get("lesions", []):
+        move(lesion)
+    return spread
 
 
 def _json_values(values: list[float]) -> list:

@@ -4,7 +4,7 @@
 it in place in one atomic step (:func:`_replace_folder`); what killed runs left behind is
 cleared first (:func:`_remove_stale_staging`). The files: one Secondary Capture per slice,
 the Parametric Map, the TID 1500 Structured Report, ``preview.png``, ``result.json`` and,
-for viewers, ``scores.nii.gz``, ``seg.dcm`` and ``heatmap.geojson``
+for viewers, ``scores.nii.gz`` with ``analysed.nii.gz``, ``seg.dcm`` and ``heatmap.geojson``
 (:mod:`dicom_heatmap.writers` builds each).
 """
 
@@ -184,8 +184,9 @@ class _ResultWriter:
         lesions = lesion_masks(result.tile_map, result.settings.threshold)
         written = {}
         if result.tile_map.frame == "PATIENT":
-            write_score_volume(result.tile_map, self.folder / "scores.nii.gz")
+            write_score_volume(result.tile_map, self.folder / "scores.nii.gz", self.folder / "analysed.nii.gz")
             written["score_volume"] = "scores.nii.gz"
+            written["analysed_mask"] = "analysed.nii.gz"
         if self.evidence and (result.tile_map.frame == "PATIENT" or on_slide(self.evidence[0])) and self.on_source_grid:
             seg = build_segmentation(result.tile_map, lesions, self.evidence, result.identity,
                                      *result_series(self.reference, "seg"))

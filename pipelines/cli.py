@@ -112,7 +112,7 @@ def _add_analyze(commands) -> None:
     analyze.add_argument("--out", type=Path, required=True, help="output folder (one subfolder per input)")
     analyze.add_argument("--quiet", action="store_true", help="no progress bar")
     analyze.add_argument("--no-viewer-files", dest="viewer_files", action="store_false",
-                         help="write no scores.nii.gz / seg.dcm (CT, MR) or heatmap.geojson (slides, pictures)")
+                         help="write no scores.nii.gz / analysed.nii.gz / seg.dcm (CT, MR) or heatmap.geojson (slides, pictures)")
     _add_analysis_options(analyze)
 
 

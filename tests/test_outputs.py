@@ -43,7 +43,7 @@ def test_every_output_is_written_and_valid(analysed, key, dciodvfy):
     folder = analysed[key]
     names = sorted(p.name for p in folder.iterdir())
     # the files for viewers: a volume for CT/MR, GeoJSON for slides and pictures (no lesion here: no SEG)
-    viewer = ["scores.nii.gz"] if key in ("ct", "mr") else ["heatmap.geojson"]
+    viewer = ["scores.nii.gz", "analysed.nii.gz"] if key in ("ct", "mr") else ["heatmap.geojson"]
     assert names == sorted(["pm.dcm", "preview.png", "result.json", "sc-0001.dcm", "sr.dcm", *viewer])
     for name in (n for n in names if n.endswith(".dcm")):
         assert dciodvfy(folder / name) == [], f"{key}/{name}"

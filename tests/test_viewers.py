@@ -24,13 +24,19 @@ def _tiles(folder):
 
 
 @pytest.mark.parametrize("sample,options", [("idc_mosaic_tail.png", {}), ("idc_mosaic_tail.png", {"pixel_size_um": 4.0}),
-                                            ("cmu_small_region.svs", {"level": 0}), ("pyramid.tif", {"level": 1})])
+                                            ("cmu_small_region.svs", {"level": 0}), ("pyramid.tif", {"level": 1}),
+                                            ("wsi_oblong_pixels.dcm", {})])
 def test_geojson_tiles_lie_on_full_resolution_pixels(sample, options, scorer, data_dir, tmp_path):
     if sample == "pyramid.tif":  # levels 4096 and 1024 px: level 1 is 4x coarser than level 0
         from pipelines.evaluation.bench import make_synthetic_slide
 
         data_dir = tmp_path
         make_synthetic_slide(tmp_path / sample, side=4096, tile=256, smallest=1024)
+    if sample == "wsi_oblong_pixels.dcm":  # rows 3/2 as far apart as columns: y must not be scaled by x's spacing
+        source = pydicom.dcmread(data_dir / "wsi_lymph_node.dcm")
+        source.SharedFunctionalGroupsSequence[0].PixelMeasuresSequence[0].PixelSpacing = [0.045, 0.03]
+        data_dir = tmp_path
+        source.save_as(tmp_path / sample)
     folder = analyze(data_dir / sample, scorer, progress=False, **options).save(tmp_path / "out")
     result, tiles = _tiles(folder)
     features = json.loads((folder / "heatmap.geojson").read_text())["features"]
@@ -46,7 +52,10 @@ def test_geojson_tiles_lie_on_full_resolution_pixels(sample, options, scorer, da
         assert properties["measurements"]["score"] == pytest.approx(tile["score"], abs=1e-6)
         top, left, bottom, right = tile["box"]
         expected = np.array([left, top, right, bottom]) * downsample  # corner-based pixels of level 0
-        assert np.allclose(shape(feature["geometry"]).bounds, expected, atol=1e-3 * downsample)
+        assert np.allclose(shape(feature["geometry"]).bounds, expected, rtol=0, atol=1e-6 * downsample)
+        # the classes say what the score says, not a tissue type
+        high = properties["measurements"]["score"] >= result["settings"]["threshold"]
+        assert properties["classification"]["name"] == ("Score at or above threshold" if high else "Score below threshold")
     lesions = [f for f in features if f["properties"]["objectType"] == "annotation"]
     assert len(lesions) == len(result["spread"]["lesions"])
     for feature, lesion in zip(lesions, result["spread"]["lesions"]):
@@ -67,17 +76,27 @@ def test_ct_score_volume_and_segmentation_land_on_the_source(scorer, tmp_path, d
     reader.SetFileNames(sitk.ImageSeriesReader().GetGDCMSeriesFileNames(str(tmp_path / "ct")))
     source = reader.Execute()
     scores = sitk.ReadImage(str(folder / "scores.nii.gz"))
+    analysed = sitk.ReadImage(str(folder / "analysed.nii.gz"))
     resampled = sitk.GetArrayFromImage(sitk.Resample(scores, source, sitk.Transform(), sitk.sitkNearestNeighbor, np.nan))
+    mask = sitk.GetArrayFromImage(sitk.Resample(analysed, source, sitk.Transform(), sitk.sitkNearestNeighbor, 255))
     order = np.argsort([float(pydicom.dcmread(p).ImagePositionPatient[2]) for p in reader.GetFileNames()])
-    checked = 0
+    checked = {True: 0, False: 0}
     for tile in tiles.values():
-        if not tile["analysed"]:
-            continue
         top, left, bottom, right = tile["box"]
-        value = resampled[tile["slice"], (top + bottom) // 2, (left + right) // 2]
-        assert value == pytest.approx(tile["score"], abs=1e-6), tile["number"]
-        checked += 1
-    assert checked >= 3 and list(order) == sorted(order)
+        centre = (tile["slice"], (top + bottom) // 2, (left + right) // 2)
+        # not analysed: -1, never a score ITK would take for one (it reads NaN as 0)
+        assert resampled[centre] == pytest.approx(tile["score"] if tile["analysed"] else -1.0, abs=1e-6), tile["number"]
+        assert mask[centre] == int(tile["analysed"]), tile["number"]
+        checked[tile["analysed"]] += 1
+    assert min(checked.values()) >= 3 and list(order) == sorted(order)
+    # nibabel (RAS) reads the same values and the same placement
+    import nibabel
+
+    volume, labels = nibabel.load(folder / "scores.nii.gz"), nibabel.load(folder / "analysed.nii.gz")
+    assert np.array_equal(volume.affine, labels.affine) and labels.get_fdata().max() == 1
+    values = volume.get_fdata()
+    assert set(np.unique(values[labels.get_fdata() == 0])) == {-1.0}
+    assert values[labels.get_fdata() == 1].min() >= 0
     # the SEG: one segment per lesion, on the source instances, the dominant lesion's tiles
     seg = hd.seg.segread(folder / "seg.dcm")
     assert dciodvfy(folder / "seg.dcm") == []
@@ -108,7 +127,7 @@ def test_whole_slide_map_and_segmentation_lie_on_the_slide(scorer, data_dir, tmp
     source.save_as(tmp_path / "wsi.dcm")
     result = analyze(tmp_path / "wsi.dcm", scorer, grid=(5, 8), threshold=0.3, progress=False)
     folder = result.save(tmp_path / "out")
-    _, tiles = _tiles(folder)
+    summary, tiles = _tiles(folder)
     assert dciodvfy(folder / "pm.dcm") == [] and dciodvfy(folder / "seg.dcm") == []
     pm = pydicom.dcmread(folder / "pm.dcm")
     assert pm.FrameOfReferenceUID == source.FrameOfReferenceUID
@@ -123,6 +142,16 @@ def test_whole_slide_map_and_segmentation_lie_on_the_slide(scorer, data_dir, tmp
         centre = origin_px + ((left + right) / 2 - 0.5) * per_column + ((top + bottom) / 2 - 0.5) * per_row
         through_map = on_map(np.array([[tile["col"], tile["row"]]]))[0]
         assert np.allclose(through_map, centre, atol=0.5 * float(np.linalg.norm(per_column))), number  # within half a pixel
+    # result.json names its input and gives its positions on the glass, as the source places its pixels
+    assert summary["input"]["path"] == str(tmp_path / "wsi.dcm")
+    assert summary["input"]["positions"].startswith("DICOM slide coordinates")
+    spacing = source.SharedFunctionalGroupsSequence[0].PixelMeasuresSequence[0].PixelSpacing  # (row, column) mm
+    for frame_position, on_glass in [(result.spread.focus_position, summary["spread"]["focus_position"]),
+                                     *((lesion["focus_position"], moved["focus_position"])
+                                       for lesion, moved in zip(result.spread.lesions, summary["spread"]["lesions"]))]:
+        column, row = frame_position[0] / spacing[1], frame_position[1] / spacing[0]  # frame: mm from pixel (0, 0)
+        expected = origin_px + column * per_column + row * per_row  # highdicom's map, which takes whole pixels only
+        assert np.allclose(on_glass[:2], expected[:2], atol=1e-3)
     seg = hd.seg.segread(folder / "seg.dcm")
     assert (int(seg.TotalPixelMatrixRows), int(seg.TotalPixelMatrixColumns)) == (source.TotalPixelMatrixRows,
                                                                                   source.TotalPixelMatrixColumns)

@@ -2,8 +2,13 @@
 
 One ``tile`` object per analysed tile - its polygon in the full-resolution level's pixel
 coordinates (corner-based: pixel (0, 0) covers [0, 1) x [0, 1)), its number, score, tissue
-share and 13 layer probabilities as measurements, classified ``Tumor`` at or above the
-threshold - and one ``annotation`` per lesion, the outline of its tiles, dominant first.
+share and 13 layer probabilities as measurements - and one ``annotation`` per lesion, the
+outline of its tiles, dominant first.
+
+Two classes, named for what the model's score says and no more (a tissue type such as
+QuPath's ``Tumor`` or ``Stroma`` would read as a pathologist's call): tiles scoring at or
+above the threshold, and the lesions, are ``Score at or above threshold`` (red); the other
+analysed tiles are ``Score below threshold`` (blue). Tiles not analysed are not written.
 """
 
 from __future__ import annotations
@@ -14,13 +19,13 @@ from shapely.geometry import Polygon, mapping
 
 from dicom_heatmap.heatmap import Heatmap
 
-__all__ = ["build_feature_collection"]
+__all__ = ["build_feature_collection", "HIGH_CLASS", "LOW_CLASS"]
 
-_TUMOUR = {"name": "Tumor", "color": [200, 0, 0]}  # QuPath's own class name and colour
-_OTHER = {"name": "Stroma", "color": [150, 200, 150]}
+HIGH_CLASS = {"name": "Score at or above threshold", "color": [200, 0, 0]}
+LOW_CLASS = {"name": "Score below threshold", "color": [40, 90, 200]}
 
 
-def _corners(heatmap: Heatmap, pixel_affine: np.ndarray, level0: tuple[float, float]) -> np.ndarray:
+def _corners(heatmap: Heatmap, pixel_affine: np.ndarray, level0: tuple[tuple[float, float], float]) -> np.ndarray:
     """(rows, cols, 4, 2) corners (x, y) of every tile in level-0 pixel coordinates,
     clockwise from top left, in one matrix product (a slide has tens of thousands)."""
     grid = heatmap.grid
@@ -34,20 +39,20 @@ def _corners(heatmap: Heatmap, pixel_affine: np.ndarray, level0: tuple[float, fl
     index = np.stack([np.zeros_like(corner_rows), corner_rows, corner_cols, np.ones_like(corner_rows)], axis=-1)
     frame = index @ pixel_affine.T  # slide or picture axes: x right, y down
     scale, offset = level0
-    return np.round(frame[..., :2] * scale + offset, 3)
+    return np.round(frame[..., :2] * np.asarray(scale, dtype=float) + offset, 3)
 
 
 def build_feature_collection(heatmap: Heatmap, lesions: list[np.ndarray], pixel_affine: np.ndarray,
-                             level0: tuple[float, float], threshold: float) -> dict:
+                             level0: tuple[tuple[float, float], float], threshold: float) -> dict:
     """The tiles and lesion outlines of a 2D heatmap as a GeoJSON FeatureCollection.
 
     Args:
         heatmap: the scores (one slice).
         lesions: boolean tile masks of the lesions, dominant first (:func:`dicom_heatmap.lesions.lesion_masks`).
         pixel_affine: the analysed image's pixel index -> frame position map.
-        level0: ``(scale, offset)`` from frame positions to level-0 pixel coordinates
-            (the loader's ``level0_pixels``).
-        threshold: score at or above which a tile is classified ``Tumor``.
+        level0: ``((scale_x, scale_y), offset)`` from frame positions to level-0 pixel
+            coordinates (the loader's ``level0_pixels``).
+        threshold: score at or above which a tile is classified ``Score at or above threshold``.
     """
     if heatmap.scores.shape[0] != 1:
         raise ValueError(f"heatmap must hold one slice, got {heatmap.scores.shape[0]}")
@@ -68,7 +73,7 @@ def build_feature_collection(heatmap: Heatmap, lesions: list[np.ndarray], pixel_
             "type": "Feature",
             "geometry": {"type": "Polygon", "coordinates": [ring + ring[:1]]},
             "properties": {"objectType": "tile", "name": f"tile {number}",
-                           "classification": _TUMOUR if score >= threshold else _OTHER,
+                           "classification": HIGH_CLASS if score >= threshold else LOW_CLASS,
                            "measurements": measurements},
         })
     for index, mask in enumerate(lesions):
@@ -78,6 +83,6 @@ def build_feature_collection(heatmap: Heatmap, lesions: list[np.ndarray], pixel_
             "type": "Feature",
             "geometry": mapping(outline),
             "properties": {"objectType": "annotation", "name": f"lesion {index + 1}" + (" (dominant)" if index == 0 else ""),
-                           "classification": _TUMOUR, "measurements": {"tiles": len(tiles[0])}},
+                           "classification": HIGH_CLASS, "measurements": {"tiles": len(tiles[0])}},
         })
     return {"type": "FeatureCollection", "features": features}

@@ -21,9 +21,14 @@ Every loader gives the pixels as a numpy array shaped (slices, rows, columns, ch
 ``frame_of_reference_uid``
     the source's Frame of Reference UID where it has one.
 ``level0_pixels`` (slides and pictures)
-    ``(scale, offset)``: a position ``p`` of the frame (x or y) lies at ``p * scale + offset``
-    in the corner-based pixel coordinates of the file's full-resolution level, as slide
-    viewers and QuPath place objects.
+    ``((scale_x, scale_y), offset)``: a position ``(x, y)`` of the frame lies at
+    ``(x * scale_x + offset, y * scale_y + offset)`` in the corner-based pixel coordinates
+    of the file's full-resolution level, as slide viewers and QuPath place objects (the
+    two scales differ where the pixels are not square).
+``slide_affine`` (DICOM whole-slide images only)
+    the 4x4 map from ``"SLIDE"`` frame positions to the DICOM slide coordinate system (mm
+    on the glass), where the image states its Total Pixel Matrix Origin and Image
+    Orientation (Slide); None where it does not.
 ``content_key`` (slides only, optional)
     a cheap identity of the file's content: OpenSlide's ``openslide.quickhash-1`` (sha256
     of the properties and the smallest level) where the format has one. Output UIDs of a

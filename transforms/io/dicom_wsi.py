@@ -18,7 +18,7 @@ from transforms.io.common import DEFAULT_SLIDE_SIDE, model_suited_level, plane_a
 from transforms.io.dicom import decode_frames, dicom_meta, positive_number
 from transforms.io.guards import DEFAULT_MAX_VALUES, declared_values
 
-__all__ = ["choose_wsi_level", "load_dicom_wsi", "wsi_pixel_spacing", "SPACING_RANGE_MM"]
+__all__ = ["choose_wsi_level", "load_dicom_wsi", "wsi_pixel_spacing", "slide_coordinates", "SPACING_RANGE_MM"]
 
 #: Plausible pixel spacing of a slide level, in mm: 10 nm to 10 mm.
 SPACING_RANGE_MM = (1e-5, 10.0)
@@ -34,6 +34,30 @@ def wsi_pixel_spacing(ds: Dataset, path: Path) -> tuple[float, float]:
         raise InputError(path, "the whole-slide image's Pixel Spacing needs two values")
     return tuple(positive_number(v, path, "the whole-slide image's Pixel Spacing (mm)", *SPACING_RANGE_MM)
                  for v in values)
+
+
+def slide_coordinates(ds: Dataset) -> np.ndarray | None:
+    """The 4x4 map from frame positions (mm from the centre of the top-left pixel, x right,
+    y down) to the DICOM slide coordinate system, where the image states where it lies on
+    the glass (Total Pixel Matrix Origin and Image Orientation (Slide), both finite, the
+    orientation two orthogonal unit vectors); None where it does not."""
+    try:
+        origin = ds.TotalPixelMatrixOriginSequence[0]
+        offset = np.array([float(origin.XOffsetInSlideCoordinateSystem), float(origin.YOffsetInSlideCoordinateSystem)])
+        orientation = np.array([float(v) for v in ds.ImageOrientationSlide])
+    except (AttributeError, IndexError, TypeError, ValueError, KeyError):
+        return None
+    if orientation.shape != (6,) or not (np.all(np.isfinite(orientation)) and np.all(np.isfinite(offset))):
+        return None
+    along_row, along_column = orientation[:3], orientation[3:]  # DICOM: first the direction of increasing column
+    if abs(np.linalg.norm(along_row) - 1) > 0.01 or abs(np.linalg.norm(along_column) - 1) > 0.01 \
+            or abs(np.dot(along_row, along_column)) > 0.01:
+        return None
+    matrix = np.eye(4)
+    matrix[:3, 0], matrix[:3, 1] = along_row, along_column
+    matrix[:3, 2] = np.cross(along_row, along_column)
+    matrix[:2, 3] = offset
+    return matrix
 
 
 def choose_wsi_level(levels: list[tuple[Path, Dataset]], source: Path, resolution_um: float | None,
@@ -99,5 +123,6 @@ def load_dicom_wsi(ds: Dataset, path: Path) -> tuple[np.ndarray, dict]:
     matrix = matrix[:total_rows, :total_cols]
     affine = plane_affine(spacing[0], spacing[1], (0, 1, 0), (1, 0, 0), (0, 0, 0))  # slide x right, y down
     meta = dicom_meta(ds, "slide", affine, "SLIDE", path, modality="SM",
-                      level0_pixels=(1.0 / spacing[1], 0.5))  # this file's own pixels
+                      level0_pixels=((1.0 / spacing[1], 1.0 / spacing[0]), 0.5),  # this file's own pixels
+                      slide_affine=slide_coordinates(ds))
     return matrix[None], meta

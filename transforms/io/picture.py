@@ -34,7 +34,7 @@ def load_picture(path: Path, max_values: int = DEFAULT_MAX_VALUES, pixel_size_um
         raise InputError(path, f"cannot read the picture ({type(error).__name__}: the file is damaged or not an image)") from None
     meta = input_meta("image", "OT", pixel_affine(pixel_size_um / 1000 if pixel_size_um else 1.0),
                       "SLIDE" if pixel_size_um else "IMAGE", path,
-                      level0_pixels=(1000.0 / pixel_size_um if pixel_size_um else 1.0, 0.5))
+                      level0_pixels=((1000.0 / pixel_size_um if pixel_size_um else 1.0,) * 2, 0.5))
     return image[None], meta
 
 

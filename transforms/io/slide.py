@@ -281,7 +281,7 @@ def load_slide(path: Path, resolution_um: float | None = None, max_values: int =
     meta = input_meta(
         "slide", "SM", pixel_affine(spacing or 1.0), "SLIDE" if spacing else "IMAGE", path,
         # level-0 pixels per frame unit (mm, or pixels of this level), centres half a pixel in
-        level0_pixels=(1.0 / base_mm if spacing else downsamples[level], 0.5 * downsamples[level]),
+        level0_pixels=((1.0 / base_mm if spacing else downsamples[level],) * 2, 0.5 * downsamples[level]),
         content_key=f"openslide-quickhash-1:{quickhash}" if quickhash else None,
     )
     return (StreamedSlide(path, level) if region is None else region), meta
