@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import re
 import tempfile
 import warnings
 from concurrent.futures import ThreadPoolExecutor
@@ -104,8 +105,10 @@ class AnalysisSettings:
             value = getattr(self, name)
             if value is None:
                 continue
+            if isinstance(value, str) and re.fullmatch(r"\s*\d+\s*[xX]\s*\d+\s*", value):
+                value = [int(v) for v in re.split(r"[xX]", value)]  # "8x12", as the command line writes it
             if isinstance(value, (str, bytes)) or not hasattr(value, "__len__") or len(value) != 2:
-                raise ConfigurationError(f"{name} must be two whole numbers (rows, cols), got {value!r}")
+                raise ConfigurationError(f"{name} must be two whole numbers (rows, cols) such as 8x12, got {value!r}")
             object.__setattr__(self, name, tuple(checked_number(name, v, int, 1, 100_000) for v in value))
         given = [name for name in ("grid", "tile_size", "tile_size_um") if getattr(self, name) is not None]
         if len(given) > 1:

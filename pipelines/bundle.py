@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 import sys
 from pathlib import Path
 from typing import Sequence
@@ -12,7 +13,7 @@ from monai.bundle import ConfigParser
 from monai.data import Dataset
 
 from dicom_heatmap.api import DEFAULT_MAX_PATCHES, AnalysisSettings, analyze_prepared, project_errors
-from dicom_heatmap.errors import say
+from dicom_heatmap.errors import EXIT_CODE, DicomHeatmapError, say
 from dicom_heatmap.inferer import TileGridInferer
 from dicom_heatmap.scorer import TileScorer
 from pipelines.evaluation.evaluate import run_evaluation
@@ -20,7 +21,7 @@ from pipelines.training.tile_data import TileTable
 from pipelines.training.plan import TrainSettings
 from pipelines.training.train import train
 
-__all__ = ["HeatmapWorkflow", "TrainWorkflow", "EvaluateWorkflow", "refuse_unknown_overrides"]
+__all__ = ["HeatmapWorkflow", "TrainWorkflow", "EvaluateWorkflow", "check_overrides"]
 
 #: Arguments of ``python -m monai.bundle run`` itself; every other ``--key value`` pair
 #: overrides (or, unchecked, silently adds) a config id.
@@ -45,23 +46,47 @@ def _override_ids(argv: Sequence[str]) -> tuple[list[str], list[str]]:
     return config_files, ids
 
 
-def refuse_unknown_overrides(argv: Sequence[str] | None = None) -> None:
-    """Refuse a ``monai.bundle run`` override that names no id of the config.
+def _error_in(error: BaseException | None) -> DicomHeatmapError | None:
+    """The project's error among ``error`` and the exceptions it was raised from."""
+    while error is not None and not isinstance(error, DicomHeatmapError):
+        error = error.__cause__ or error.__context__
+    return error
+
+
+def _one_line_hook(kind, error, trace) -> None:
+    """``sys.excepthook`` of a bundle run: a failure the user can mend (a bad override value,
+    a missing input or model file) is one line on stderr and exit status 2, as the command
+    line gives it; anything else keeps Python's traceback. MONAI's runner owns the process
+    and wraps whatever a config item raises in ``RuntimeError``, and an uncaught exception
+    ends Python with status 1, so the hook ends the process itself."""
+    mendable = _error_in(error)
+    if mendable is None:
+        sys.__excepthook__(kind, error, trace)
+        return
+    say(f"monai.bundle: error: {mendable}", sys.stderr)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(EXIT_CODE)
+
+
+def check_overrides(argv: Sequence[str] | None = None) -> None:
+    """The configs' ``initialize`` step: refuse a ``monai.bundle run`` override that names no
+    id of the config, and make every later failure the user can mend one line.
 
     MONAI adds an unknown id to the config without a word, so a mistyped or unsupported
     setting (``--crop_sise``) would run with the default and look as if it had been
-    applied. This is the configs' ``initialize`` step; it reads the command line, so it
-    checks only runs started as ``python -m monai.bundle run``.
+    applied; it is refused with one line naming it and the ids the config has, exit status
+    2. A bad value of a known id (``--crop foregroud``) fails where the config uses it,
+    inside MONAI: :func:`_one_line_hook` prints that as one line. This reads the command
+    line, so it checks only runs started as ``python -m monai.bundle run``.
 
     Args:
         argv: the command line (default ``sys.argv``).
-
-    Raises:
-        ValueError: naming the unknown overrides and the ids the config has.
     """
     argv = sys.argv if argv is None else argv
     if len(argv) < 2 or Path(argv[0]).parent.name != "bundle" or argv[1] != "run":
         return
+    sys.excepthook = _one_line_hook
     config_files, ids = _override_ids(argv[2:])
     if not config_files:
         return
@@ -76,8 +101,9 @@ def refuse_unknown_overrides(argv: Sequence[str] | None = None) -> None:
         # the ids a user sets: plain values, and paths built from the bundle's folders
         settings = sorted(k for k, v in parser.config.items() if not isinstance(v, (dict, list))
                           and (not str(v).startswith("$") or "_dir" in str(v) or "@bundle_root" in str(v)))
-        raise ValueError(f"unknown override {', '.join('--' + u for u in unknown)} for {', '.join(config_files)}; "
-                         f"its settings are: {', '.join(settings)}")
+        say(f"monai.bundle: error: unknown override {', '.join('--' + u for u in unknown)} for "
+            f"{', '.join(config_files)}; its settings are: {', '.join(settings)}", sys.stderr)
+        raise SystemExit(EXIT_CODE)
 
 
 class HeatmapWorkflow:

@@ -54,14 +54,36 @@ def test_bundle_settings_change_the_result(data_dir, tmp_path):
     assert result_of(tmp_path / "default")[0] != result_of(tmp_path / "cropped")[0]
 
 
-@pytest.mark.parametrize("config", ["inference", "train", "evaluate"])
-def test_unknown_bundle_override_is_refused(config, tmp_path):
+@pytest.mark.parametrize("config,override,message", [
+    ("inference", ["--crop_sise", "3"], "unknown override --crop_sise for configs/inference.json; its settings are: "),
+    ("train", ["--crop_sise", "3"], "unknown override --crop_sise"),
+    ("evaluate", ["--crop_sise", "3"], "unknown override --crop_sise"),
+    ("inference", ["--tile_szie", "40"], "unknown override --tile_szie"),
+    ("inference", ["--crop", "foregroud"], "crop must be 'foreground' or 'template', got 'foregroud'"),
+    ("inference", ["--grid", "8y12"], "grid must be two whole numbers (rows, cols) such as 8x12, got '8y12'"),
+    ("inference", ["--input", "no-such.png"], "no-such.png: no such file or folder"),
+    ("train", ["--test_fold", "9"], "test_fold"),
+])
+def test_bundle_mistake_is_one_line_with_status_2(config, override, message, tmp_path):
+    """A typo in an override is refused as the command line refuses one: one line on stderr
+    naming it, exit status 2, no traceback, nothing written."""
     done = subprocess.run([sys.executable, "-m", "monai.bundle", "run", "--config_file", f"configs/{config}.json",
-                           "--crop_sise", "3", "--output_dir", str(tmp_path)], cwd=ROOT, capture_output=True, text=True,
+                           *override, "--output_dir", str(tmp_path)], cwd=ROOT, capture_output=True, text=True,
                           timeout=300)
-    assert done.returncode != 0
-    assert "unknown override --crop_sise" in done.stderr
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert "Traceback" not in done.stderr
+    shown = done.stderr.replace("\r", "\n")  # as a terminal shows it: a progress bar clears its line
+    errors = [line for line in shown.splitlines() if "error" in line.lower()]
+    assert len(errors) == 1 and errors[0].startswith("monai.bundle: error: ") and message in errors[0], done.stderr
+    assert shown.rstrip().endswith(errors[0])
     assert not any(tmp_path.iterdir())  # nothing ran
+
+
+def test_bundle_grid_is_written_as_on_the_command_line(data_dir, tmp_path):
+    bundle("run", "--config_file", "configs/inference.json", "--output_dir", tmp_path, "--grid", "4x6")
+    (folder,) = [p for p in tmp_path.iterdir() if p.is_dir()]
+    grid = json.loads((folder / "result.json").read_text())["grid"]
+    assert (grid["rows"], grid["cols"]) == (4, 6)
 
 
 def test_bundle_inference_default_runs_on_the_embedded_sample(tmp_path):
