@@ -5,26 +5,44 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: demo test tools clean
+.PHONY: demo test tools viewer clean
 
 $(STAMP): setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet -e '.[test]'
 	touch $@
 
+# `dicom-heatmap view` serves OpenSeadragon (npm, pinned; pipelines/viewer/server.py names
+# the same version) from the environment's share/ folder
+OSD_VERSION := 6.1.1
+OSD         := $(VENV)/share/dicom-heatmap/node_modules/openseadragon/build/openseadragon/openseadragon.min.js
+
+$(OSD): | $(STAMP)
+	@command -v npm >/dev/null || { echo "npm is needed for the viewer: apt-get install npm" >&2; exit 1; }
+	npm install --silent --no-audit --no-fund --prefix $(VENV)/share/dicom-heatmap openseadragon@$(OSD_VERSION)
+	@test -f $@
+
+viewer: $(OSD)
+
 # dciodvfy (dicom3tools) validates every DICOM output in the tests; Orthanc with its
-# DICOMweb plugin is the real PACS the PACS tests run against (started on loopback by pytest)
+# DICOMweb and GDCM plugins is the real PACS the PACS tests run against (started on loopback
+# by pytest); Chromium (headless) loads the viewer page; npm installs OpenSeadragon
 APT_PACKAGES := $(if $(shell command -v dciodvfy),,dicom3tools) \
                 $(if $(wildcard /usr/sbin/Orthanc),,orthanc) \
-                $(if $(wildcard /usr/share/orthanc/plugins/libOrthancDicomWeb.so),,orthanc-dicomweb)
+                $(if $(wildcard /usr/share/orthanc/plugins/libOrthancDicomWeb.so),,orthanc-dicomweb) \
+                $(if $(wildcard /usr/share/orthanc/plugins/libOrthancGdcm.so),,orthanc-gdcm) \
+                $(if $(shell command -v chromium),,chromium) \
+                $(if $(shell command -v npm),,npm)
 tools:
 	@if [ -n "$(strip $(APT_PACKAGES))" ]; then \
 	  $(SUDO) apt-get update -q && $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -q $(APT_PACKAGES); fi
 
 demo: $(STAMP)
+	@$(MAKE) --no-print-directory viewer || echo "(the viewer's library was not installed: see above; the demo runs without it)"
 	$(BIN)/dicom-heatmap demo --out demo-output
 
 test: $(STAMP) tools
+	$(MAKE) --no-print-directory viewer
 	$(BIN)/python -m pytest -q
 
 clean:

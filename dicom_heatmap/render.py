@@ -20,6 +20,8 @@ MIN_SIDE = 512
 #: Colour ramp from 0 (dark blue) over cyan, yellow to 1 (red).
 _RAMP = np.array([[0, 0, 140], [0, 120, 255], [0, 230, 230], [255, 230, 0], [255, 60, 0], [180, 0, 0]], dtype=np.float64)
 _ALPHA = 0.45
+#: The dark label under each tile number.
+NUMBER_LABEL = (30, 30, 30)
 #: Every blend of a picture value (row) with a heatmap colour value (column), looked up
 #: instead of computed per pixel (a 2048 px picture took most of a second in float64).
 _BLEND = ((1 - _ALPHA) * np.arange(256.0)[:, None] + _ALPHA * np.arange(256.0)[None, :]).round().astype(np.uint8)
@@ -152,8 +154,11 @@ def _draw_tile_numbers(draw: ImageDraw.ImageDraw, grid, slice_index: int, scale:
     for row in range(len(grid.row_edges) - 1):
         for col in range(len(grid.col_edges) - 1):
             number = int(grid.number(slice_index, row, col))
-            draw.text((grid.col_edges[col] * scale + 3, grid.row_edges[row] * scale + 2), str(number),
-                      fill=(255, 255, 255), font=font, stroke_width=1, stroke_fill=(0, 0, 0))
+            corner = (grid.col_edges[col] * scale + 3, grid.row_edges[row] * scale + 2)
+            # white on a dark label: legible on white glass, bright tissue and red tiles alike
+            left, top, right, bottom = draw.textbbox(corner, str(number), font=font)
+            draw.rectangle((left - 2, top - 1, right + 1, bottom + 1), fill=NUMBER_LABEL)
+            draw.text(corner, str(number), fill=(255, 255, 255), font=font)
 
 
 def _draw_scale_bar(draw: ImageDraw.ImageDraw, picture_pixel_mm: float, picture_size: tuple[int, int], unit: int,

@@ -15,6 +15,7 @@ import numpy as np
 from dicom_heatmap._version import __version__
 from dicom_heatmap.domain import DISAGREEMENT_LIMIT, domain_warning, layer_disagreement
 from dicom_heatmap.heatmap import Heatmap
+from dicom_heatmap.lesions import lesion_masks
 from dicom_heatmap.network import DEFAULT_FIELD_OF_VIEW_UM
 from dicom_heatmap.result_folder import save_result
 from dicom_heatmap.spread import SpreadSummary
@@ -152,6 +153,12 @@ class AnalysisResult:
         scored = self.tile_map.patches if self.tile_map.patches is not None else self.tile_map
         return layer_disagreement(scored.layer_probabilities)
 
+    @functools.cached_property
+    def lesion_masks(self) -> list[np.ndarray]:
+        """Boolean (slices, rows, cols) tile mask of each lesion of :attr:`spread`, dominant
+        first (:func:`dicom_heatmap.lesions.lesion_masks`)."""
+        return lesion_masks(self.tile_map, self.settings.threshold)
+
     def summary_line(self) -> str:
         """One human line: scores, extent and direction."""
         stats = self.tile_map.statistics(self.spread.threshold)
@@ -170,8 +177,12 @@ class AnalysisResult:
         scores = _json_values(self.tile_map.scores.ravel().tolist())
         layers = self.tile_map.layer_probabilities.reshape(-1, self.tile_map.layer_probabilities.shape[-1]).tolist()
         flows = (self.spread.flow.reshape(-1, 3) if self.spread.flow is not None else np.zeros((len(tiles), 3))).tolist()
-        for record, score, layer, flow in zip(tiles, scores, layers, flows):
+        lesion_of = np.zeros(grid.count, dtype=int)
+        for number, mask in enumerate(self.lesion_masks, start=1):
+            lesion_of[np.flatnonzero(mask.ravel() & (lesion_of == 0))] = number
+        for record, score, layer, flow, lesion in zip(tiles, scores, layers, flows, lesion_of.tolist()):
             record["score"] = score
+            record["lesion"] = lesion or None  # which lesion (1 = dominant) the tile belongs to
             record["layer_probabilities"] = _json_values(layer) if score is not None else None
             record["flow"] = _json_values(flow)  # outgoing flow (slice, row, col), the patent's S9
         return {

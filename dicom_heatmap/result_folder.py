@@ -27,7 +27,6 @@ from pydicom.dataset import Dataset
 from dicom_heatmap._version import __version__
 from dicom_heatmap.errors import DicomHeatmapError, InputError, OutputError
 from dicom_heatmap.render import render_slice
-from dicom_heatmap.lesions import lesion_masks
 from dicom_heatmap.writers.common import PATIENT_STUDY_KEYWORDS, result_series, synthetic_reference
 from dicom_heatmap.writers.geojson import build_feature_collection
 from dicom_heatmap.writers.nifti import write_score_volume
@@ -147,12 +146,7 @@ class _ResultWriter:
         slices = result.image.shape[0]
         frame_numbers = meta.get("frame_numbers")  # a multi-frame source: which frame each slice is
         for slice_index in range(slices):
-            caption = (f"dicom-heatmap {__version__} - research only, not for diagnostic use - "
-                       f"{_direction_caption(result, slice_index)}")
-            if patient:
-                caption = f"{result.slice_label(slice_index)} - {caption}"
-            if result.domain_warning:
-                caption = f"WARNING: {result.domain_warning}. {caption}"
+            caption = slice_caption(result, slice_index)
             # a streamed slide: one slice
             shown = result.image[slice_index] if isinstance(result.image, np.ndarray) else result.image
             picture, scale = render_slice(shown, result.tile_map, result.spread, slice_index, caption,
@@ -181,7 +175,7 @@ class _ResultWriter:
         the lesions as a DICOM SEG. Returns their names; the UIDs of DICOM ones go into
         ``uids``."""
         result = self.result
-        lesions = lesion_masks(result.tile_map, result.settings.threshold)
+        lesions = result.lesion_masks
         written = {}
         if result.tile_map.frame == "PATIENT":
             write_score_volume(result.tile_map, self.folder / "scores.nii.gz", self.folder / "analysed.nii.gz")
@@ -200,6 +194,21 @@ class _ResultWriter:
             (self.folder / "heatmap.geojson").write_text(json.dumps(collection, separators=(",", ":")))
             written["geojson"] = "heatmap.geojson"
         return written
+
+
+def slice_caption(result: AnalysisResult, slice_index: int) -> str:
+    """The text under a slice's picture: the domain warning and the scale notice first
+    (a reader of the picture alone must see why its scores may mean little), then the
+    software, "not for diagnostic use", the slice (CT/MR) and the direction."""
+    caption = (f"dicom-heatmap {__version__} - research only, not for diagnostic use - "
+               f"{_direction_caption(result, slice_index)}")
+    if result.meta["frame"] == "PATIENT":
+        caption = f"{result.slice_label(slice_index)} - {caption}"
+    if result.scale_notice:
+        caption = f"NOTE: {result.scale_notice}. {caption}"
+    if result.domain_warning:
+        caption = f"WARNING: {result.domain_warning}. {caption}"
+    return caption
 
 
 def _direction_caption(result: AnalysisResult, slice_index: int) -> str:

@@ -2,6 +2,7 @@
 
     dicom-heatmap analyze INPUT [INPUT ...] --out DIR [options]
     dicom-heatmap demo [--out DIR]
+    dicom-heatmap view RESULT_DIR [--port N] [--no-browser] [--source PATH]
     dicom-heatmap train --data labels.csv --out DIR [--test-fold K] [--hold-out FILE]
     dicom-heatmap evaluate --csv labels.csv [--folds 3] [--patients FILE] [--slides] [--mosaics N] [--out DIR]
     dicom-heatmap bench
@@ -22,7 +23,7 @@ import traceback
 from pathlib import Path
 
 from dicom_heatmap.api import DEFAULT_MAX_PATCHES
-from dicom_heatmap.errors import EXIT_CODE, DicomHeatmapError, OneLineFormatter, say
+from dicom_heatmap.errors import EXIT_CODE, ConfigurationError, DicomHeatmapError, OneLineFormatter, say
 from dicom_heatmap.runtime import BACKENDS
 from dicom_heatmap.scorer import PRECISIONS
 from pipelines.pacs.ledger import STATES
@@ -182,6 +183,15 @@ def _add_bench(commands) -> None:
     bench.add_argument("--tile", type=int, default=224, help="tile side on the large slide (default 224)")
 
 
+def _add_view(commands) -> None:
+    """``view``: the heatmap over the source image in a local web page."""
+    view = commands.add_parser("view", help="show a result over its source image in a local web page (127.0.0.1)")
+    view.add_argument("result", type=Path, metavar="RESULT_DIR", help="a result folder: OUT/<UID>/ as analyze wrote it")
+    view.add_argument("--port", type=int, default=0, help="port on 127.0.0.1 (default: a free one)")
+    view.add_argument("--no-browser", action="store_true", help="print the address only; open no browser")
+    view.add_argument("--source", type=Path, help="the source image, where it is no longer at the path result.json names")
+
+
 def _add_pacs(commands) -> None:
     """``pacs poll|listen|status``: next to a PACS."""
     pacs = commands.add_parser("pacs", help="run next to a PACS: poll it, or receive series as a DICOM node")
@@ -229,7 +239,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _OneLineParser(prog="dicom-heatmap", description="Tile-wise tumour heatmaps and spread direction, written back as DICOM. Research use only, not for diagnosis.")
     parser.add_argument("--debug", action="store_true", help="show tracebacks of unexpected failures")
     commands = parser.add_subparsers(dest="command", required=True)
-    for add in (_add_analyze, _add_demo, _add_train, _add_train_context, _add_bench, _add_pacs, _add_evaluate):
+    for add in (_add_analyze, _add_demo, _add_view, _add_train, _add_train_context, _add_bench, _add_pacs, _add_evaluate):
         add(commands)
     return parser
 
@@ -339,6 +349,32 @@ def run_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_view(args: argparse.Namespace) -> int:
+    import webbrowser
+
+    from pipelines.viewer.scene import open_scene
+    from pipelines.viewer.server import ViewerServer
+
+    if not 0 <= args.port <= 65535:
+        raise ConfigurationError(f"--port must be a port number 0..65535, got {args.port}")
+    scene = open_scene(args.result, args.source)
+    try:
+        server = ViewerServer(scene, args.port)
+    except OSError as error:
+        raise ConfigurationError(f"cannot listen on 127.0.0.1:{args.port} ({error.strerror})") from None
+    say(f"viewer of {args.result} at {server.url}  (Ctrl-C to stop)")
+    sys.stdout.flush()
+    if not args.no_browser:
+        webbrowser.open(server.url)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.server_close()
+    return 0
+
+
 def run_pacs(args: argparse.Namespace) -> int:
     from pipelines.pacs.commands import listen, poll, status
 
@@ -365,7 +401,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _console_logging(args.debug)
     handlers = {"analyze": run_analyze, "demo": run_demo, "train": run_train, "train-context": run_train_context,
-                "evaluate": run_evaluate, "bench": run_bench,
+                "evaluate": run_evaluate, "bench": run_bench, "view": run_view,
                 "pacs": run_pacs}
     try:
         return handlers[args.command](args)

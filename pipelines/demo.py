@@ -33,6 +33,7 @@ def run_demo(out_dir: str | Path) -> int:
     out_dir = Path(out_dir)
     scorer = TileScorer.load()
     print(f"model: {scorer.checksum[:16]}... (input {scorer.input_size} px, {scorer.precision} on {scorer.device.type}, {scorer.backend})")
+    folders = {}
     for name, settings, what in SAMPLES:
         started = time.perf_counter()
         result = analyze(DATA / name, scorer, settings)
@@ -51,8 +52,10 @@ def run_demo(out_dir: str | Path) -> int:
             auc = float(compute_roc_auc(torch.as_tensor(scores.ravel()), torch.as_tensor(layout.ravel())))
             print(f"  against the known layout: tile AUC {auc:.3f}; "
                   f"expected direction right (0 deg), found {result.spread.words} ({result.spread.angle_deg} deg)")
+        folders[name] = folder
         names = sorted(p.name for p in folder.iterdir() if not p.name.startswith("sc-"))
         say(f"  -> {folder}/ (sc-*.dcm, {', '.join(names)})")
     print()
     say(f"All outputs are in {out_dir}/. Research use only, not for diagnosis.")
+    say(f"To pan and zoom a heatmap over its image in the browser: dicom-heatmap view {folders[SAMPLES[0][0]]}")
     return 0

@@ -24,6 +24,9 @@ FORBIDDEN = [
     ("pipelines.training", "pipelines.pacs"), ("pipelines.evaluation", "pipelines.pacs"),
     ("pipelines.pacs", "pipelines.training"), ("pipelines.pacs", "pipelines.evaluation"),
     ("pipelines.training", "pipelines.cli"), ("pipelines.evaluation", "pipelines.cli"),
+    # the viewer reads result folders: it needs neither the lab nor the PACS
+    ("pipelines.viewer", "pipelines.training"), ("pipelines.viewer", "pipelines.evaluation"),
+    ("pipelines.viewer", "pipelines.pacs"), ("pipelines.viewer", "pipelines.cli"),
 ]
 
 

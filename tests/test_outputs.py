@@ -1,6 +1,7 @@
 """Every output kind from every input kind: valid DICOM, readable back, consistent."""
 
 import json
+import re
 from pathlib import Path
 
 import highdicom as hd
@@ -8,6 +9,7 @@ import numpy as np
 import pydicom
 import pytest
 
+from conftest import ROOT
 from dicom_heatmap.writers.sr import CONCEPTS
 
 INPUTS = {
@@ -173,6 +175,18 @@ def test_demo_finds_the_known_direction_and_flags_the_ct(run_cli, tmp_path):
     ct = done.stdout.split("CT_small.dcm:")[1]
     assert "  warning: the model knows only H&E-stained breast tissue" in ct and "on this CT image" in ct
     assert len([p for p in (tmp_path / "demo").iterdir() if p.is_dir()]) == 4
+    # the README's example of what the demo prints is what it prints (the bf16 fast path may
+    # move a printed score by a unit in the last place on another CPU)
+    readme = (ROOT / "README.md").read_text().split("`make demo` prints, for each sample, a line such as")[1]
+    example = re.search(r"```\n(.*?)```", readme, flags=re.S).group(1).splitlines()
+    printed = [re.sub(r"  \[[0-9.]+ s\]$", "", line) for line in done.stdout.splitlines()]
+    assert len(example) >= 3
+    for line in example:
+        number = r"-?\d+(?:\.\d+)?"
+        matches = [p for p in printed if re.sub(number, "#", p) == re.sub(number, "#", line)]
+        assert matches, f"README line not printed by the demo: {line!r}"
+        for shown, documented in zip(re.findall(number, matches[0]), re.findall(number, line)):
+            assert float(shown) == pytest.approx(float(documented), abs=0.002 if "." in documented else 1), (line, matches[0])
 
 
 def test_pictures_carry_a_scale_bar_where_the_spacing_is_known(scorer, data_dir):
@@ -190,3 +204,30 @@ def test_pictures_carry_a_scale_bar_where_the_spacing_is_known(scorer, data_dir)
     height, width = result.image.shape[1:3]
     assert rows.min() > 0.8 * height * scale and cols.max() < 0.5 * width * scale
 
+
+
+def test_tile_numbers_stand_on_dark_labels_on_white_glass(scorer, data_dir):
+    """On glass (white, not analysed) a number must not vanish: its label is dark, its text white."""
+    from dicom_heatmap import analyze
+    from dicom_heatmap.render import NUMBER_LABEL, render_slice
+
+    result = analyze(data_dir / "wsi_lymph_node.dcm", scorer, progress=False)
+    picture, scale = render_slice(result.image[0], result.tile_map, result.spread, 0, "caption")
+    grid = result.tile_map.grid
+    assert not result.tile_map.analysed[0, 0, 0]  # tile 1 is glass
+    label = picture[int(grid.row_edges[0] * scale) + 1 : int(grid.row_edges[0] * scale) + 10,
+                    int(grid.col_edges[0] * scale) + 1 : int(grid.col_edges[0] * scale) + 8]
+    dark = np.all(label == NUMBER_LABEL, axis=-1).mean()
+    white = np.all(label >= 230, axis=-1).mean()
+    assert dark > 0.3 and white > 0.05, (dark, white)
+
+
+def test_caption_carries_the_scale_notice_and_the_domain_warning(scorer, data_dir):
+    from dicom_heatmap import analyze
+    from dicom_heatmap.result_folder import slice_caption
+
+    unknown_scale = analyze(data_dir / "idc_mosaic_tail.png", scorer, progress=False)
+    assert unknown_scale.scale_notice and f"NOTE: {unknown_scale.scale_notice}" in slice_caption(unknown_scale, 0)
+    too_coarse = analyze(data_dir / "wsi_lymph_node.dcm", scorer, progress=False)
+    assert "too coarse" in too_coarse.domain_warning
+    assert slice_caption(too_coarse, 0).startswith(f"WARNING: {too_coarse.domain_warning}")
