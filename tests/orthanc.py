@@ -16,6 +16,9 @@ from pathlib import Path
 
 ORTHANC = shutil.which("Orthanc") or "/usr/sbin/Orthanc"
 DICOMWEB_PLUGIN = Path("/usr/share/orthanc/plugins/libOrthancDicomWeb.so")
+#: The distribution's GDCM plugin: Orthanc decodes and renders with it, as sites that
+#: install it do (a result it cannot render must not bring the archive down).
+GDCM_PLUGIN = Path("/usr/share/orthanc/plugins/libOrthancGdcm.so")
 
 
 def free_port(exclude: tuple[int, ...] = ()) -> int:
@@ -55,7 +58,7 @@ class Orthanc:
             "DicomCheckCalledAet": True, "DicomAlwaysAllowFind": False, "DicomAlwaysAllowGet": False,
             "DicomAlwaysAllowMove": False, "DicomAlwaysAllowStore": True, "DicomScuTimeout": 10,
             "DicomModalities": {"heatmap": [peer_ae, "127.0.0.1", peer_port]},
-            "Plugins": [str(DICOMWEB_PLUGIN)], "DicomWeb": {"Enable": True, "Root": "/dicom-web/"},
+            "Plugins": [str(DICOMWEB_PLUGIN), str(GDCM_PLUGIN)], "DicomWeb": {"Enable": True, "Root": "/dicom-web/"},
             "StableAge": 1, "HttpTimeout": 10,
         }
         (folder / "orthanc.json").write_text(json.dumps(config))

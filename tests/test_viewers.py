@@ -4,6 +4,8 @@ volume with SimpleITK, the SEG with highdicom; every tile checked against result
 from __future__ import annotations
 
 import json
+import urllib.error
+from pathlib import Path
 
 import highdicom as hd
 import numpy as np
@@ -161,3 +163,45 @@ def test_whole_slide_map_and_segmentation_lie_on_the_slide(scorer, data_dir, tmp
     numbers = result.tile_map.grid.number(*np.nonzero(dominant))
     assert int(mask.sum()) == sum((tiles[n]["box"][2] - tiles[n]["box"][0]) * (tiles[n]["box"][3] - tiles[n]["box"][1])
                                   for n in numbers) > 0
+
+
+def test_every_output_renders_in_orthanc_with_its_gdcm_plugin(scorer, data_dir, tmp_path):
+    """Orthanc with the distribution's GDCM plugin renders each result's preview and stays up.
+    It used to abort on the slide SEG (GDCM asserts that a Segmentation with Pixel Measures
+    has a Plane Orientation (Patient)); highdicom's own slide SEG still aborts it."""
+    from orthanc import GDCM_PLUGIN, ORTHANC, Orthanc, free_port
+
+    if not (Path(ORTHANC).exists() and GDCM_PLUGIN.exists()):
+        pytest.fail("Orthanc or its GDCM plugin is not installed; `make test` installs orthanc and orthanc-gdcm")
+    source = pydicom.dcmread(data_dir / "wsi_lymph_node.dcm")
+    source.FrameOfReferenceUID = pydicom.uid.generate_uid()
+    origin = pydicom.Dataset()
+    origin.XOffsetInSlideCoordinateSystem, origin.YOffsetInSlideCoordinateSystem = 20.5, 41.25
+    source.TotalPixelMatrixOriginSequence = [origin]
+    source.save_as(tmp_path / "wsi.dcm")
+    slide = analyze(tmp_path / "wsi.dcm", scorer, grid=(5, 8), threshold=0.3, progress=False).save(tmp_path / "out")
+    write_series(tmp_path / "ct", slices=3, spacing=3.0)
+    ct = analyze(tmp_path / "ct", scorer, grid=(6, 6), threshold=0.05, progress=False).save(tmp_path / "out")
+    outputs = sorted([*slide.glob("*.dcm"), *ct.glob("*.dcm")])
+    assert {"seg.dcm", "pm.dcm", "sr.dcm"} <= {p.name for p in slide.glob("*.dcm")} and (ct / "seg.dcm").exists()
+    server = Orthanc(tmp_path / "orthanc", "HEATMAP", free_port()).start()
+    try:
+        assert "gdcm" in server.get("/plugins")
+        server.upload(*outputs)
+        rendered = []
+        for instance in server.get("/instances"):
+            sop_class = server.get(f"/instances/{instance}/tags?simplify")["SOPClassUID"]
+            if sop_class == "1.2.840.10008.5.1.4.1.1.88.34":
+                continue  # the SR has no pixels
+            try:
+                picture = server.raw(f"/instances/{instance}/preview")
+            except urllib.error.HTTPError as refused:
+                # Orthanc renders no float pixels: it refuses the Parametric Map, and goes on
+                assert refused.code == 415 and sop_class == "1.2.840.10008.5.1.4.1.1.30", (sop_class, refused.code)
+                continue
+            assert picture.startswith(b"\x89PNG"), sop_class
+            rendered.append(sop_class)
+        assert sorted(rendered).count("1.2.840.10008.5.1.4.1.1.66.4") == 2  # both SEGs, the slide's among them
+        assert server.process.poll() is None, "Orthanc went down"
+    finally:
+        server.stop(kill=True)

@@ -91,4 +91,22 @@ def build_segmentation(heatmap: Heatmap, lesions: list[np.ndarray], sources: lis
     # General Image: Type 2C, present and empty where the source has none (slides)
     if "PatientOrientation" not in seg:
         seg.PatientOrientation = sources[0].get("PatientOrientation") or None
+    if tiled:
+        _orientation_for_gdcm(seg)
     return seg
+
+
+def _orientation_for_gdcm(seg: hd.seg.Segmentation) -> None:
+    """Add a shared Plane Orientation (Patient) with the cosines of Image Orientation (Slide).
+
+    GDCM, which Orthanc's GDCM plugin renders with, computes a Segmentation's slice spacing
+    from its Pixel Measures and then requires Plane Orientation (Patient); a slide SEG
+    states only Image Orientation (Slide), and GDCM's assertion (left on in Debian 12's
+    build) aborts the whole archive at ``/instances/{id}/preview`` - highdicom's own slide
+    SEG does the same. The macro is allowed in a Segmentation and repeats the orientation
+    the SEG already states, in its own frame of reference; dciodvfy accepts it and readers
+    of slide coordinates (highdicom, slide viewers) go by Image Orientation (Slide).
+    """
+    orientation = Dataset()
+    orientation.ImageOrientationPatient = list(seg.ImageOrientationSlide)
+    seg.SharedFunctionalGroupsSequence[0].PlaneOrientationSequence = [orientation]
