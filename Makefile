@@ -24,6 +24,15 @@ $(OSD): | $(STAMP)
 
 viewer: $(OSD)
 
+# the tests also show the SEG over a slide in the IDC's slide viewer library, served by Orthanc
+DMV_VERSION := 0.48.24
+DMV         := $(VENV)/share/dicom-heatmap-test/node_modules/dicom-microscopy-viewer/dist/dicomMicroscopyViewer.bundle.min.js
+
+$(DMV): | $(STAMP)
+	npm install --silent --no-audit --no-fund --prefix $(VENV)/share/dicom-heatmap-test \
+	    dicom-microscopy-viewer@$(DMV_VERSION) dicomweb-client@0.11.3
+	@test -f $@
+
 # dciodvfy (dicom3tools) validates every DICOM output in the tests; Orthanc with its
 # DICOMweb and GDCM plugins is the real PACS the PACS tests run against (started on loopback
 # by pytest); Chromium (headless) loads the viewer page; npm installs OpenSeadragon
@@ -42,7 +51,7 @@ demo: $(STAMP)
 	$(BIN)/dicom-heatmap demo --out demo-output
 
 test: $(STAMP) tools
-	$(MAKE) --no-print-directory viewer
+	$(MAKE) --no-print-directory viewer $(DMV)
 	$(BIN)/python -m pytest -q
 
 clean:

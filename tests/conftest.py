@@ -126,3 +126,20 @@ def slide_table(tmp_path_factory, data_dir):
         writer.writeheader()
         writer.writerows(rows)
     return folder / "labels.csv"
+
+
+@pytest.fixture(scope="module")
+def browser():
+    """The distribution's Chromium, headless, driven by Playwright (which downloads no browser
+    of its own); one per test module, so no event loop of Playwright's outlives its tests."""
+    from playwright.sync_api import sync_playwright
+
+    tool = shutil.which("chromium")
+    if tool is None:
+        pytest.fail("Chromium is not installed; `make test` installs it (Debian package chromium)")
+    with sync_playwright() as playwright:
+        chromium = playwright.chromium.launch(executable_path=tool, args=[
+            "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+            "--disable-sync", "--no-first-run"])
+        yield chromium
+        chromium.close()

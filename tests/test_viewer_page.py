@@ -31,22 +31,6 @@ BAR = 44  # the page's toolbar height (viewer.css)
 COVERED = [(0, BAR, 150, BAR + 40), (WINDOW["width"] - 260, BAR, WINDOW["width"], BAR + 170)]
 
 
-@pytest.fixture(scope="module")
-def browser():
-    """The distribution's Chromium, headless, driven by Playwright (which downloads no browser of its own)."""
-    from playwright.sync_api import sync_playwright
-
-    tool = shutil.which("chromium")
-    if tool is None:
-        pytest.fail("Chromium is not installed; `make test` installs it (Debian package chromium)")
-    with sync_playwright() as playwright:
-        chromium = playwright.chromium.launch(executable_path=tool, args=[
-            "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-            "--disable-sync", "--no-first-run"])
-        yield chromium
-        chromium.close()
-
-
 @contextmanager
 def _viewer(folder: Path, *extra: str):
     """``dicom-heatmap view FOLDER --no-browser`` in a child process; yields its URL."""
