@@ -58,7 +58,6 @@ def test_bundle_settings_change_the_result(data_dir, tmp_path):
     ("inference", ["--crop_sise", "3"], "unknown override --crop_sise for configs/inference.json; its settings are: "),
     ("train", ["--crop_sise", "3"], "unknown override --crop_sise"),
     ("evaluate", ["--crop_sise", "3"], "unknown override --crop_sise"),
-    ("inference", ["--tile_szie", "40"], "unknown override --tile_szie"),
     ("inference", ["--crop", "foregroud"], "crop must be 'foreground' or 'template', got 'foregroud'"),
     ("inference", ["--grid", "8y12"], "grid must be two whole numbers (rows, cols) such as 8x12, got '8y12'"),
     ("inference", ["--input", "no-such.png"], "no-such.png: no such file or folder"),

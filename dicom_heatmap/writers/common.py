@@ -68,13 +68,22 @@ class OutputIdentity:
     settings: str
 
     def uid(self, *parts: object) -> UID:
-        """A UID (2.25 form) determined by the identity and ``parts`` (e.g. "sc", 3)."""
-        return derived_uid(self.source_key, self.model_checksum, self.settings, *parts)
+        """A UID (2.25 form) determined by the identity, :data:`OUTPUT_REVISION` and ``parts``
+        (e.g. "sc", 3)."""
+        return derived_uid(self.source_key, self.model_checksum, self.settings, f"outputs {OUTPUT_REVISION}", *parts)
 
     @property
     def folder_name(self) -> str:
         """Name of the output folder of this analysis: derived, never taken from a header."""
         return str(self.uid("result-folder"))
+
+
+#: What the writers put into each object, as a number: raised whenever an object's content
+#: changes for the same input, model and settings, so that an archive holding the older
+#: object receives the new one under new UIDs instead of answering "already stored"
+#: (2: version 1.6.0 - the slide SEG that Orthanc's GDCM plugin can render, notices and
+#: labelled tile numbers in the pictures).
+OUTPUT_REVISION = 2
 
 
 def derived_uid(*parts: object) -> UID:
