@@ -102,23 +102,32 @@ def _only_here(asked: list[str], url: str) -> None:
     assert asked and elsewhere == [], f"the page reached beyond 127.0.0.1: {elsewhere[:5]}"
 
 
-def test_the_page_draws_each_tile_where_it_lies_on_the_slide(browser, run_cli, data_dir, tmp_path):
-    done = run_cli("analyze", data_dir / "idc_mosaic_tail.png", "--grid", "8x12", "--pixel-size-um", "4", "--out",
-                   tmp_path / "out", "--quiet")
-    assert done.returncode == 0, done.stderr
-    (folder,) = [p for p in (tmp_path / "out").iterdir() if p.is_dir()]
+def test_the_page_draws_each_tile_where_it_lies_on_the_slide(browser, scorer, data_dir, tmp_path):
+    from dicom_heatmap import analyze
+
+    folder = analyze(data_dir / "idc_mosaic_tail.png", scorer, grid=(8, 12), pixel_size_um=4,
+                     progress=False).save(tmp_path / "out")
     summary = json.loads((folder / "result.json").read_text())
+    width, height = 600, 400
+    analysed = [t for t in summary["tiles"] if t["analysed"]]
     with _viewer(folder) as url:
         shot, _, asked, _ = _browse(browser, url + "?opacity=1")
+        screen_box = _image_on_screen(shot)
+        # the pointer on a tile names it and its score (the same layout: the same window)
+        left, top, right, _ = screen_box
+        scale = (right - left) / width
+        probes = [t for t in analysed if t["number"] in (41, 53, 66)]
+        points = [(left + (t["box"][1] + t["box"][3]) / 2 * scale, top + (t["box"][0] + t["box"][2]) / 2 * scale)
+                  for t in probes]
+        _, _, _, tips = _browse(browser, url, hover=points)
         if os.environ.get("VIEWER_SCREENSHOT"):  # the README's picture: VIEWER_SCREENSHOT=docs/viewer.jpg
             picture, _, _, _ = _browse(browser, url)
             Image.fromarray(picture).save(ROOT / os.environ["VIEWER_SCREENSHOT"], quality=85)
     _only_here(asked, url)
     assert any("/dzi/0_files/" in u for u in asked) and any(u.endswith("openseadragon.min.js") for u in asked)
-    screen_box = _image_on_screen(shot)
-    width, height = 600, 400
+    for tile, tip in zip(probes, tips):
+        assert tip.startswith(f"tile {tile['number']}: score {tile['score']:.3f}"), (tile["number"], tip)
     assert abs((screen_box[2] - screen_box[0]) / (screen_box[3] - screen_box[1]) - width / height) < 0.02, screen_box
-    analysed = [t for t in summary["tiles"] if t["analysed"]]
     found = _screen_scores(shot, screen_box, (width, height), analysed)
     errors = [abs(found[t["number"]] - t["score"]) for t in analysed if t["number"] in found]
     assert len(errors) > 0.8 * len(analysed)
@@ -129,15 +138,6 @@ def test_the_page_draws_each_tile_where_it_lies_on_the_slide(browser, run_cli, d
     other = [found[t["number"]] for t in analysed if t["number"] in found and not layout[t["row"], t["col"]]]
     pairs = np.array([[a > b for b in other] for a in tumour])
     assert pairs.mean() > 0.9, pairs.mean()
-    # the pointer on a tile names it and its score
-    left, top, right, bottom = screen_box
-    scale = (right - left) / width
-    probes = [t for t in analysed if t["number"] in (41, 53, 66)]
-    points = [(left + (t["box"][1] + t["box"][3]) / 2 * scale, top + (t["box"][0] + t["box"][2]) / 2 * scale) for t in probes]
-    with _viewer(folder) as url:
-        _, _, _, tips = _browse(browser, url, hover=points)
-    for tile, tip in zip(probes, tips):
-        assert tip.startswith(f"tile {tile['number']}: score {tile['score']:.3f}"), (tile["number"], tip)
 
 
 def test_the_page_steps_through_a_ct_series(browser, scorer, tmp_path):
@@ -164,7 +164,7 @@ def test_the_page_steps_through_a_ct_series(browser, scorer, tmp_path):
 
 
 @pytest.mark.parametrize("case", ["no result.json", "source moved", "no such folder"])
-def test_view_refuses_what_it_cannot_show_in_one_line(case, run_cli, data_dir, tmp_path):
+def test_view_refuses_what_it_cannot_show_in_one_line(case, run_cli, scorer, data_dir, tmp_path):
     if case == "no result.json":
         target = tmp_path
     elif case == "no such folder":
@@ -172,9 +172,10 @@ def test_view_refuses_what_it_cannot_show_in_one_line(case, run_cli, data_dir, t
     else:
         picture = tmp_path / "moved.png"
         shutil.copy(data_dir / "idc_mosaic_tail.png", picture)
-        assert run_cli("analyze", picture, "--out", tmp_path / "out", "--quiet").returncode == 0
+        from dicom_heatmap import analyze
+
+        target = analyze(picture, scorer, progress=False).save(tmp_path / "out")
         picture.unlink()
-        (target,) = [p for p in (tmp_path / "out").iterdir() if p.is_dir()]
     done = run_cli("view", target, "--no-browser", timeout=60)
     assert done.returncode == 2 and "Traceback" not in done.stderr
     assert len(done.stderr.strip().splitlines()) == 1 and done.stderr.startswith("dicom-heatmap: error: ")
@@ -190,11 +191,12 @@ def test_the_page_names_no_other_host():
         assert not re.search(r"(?:https?:)?//[a-z0-9.-]+\.[a-z]{2,}", text, flags=re.I), name
 
 
-def test_the_server_answers_its_own_address_only(run_cli, data_dir, tmp_path):
+def test_the_server_answers_its_own_address_only(scorer, data_dir, tmp_path):
     import urllib.request
 
-    assert run_cli("analyze", data_dir / "CT_small.dcm", "--out", tmp_path / "out", "--quiet").returncode == 0
-    (folder,) = [p for p in (tmp_path / "out").iterdir() if p.is_dir()]
+    from dicom_heatmap import analyze
+
+    folder = analyze(data_dir / "CT_small.dcm", scorer, progress=False).save(tmp_path / "out")
     with _viewer(folder) as url:
         page = urllib.request.urlopen(url, timeout=10)
         assert "default-src 'self'" in page.headers["Content-Security-Policy"]
