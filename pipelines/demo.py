@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 import time
 from pathlib import Path
 
@@ -57,5 +58,6 @@ def run_demo(out_dir: str | Path) -> int:
         say(f"  -> {folder}/ (sc-*.dcm, {', '.join(names)})")
     print()
     say(f"All outputs are in {out_dir}/. Research use only, not for diagnosis.")
-    say(f"To pan and zoom a heatmap over its image in the browser: dicom-heatmap view {folders[SAMPLES[0][0]]}")
+    program = sys.argv[0] if Path(sys.argv[0]).name == "dicom-heatmap" else "dicom-heatmap"  # as it was called
+    say(f"To pan and zoom a heatmap over its image in the browser: {program} view {folders[SAMPLES[0][0]]}")
     return 0
