@@ -25,7 +25,7 @@ from pydicom.dataset import Dataset
 from dicom_heatmap.checksum import file_sha256
 from dicom_heatmap.context import PatchContext, whole_slide_scores
 from dicom_heatmap.domain import MIN_PATCH_SIDE
-from dicom_heatmap.errors import ConfigurationError, DicomHeatmapError, InputError, checked_number, is_uid
+from dicom_heatmap.errors import ConfigurationError, InputError, checked_number, find_cause, is_uid
 from dicom_heatmap.heatmap import Heatmap
 from dicom_heatmap.inferer import TileGridInferer
 from dicom_heatmap.network import DEFAULT_FIELD_OF_VIEW_UM, DEFAULT_INPUT_SIZE
@@ -310,9 +310,7 @@ def project_errors():
     try:
         yield
     except RuntimeError as error:
-        cause: BaseException | None = error
-        while cause is not None and not isinstance(cause, DicomHeatmapError):
-            cause = cause.__cause__
+        cause = find_cause(error)
         if cause is not None:
             raise cause from None
         raise

@@ -15,7 +15,8 @@ from transforms.errors import (  # noqa: F401
     one_line,
     say,
     OneLineFormatter,
+    find_cause,
 )
 
 __all__ = ["DicomHeatmapError", "InputError", "ModelError", "ConfigurationError", "OutputError", "EXIT_CODE", "one_line",
-           "say", "OneLineFormatter", "is_uid", "checked_number"]
+           "say", "OneLineFormatter", "find_cause", "is_uid", "checked_number"]

@@ -25,7 +25,7 @@ from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset
 
 from dicom_heatmap._version import __version__
-from dicom_heatmap.errors import DicomHeatmapError, InputError, OutputError
+from dicom_heatmap.errors import DicomHeatmapError, InputError, OutputError, find_cause
 from dicom_heatmap.render import render_slice
 from dicom_heatmap.writers.common import PATIENT_STUDY_KEYWORDS, result_series, synthetic_reference
 from dicom_heatmap.writers.geojson import build_feature_collection
@@ -240,12 +240,8 @@ def _os_reason(error: OSError) -> str:
     """The system's words for an OSError (``No space left on device``), found through the
     exceptions it was raised from: pydicom re-raises a write error with its traceback as
     the message and no errno."""
-    cause: BaseException | None = error
-    while cause is not None:
-        if isinstance(cause, OSError) and cause.errno:
-            return os.strerror(cause.errno)
-        cause = cause.__cause__ or cause.__context__
-    return type(error).__name__
+    cause = find_cause(error, OSError, where=lambda found: bool(found.errno))
+    return os.strerror(cause.errno) if cause is not None else type(error).__name__
 
 
 def _exchange(first: Path, second: Path) -> bool:

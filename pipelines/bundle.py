@@ -13,7 +13,7 @@ from monai.bundle import ConfigParser
 from monai.data import Dataset
 
 from dicom_heatmap.api import DEFAULT_MAX_PATCHES, AnalysisSettings, analyze_prepared, project_errors
-from dicom_heatmap.errors import EXIT_CODE, DicomHeatmapError, say
+from dicom_heatmap.errors import EXIT_CODE, find_cause, say
 from dicom_heatmap.inferer import TileGridInferer
 from dicom_heatmap.scorer import TileScorer
 from pipelines.evaluation.evaluate import run_evaluation
@@ -46,20 +46,13 @@ def _override_ids(argv: Sequence[str]) -> tuple[list[str], list[str]]:
     return config_files, ids
 
 
-def _error_in(error: BaseException | None) -> DicomHeatmapError | None:
-    """The project's error among ``error`` and the exceptions it was raised from."""
-    while error is not None and not isinstance(error, DicomHeatmapError):
-        error = error.__cause__ or error.__context__
-    return error
-
-
 def _one_line_hook(kind, error, trace) -> None:
     """``sys.excepthook`` of a bundle run: a failure the user can mend (a bad override value,
     a missing input or model file) is one line on stderr and exit status 2, as the command
     line gives it; anything else keeps Python's traceback. MONAI's runner owns the process
     and wraps whatever a config item raises in ``RuntimeError``, and an uncaught exception
     ends Python with status 1, so the hook ends the process itself."""
-    mendable = _error_in(error)
+    mendable = find_cause(error)
     if mendable is None:
         sys.__excepthook__(kind, error, trace)
         return

@@ -143,3 +143,13 @@ def browser():
             "--disable-sync", "--no-first-run"])
         yield chromium
         chromium.close()
+
+
+def drawn_box(drawn: np.ndarray, top: int = 0) -> tuple[int, int, int, int]:
+    """(left, top, right, bottom) of the rectangle a viewer draws, from the mask of what
+    differs from its background: where lines through the middle of the view below ``top``
+    (a toolbar) enter and leave it. The lines cross no overview or navigator in a corner."""
+    middle_row, middle_col = (top + drawn.shape[0]) // 2, drawn.shape[1] // 2
+    cols = np.flatnonzero(drawn[middle_row])
+    rows = np.flatnonzero(drawn[top + 1 :, middle_col]) + top + 1
+    return int(cols.min()), int(rows.min()), int(cols.max()) + 1, int(rows.max()) + 1

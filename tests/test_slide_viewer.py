@@ -20,7 +20,7 @@ import pydicom
 import pytest
 from PIL import Image
 
-from conftest import ROOT
+from conftest import ROOT, drawn_box
 from dicom_heatmap import analyze
 from orthanc import Orthanc, free_port
 from transforms.io.load import LoadInput
@@ -49,15 +49,6 @@ def _conformant_slide(data_dir: Path, path: Path) -> pydicom.Dataset:
     slide.OpticalPathSequence, slide.NumberOfOpticalPaths = [optical_path], 1
     slide.save_as(path)
     return slide
-
-
-def _slide_on_screen(shot: np.ndarray) -> tuple[int, int, int, int]:
-    """(left, top, right, bottom) of the slide the viewer draws on its black background:
-    where lines through the middle of the view leave the black."""
-    drawn = shot.max(axis=-1) > 40
-    middle_row, middle_col = shot.shape[0] // 2, shot.shape[1] // 2
-    cols, rows = np.flatnonzero(drawn[middle_row]), np.flatnonzero(drawn[:, middle_col])
-    return int(cols.min()), int(rows.min()), int(cols.max()) + 1, int(rows.max()) + 1
 
 
 def test_the_slide_seg_shows_over_the_slide_in_dicom_microscopy_viewer(browser, scorer, data_dir, tmp_path):
@@ -109,7 +100,7 @@ def test_the_slide_seg_shows_over_the_slide_in_dicom_microscopy_viewer(browser, 
     size = (int(slide.TotalPixelMatrixColumns), int(slide.TotalPixelMatrixRows))
     on_slide = {}
     for kind, shot in shots.items():
-        left, top, right, bottom = _slide_on_screen(shot)
+        left, top, right, bottom = drawn_box(shot.max(axis=-1) > 40)  # the slide on the viewer's black
         assert abs((right - left) / (bottom - top) - size[0] / size[1]) < 0.02, (kind, left, top, right, bottom)
         on_slide[kind] = np.asarray(Image.fromarray(shot[top:bottom, left:right]).resize(size, Image.BILINEAR)).astype(int)
     # the viewer shows slide coordinates: with this slide's Image Orientation (Slide) the

@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import ROOT, write_series
+from conftest import ROOT, drawn_box, write_series
 from dicom_heatmap.render import colorize
 
 WINDOW = {"width": 1200, "height": 800}
@@ -69,15 +69,9 @@ def _browse(browser, url: str, hover=()) -> tuple[np.ndarray, str, list[str], li
 
 
 def _image_on_screen(shot: np.ndarray) -> tuple[int, int, int, int]:
-    """(left, top, right, bottom) of the image the viewer draws: where a line through the
-    middle of the view leaves the page's background (#111), across and down (the
-    navigator in the upper right corner stays off both lines)."""
-    drawn = np.any(np.abs(shot.astype(int) - 17) > 12, axis=-1)
-    bottom = shot.shape[0]
-    middle_row, middle_col = (BAR + bottom) // 2, shot.shape[1] // 2
-    cols = np.flatnonzero(drawn[middle_row])
-    rows = np.flatnonzero(drawn[BAR + 1 : bottom, middle_col]) + BAR + 1
-    return int(cols.min()), int(rows.min()), int(cols.max()) + 1, int(rows.max()) + 1
+    """(left, top, right, bottom) of the image the viewer draws below the toolbar, on the
+    page's background (#111)."""
+    return drawn_box(np.any(np.abs(shot.astype(int) - 17) > 12, axis=-1), top=BAR)
 
 
 def _screen_scores(shot, screen_box, image_size, tiles) -> dict[int, float]:

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import TextIO
 
 __all__ = ["DicomHeatmapError", "InputError", "NotDicomError", "ModelError", "ConfigurationError", "OutputError",
-           "EXIT_CODE", "one_line", "say", "OneLineFormatter", "is_uid", "checked_number"]
+           "EXIT_CODE", "one_line", "say", "OneLineFormatter", "find_cause", "is_uid", "checked_number"]
 
 #: Exit status of the command line for any of these errors.
 EXIT_CODE = 2
@@ -49,6 +49,22 @@ def say(text: str, file: TextIO | None = None) -> None:
     goes through here, since paths and header values in it are the user's or the input's,
     and a path may hold ESC, BEL or a newline."""
     print(one_line(text), file=file or sys.stdout)
+
+
+def find_cause(error: BaseException | None, kind: type[BaseException] | tuple[type[BaseException], ...] = (),
+               where=lambda found: True) -> BaseException | None:
+    """The first of ``error`` and the exceptions it was raised from or during (``__cause__``,
+    else ``__context__``) that is a ``kind`` (the project's :class:`DicomHeatmapError` by
+    default) and meets ``where``; None if none is. Libraries wrap what they catch (MONAI in
+    ``RuntimeError``, pydicom a write error in one without errno): the first is what to tell."""
+    kind = kind or DicomHeatmapError
+    seen = set()
+    while error is not None and id(error) not in seen:
+        if isinstance(error, kind) and where(error):
+            return error
+        seen.add(id(error))
+        error = error.__cause__ or error.__context__
+    return None
 
 
 class OneLineFormatter(logging.Formatter):

@@ -39,6 +39,7 @@ Every loader gives the pixels as a numpy array shaped (slices, rows, columns, ch
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -46,10 +47,11 @@ from typing import Sequence
 import numpy as np
 from pydicom.dataset import Dataset
 
+from transforms.errors import InputError
 from transforms.io.guards import DEFAULT_MAX_VALUES
 
-__all__ = ["LoadOptions", "input_meta", "plane_affine", "pixel_affine", "model_suited_level", "MODEL_SCALE_SLACK",
-           "DEFAULT_SLIDE_SIDE"]
+__all__ = ["LoadOptions", "input_meta", "positive_number", "orthonormal", "plane_affine", "pixel_affine",
+           "model_suited_level", "MODEL_SCALE_SLACK", "DEFAULT_SLIDE_SIDE"]
 
 #: A slide level read for the model may have pixels up to this many times its input's.
 MODEL_SCALE_SLACK = 1.25
@@ -121,3 +123,24 @@ def model_suited_level(spacings_um: Sequence[float], model_scale_um: float | Non
         return None
     fine_enough = [i for i, spacing in enumerate(spacings_um) if spacing <= MODEL_SCALE_SLACK * model_scale_um]
     return fine_enough[-1] if fine_enough else 0
+
+
+def positive_number(value, path: Path, what: str, low: float, high: float) -> float:
+    """``value`` as a float where it is a finite number in [low, high]; otherwise the input is
+    refused naming ``what`` (header numbers enter arithmetic: 0, NaN or infinity would
+    surface as a ZeroDivisionError or a LinAlgError far from the header)."""
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        number = math.nan
+    if not (math.isfinite(number) and low <= number <= high):
+        raise InputError(path, f"{what} must be a finite number from {low:g} to {high:g}")
+    return number
+
+
+def orthonormal(first, second, tolerance: float = 0.01) -> bool:
+    """Whether two direction vectors (a header's orientation cosines) are unit vectors at a
+    right angle to each other, within ``tolerance``."""
+    first, second = np.asarray(first, dtype=float), np.asarray(second, dtype=float)
+    return (abs(np.linalg.norm(first) - 1) <= tolerance and abs(np.linalg.norm(second) - 1) <= tolerance
+            and abs(float(np.dot(first, second))) <= tolerance)

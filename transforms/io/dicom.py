@@ -21,11 +21,11 @@ from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 
 from transforms.errors import InputError, NotDicomError, is_uid
-from transforms.io.common import input_meta
+from transforms.io.common import input_meta, orthonormal
 from transforms.io.guards import DEFAULT_MAX_VALUES, check_codestreams, check_deflated_size, deflated_body_offset
 
-__all__ = ["read_dicom", "require_identity", "decode_pixels", "decode_frames", "positive_number", "header_only", "plane_geometry", "modality_values",
-           "rescale_of", "slice_thickness", "frame_group", "dicom_meta", "shown_uid", "shown_code"]
+__all__ = ["read_dicom", "require_identity", "decode_pixels", "decode_frames", "header_only", "plane_geometry",
+           "modality_values", "rescale_of", "slice_thickness", "frame_group", "dicom_meta", "shown_uid", "shown_code"]
 
 # pydicom warns about every over-long value of real-world headers (a 66-character UID,
 # say); the loaders judge what matters and raise InputError for it
@@ -169,8 +169,7 @@ def plane_geometry(ds: Dataset, path: Path) -> tuple[np.ndarray, np.ndarray, np.
         raise InputError(path, f"Pixel Spacing {spacing} must be positive and finite")
     if not np.all(np.isfinite(orientation)) or not np.all(np.isfinite(position)):
         raise InputError(path, "Image Orientation/Position (Patient) holds values that are not finite numbers")
-    if abs(np.linalg.norm(orientation[:3]) - 1) > 0.01 or abs(np.linalg.norm(orientation[3:]) - 1) > 0.01 \
-            or abs(np.dot(orientation[:3], orientation[3:])) > 0.01:
+    if not orthonormal(orientation[:3], orientation[3:]):
         raise InputError(path, "Image Orientation (Patient) is not two orthogonal unit vectors")
     col_dir, row_dir = orientation[:3], orientation[3:]  # DICOM: first along a row (columns increase)
     return row_dir, col_dir, position, spacing
@@ -208,19 +207,6 @@ def rescale_of(ds: Dataset, path: Path | None = None) -> tuple[float, float]:
     if not (math.isfinite(slope) and math.isfinite(intercept)):
         raise InputError(path or "the DICOM object", "Rescale Slope or Rescale Intercept is not a finite number")
     return slope, intercept
-
-
-def positive_number(value, path: Path, what: str, low: float, high: float) -> float:
-    """``value`` as a float where it is a finite number in [low, high]; otherwise the input is
-    refused naming ``what`` (header numbers enter arithmetic: 0, NaN or infinity would
-    surface as a ZeroDivisionError or a LinAlgError far from the header)."""
-    try:
-        number = float(value)
-    except (TypeError, ValueError):
-        number = math.nan
-    if not (math.isfinite(number) and low <= number <= high):
-        raise InputError(path, f"{what} must be a finite number from {low:g} to {high:g}")
-    return number
 
 
 def frame_group(ds: Dataset, index: int, sequence: str) -> Dataset | None:

@@ -14,8 +14,8 @@ import numpy as np
 from pydicom.dataset import Dataset
 
 from transforms.errors import InputError
-from transforms.io.common import DEFAULT_SLIDE_SIDE, model_suited_level, plane_affine
-from transforms.io.dicom import decode_frames, dicom_meta, positive_number
+from transforms.io.common import DEFAULT_SLIDE_SIDE, model_suited_level, orthonormal, plane_affine, positive_number
+from transforms.io.dicom import decode_frames, dicom_meta
 from transforms.io.guards import DEFAULT_MAX_VALUES, declared_values
 
 __all__ = ["choose_wsi_level", "load_dicom_wsi", "wsi_pixel_spacing", "slide_coordinates", "SPACING_RANGE_MM"]
@@ -50,8 +50,7 @@ def slide_coordinates(ds: Dataset) -> np.ndarray | None:
     if orientation.shape != (6,) or not (np.all(np.isfinite(orientation)) and np.all(np.isfinite(offset))):
         return None
     along_row, along_column = orientation[:3], orientation[3:]  # DICOM: first the direction of increasing column
-    if abs(np.linalg.norm(along_row) - 1) > 0.01 or abs(np.linalg.norm(along_column) - 1) > 0.01 \
-            or abs(np.dot(along_row, along_column)) > 0.01:
+    if not orthonormal(along_row, along_column):
         return None
     matrix = np.eye(4)
     matrix[:3, 0], matrix[:3, 1] = along_row, along_column

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import math
 import os
 import sys
 import tempfile
@@ -22,7 +21,7 @@ from typing import Iterator, Sequence
 import numpy as np
 
 from transforms.errors import InputError
-from transforms.io.common import DEFAULT_SLIDE_SIDE, LoadOptions, input_meta, model_suited_level, pixel_affine
+from transforms.io.common import DEFAULT_SLIDE_SIDE, LoadOptions, input_meta, model_suited_level, pixel_affine, positive_number
 from transforms.io.guards import DEFAULT_MAX_VALUES, check_size, check_tiff_layout
 
 __all__ = ["read", "load_slide", "StreamedSlide", "SUFFIXES", "STREAM_ABOVE_PIXELS", "BAND_PIXELS"]
@@ -75,14 +74,7 @@ def _base_spacing_mm(properties, path: Path) -> float | None:
     mpp = properties.get(openslide.PROPERTY_NAME_MPP_X)
     if not mpp:
         return None
-    try:
-        value = float(mpp)
-    except ValueError:
-        value = math.nan
-    if not (math.isfinite(value) and MPP_RANGE_UM[0] <= value <= MPP_RANGE_UM[1]):
-        raise InputError(path, f"the slide states a pixel size (openslide.mpp-x) that is not a finite number from "
-                               f"{MPP_RANGE_UM[0]:g} to {MPP_RANGE_UM[1]:g} um")
-    return value / 1000
+    return positive_number(mpp, path, "the pixel size the slide states (openslide.mpp-x, um)", *MPP_RANGE_UM) / 1000
 
 #: Slide levels of more pixels than this are streamed tile by tile instead of read whole.
 STREAM_ABOVE_PIXELS = 64 * 1024 * 1024
