@@ -133,7 +133,8 @@ class HeadedVGG16(nn.Module):
         )
         self.heads = nn.ModuleList(BinaryHead(c) for c in widths)
         self.fusion = BinaryHead(len(widths))
-        self._init_weights()
+        if not self.features[0].weight.is_meta:  # built to be filled from a state dict (from_state_dict)
+            self._init_weights()
         self.context = PatchContext()  # after _init_weights: its own initialisation leaves scores as they are
 
     def _init_weights(self) -> None:
@@ -202,8 +203,9 @@ class HeadedVGG16(nn.Module):
             batch_norm = "features.1.running_mean" in state
         except KeyError as missing:
             raise ValueError(f"not a HeadedVGG16 state dict: key {missing} is missing") from None
-        net = cls(input_size=input_size, width_multiplier=first_width / VGG16_CONV_WIDTHS[0], batch_norm=batch_norm,
-                  field_of_view_um=float(state.get("field_of_view_um", DEFAULT_FIELD_OF_VIEW_UM)))
+        with torch.device("meta"):  # no memory and no random initialisation: the state dict fills every tensor
+            net = cls(input_size=input_size, width_multiplier=first_width / VGG16_CONV_WIDTHS[0], batch_norm=batch_norm,
+                      field_of_view_um=float(state.get("field_of_view_um", DEFAULT_FIELD_OF_VIEW_UM)))
         # (the stain reference needs no argument: load_weights copies the buffer)
         return net.load_weights(state)
 
@@ -228,10 +230,12 @@ class HeadedVGG16(nn.Module):
         # model files from before 1.2 do not store their field of view (theirs is the IDC
         # tile's) and those from before 1.4 no stain reference (they take tiles as they are)
         # and those from before 1.5 no context stage (their scores are used as they are)
-        untrained_context = {f"context.{name}": value for name, value in PatchContext().state_dict().items()}
-        state = {"field_of_view_um": torch.tensor(DEFAULT_FIELD_OF_VIEW_UM), "stain_reference": torch.zeros(2),
-                 **untrained_context, **state}
-        self.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in state.items()})
+        with torch.device("cpu"):
+            untrained_context = {f"context.{name}": value for name, value in PatchContext().state_dict().items()}
+            state = {"field_of_view_um": torch.tensor(DEFAULT_FIELD_OF_VIEW_UM), "stain_reference": torch.zeros(2),
+                     **untrained_context, **state}
+        on_meta = any(tensor.is_meta for tensor in self.state_dict().values())  # built by from_state_dict
+        self.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in state.items()}, assign=on_meta)
         return self
 
     def fold_batch_norm(self) -> "HeadedVGG16":
@@ -245,11 +249,11 @@ class HeadedVGG16(nn.Module):
             if isinstance(layer, nn.Conv2d) and index + 1 < len(layers) and isinstance(layers[index + 1], nn.BatchNorm2d):
                 bn = layers[index + 1]
                 scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
-                conv = nn.Conv2d(layer.in_channels, layer.out_channels, 3, padding=1, bias=True)
+                conv = nn.Conv2d(layer.in_channels, layer.out_channels, 3, padding=1, bias=True, device="meta")
                 with torch.no_grad():
-                    conv.weight.copy_(layer.weight * scale.view(-1, 1, 1, 1))
                     bias = layer.bias if layer.bias is not None else torch.zeros_like(bn.running_mean)
-                    conv.bias.copy_((bias - bn.running_mean) * scale + bn.bias)
+                    conv.weight = nn.Parameter(layer.weight * scale.view(-1, 1, 1, 1))
+                    conv.bias = nn.Parameter((bias - bn.running_mean) * scale + bn.bias)
                 folded.append(conv)
                 index += 2
                 continue

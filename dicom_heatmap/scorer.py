@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from dicom_heatmap.checksum import file_sha256
 from dicom_heatmap.errors import ConfigurationError, ModelError
 from dicom_heatmap.network import HeadedVGG16
-from dicom_heatmap.runtime import BACKENDS, OpenVinoExtractor, openvino_available
+from dicom_heatmap.runtime import BACKENDS, OpenVinoNetwork, openvino_available
 
 __all__ = ["TileScorer", "TileScores", "DEFAULT_MODEL_PATH", "PRECISIONS", "MODEL_DOMAIN", "MODEL_MODALITIES", "fast_precision"]
 
@@ -90,14 +90,15 @@ class TileScorer:
     in the model file): :func:`dicom_heatmap.analyze` scores patches of that side where the
     source's pixel spacing is known.
 
-    The conv layers run in ``precision`` on ``backend``: torch (bf16 or fp16 through
-    autocast, channels-last) or OpenVINO (CPU; see :mod:`dicom_heatmap.runtime`); the 13
-    heads and the fusion always run in fp32 torch. ``fp32`` on torch is the reference path.
+    The network runs in ``precision`` on ``backend``: torch (the conv layers in bf16 or
+    fp16 through autocast, channels-last; the 13 heads and the fusion in fp32) or OpenVINO
+    (CPU: the whole network as one graph; see :mod:`dicom_heatmap.runtime`). ``fp32`` on
+    torch is the reference path.
 
     Args:
         network: a :class:`HeadedVGG16`.
         checksum: identifies the weights in outputs and provenance.
-        batch_size: tiles per forward pass.
+        batch_size: tiles per forward pass (OpenVINO pads a shorter batch to it).
         precision: one of :data:`PRECISIONS`.
         device: ``"cpu"``, ``"cuda"``, or ``None`` for a GPU when there is one.
         backend: one of :data:`~dicom_heatmap.runtime.BACKENDS`; ``auto`` is OpenVINO
@@ -105,7 +106,7 @@ class TileScorer:
             the reference, unless ``openvino`` is asked for).
     """
 
-    def __init__(self, network: HeadedVGG16, checksum: str, batch_size: int = 32, precision: str = "auto",
+    def __init__(self, network: HeadedVGG16, checksum: str, batch_size: int = 64, precision: str = "auto",
                  device: str | torch.device | None = None, backend: str = "auto") -> None:
         if batch_size < 1:
             raise ConfigurationError(f"batch_size must be positive, got {batch_size}")
@@ -125,8 +126,10 @@ class TileScorer:
             if not openvino_available():
                 raise ConfigurationError("the openvino backend needs the openvino package (pip install openvino)")
         self.backend = backend
-        self._openvino: OpenVinoExtractor | None = None
-        self.network = network.eval().to(self.device, memory_format=torch.channels_last)
+        self._openvino: OpenVinoNetwork | None = None
+        self.network = network.eval().to(self.device)
+        if backend == "torch":  # what torch's conv kernels run fastest on; OpenVINO takes the weights as they are
+            self.network = self.network.to(memory_format=torch.channels_last)
         self.checksum = checksum
         self.batch_size = batch_size
         self.input_size = int(network.input_size)
@@ -138,7 +141,7 @@ class TileScorer:
         return f"{self.checksum}/{self.precision}" + ("/openvino" if self.backend == "openvino" else "")
 
     @classmethod
-    def load(cls, path: str | Path | None = None, network: HeadedVGG16 | None = None, batch_size: int = 32,
+    def load(cls, path: str | Path | None = None, network: HeadedVGG16 | None = None, batch_size: int = 64,
              precision: str = "auto", device: str | torch.device | None = None, backend: str = "auto") -> "TileScorer":
         """Load a model file (a state dict of :class:`HeadedVGG16`, or a training checkpoint).
 
@@ -214,18 +217,18 @@ class TileScorer:
         for start in range(0, count, self.batch_size):
             x = self._prepare(tiles[start : start + self.batch_size])
             if self.backend == "openvino":
-                pooled = self._openvino_extractor()(x)
+                output = self._openvino_network()(x.numpy())
             else:
                 with torch.autocast(self.device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
                     pooled, _ = self.network.extract(x)
-            output = self.network.score_taps(pooled).cpu().numpy()
+                output = self.network.score_taps(pooled).cpu().numpy()
             scores[start : start + len(output)] = output[:, 0]
             layers[start : start + len(output)] = output[:, 1:]
         return TileScores(scores, layers)
 
-    def _openvino_extractor(self) -> OpenVinoExtractor:
-        if self._openvino is None:  # converted on first use: loading a scorer stays cheap
-            self._openvino = OpenVinoExtractor(self.network, self.precision, weights_key=self.checksum)
+    def _openvino_network(self) -> OpenVinoNetwork:
+        if self._openvino is None:  # compiled on first use: loading a scorer stays cheap
+            self._openvino = OpenVinoNetwork(self.network, self.precision, self.batch_size, weights_key=self.checksum)
         return self._openvino
 
     def score(self, tiles: np.ndarray | Sequence[np.ndarray]) -> np.ndarray:

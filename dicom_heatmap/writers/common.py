@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import threading
 import uuid
 from dataclasses import dataclass
+
 import highdicom as hd
 import numpy as np
 from pydicom.dataset import Dataset
@@ -14,6 +16,7 @@ from dicom_heatmap._version import __version__
 __all__ = [
     "ALGORITHM_NAME", "MANUFACTURER", "SERIES_DESCRIPTION_SUFFIX", "OutputIdentity",
     "synthetic_reference", "patient_orientation", "CODING_SCHEME", "code", "PATIENT_STUDY_KEYWORDS", "result_series", "is_result_description", "equipment",
+    "read_standard_tables_in_background",
 ]
 
 ALGORITHM_NAME = "dicom-heatmap VGG16 13-head tile scorer"
@@ -29,6 +32,21 @@ PATIENT_STUDY_KEYWORDS = (
     "PatientName", "PatientID", "PatientBirthDate", "PatientSex",
     "StudyDate", "StudyTime", "ReferringPhysicianName", "StudyID", "AccessionNumber",
 )
+
+
+def read_standard_tables_in_background() -> None:
+    """Start reading highdicom's tables of the standard in a thread.
+
+    highdicom reads them (22 MB of JSON, about half a second) when a process builds its
+    first object; started before the model loads and scores, the reading overlaps that
+    work, most of which releases the interpreter lock. Only a warm-up: if highdicom
+    renames its private loader, nothing is read early and nothing else changes.
+    """
+    from highdicom import _standard_utils  # private, pinned: see the docstring
+
+    loader = getattr(_standard_utils, "get_module_attribute_map", None)
+    if callable(loader):
+        threading.Thread(target=loader, name="highdicom-tables", daemon=True).start()
 
 
 def equipment() -> dict:
@@ -82,8 +100,9 @@ class OutputIdentity:
 #: changes for the same input, model and settings, so that an archive holding the older
 #: object receives the new one under new UIDs instead of answering "already stored"
 #: (2: version 1.6.0 - the slide SEG that Orthanc's GDCM plugin can render, notices and
-#: labelled tile numbers in the pictures).
-OUTPUT_REVISION = 2
+#: labelled tile numbers in the pictures; 3: version 1.7.0 - OpenVINO runs the heads and the
+#: fusion too, in bf16, which moves OpenVINO's scores by up to a few thousandths).
+OUTPUT_REVISION = 3
 
 
 def derived_uid(*parts: object) -> UID:

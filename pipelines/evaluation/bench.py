@@ -12,19 +12,22 @@ model's input size, it times
 and prints tiles/s, effective GFLOP/s of the 13 conv layers, fast / naive, and each
 against the machine's matrix-product peak for that precision, measured in the same run.
 
-Then it writes a large synthetic slide (a tiled pyramidal TIFF, half tissue, half glass),
-runs ``dicom-heatmap analyze`` on it in a child process, and prints end-to-end tiles/s
-against model-only tiles/s on the same tiles, and the child's peak resident memory.
-
-Last, the cost of the whole-slide stage (context network and per-slide calibration): the
+Then the cost of the whole-slide stage (context network and per-slide calibration): the
 embedded rebuilt IDC slide (``tests/data/idc_slide_14082.jpg``, 478 patches at 4 um) is
 analysed with the stage and without it in interleaved rounds, and the ratio of the medians
-is printed. The machine is shared and noisy: read the ratios, not the absolute numbers.
+is printed.
+
+Last, what users run: synthetic pyramidal TIFFs of 12k, 40k and 80k pixels a side at
+0.25 um/px (half real H&E texture, half glass), each analysed with every default by
+``dicom-heatmap analyze`` and scored by a competent MONAI pipeline on the same patches
+(:mod:`pipelines.evaluation.monai_peer`), both as whole processes, in interleaved rounds;
+it prints the ratio of their wall times with its spread, each one's peak memory, and each
+one's fixed cost and cost a patch (a least-squares line over the slides).
+The machine is shared and noisy: read the ratios, not the absolute numbers.
 """
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 
@@ -78,8 +81,17 @@ def _tiles(count: int) -> np.ndarray:
     return np.stack([tiles[i % len(tiles)] for i in range(count)])
 
 
-def run_bench(model: str | Path | None = None, seconds: float = 4.0, large_side: int = 40000, tile: int = 224) -> list[dict]:
-    """Measure and print both tables; return the model rows and the large-slide row."""
+def run_bench(model: str | Path | None = None, seconds: float = 4.0, sides: tuple[int, ...] = (12000, 40000, 80000),
+              rounds: int = 3) -> list[dict]:
+    """Measure and print the tables; return their rows.
+
+    Args:
+        model: the model file (the shipped one when ``None``).
+        seconds: time per tile-scoring measurement.
+        sides: sides in pixels of the synthetic slides raced against the MONAI pipeline
+            (none: skip the race).
+        rounds: interleaved rounds of the race per slide.
+    """
     torch.set_grad_enabled(False)
     fast = TileScorer.load(model)
     torch_fast = TileScorer.load(model, backend="torch") if fast.backend != "torch" else None
@@ -121,9 +133,9 @@ def run_bench(model: str | Path | None = None, seconds: float = 4.0, large_side:
         print(f"| {row['size']} | {row['naive_tiles_s']:.1f} | {row['torch_fast_tiles_s']:.1f} | {row['fast_tiles_s']:.1f} "
               f"({row['backend']} {row['precision']}) | {row['speedup']:.2f}x | {row['naive_gflops']:.0f} "
               f"({row['naive_of_peak']:.0%}) | {row['fast_gflops']:.0f} ({row['fast_of_peak']:.0%}) |")
-    if large_side:
-        rows.append(_large_slide(fast, large_side, tile, seconds))
     rows.append(_whole_slide_stage_cost(fast))
+    if sides:
+        rows += _slide_race(tuple(sides), rounds)
     return rows
 
 
@@ -171,73 +183,98 @@ def _scoring_rate(scorer: TileScorer, batch: np.ndarray, size: int, seconds: flo
         scorer.input_size = saved_size
 
 
-def _large_slide(fast: TileScorer, side: int, tile: int, seconds: float) -> dict:
-    """End to end on a synthetic slide of side x side pixels, half glass, streamed at level 0,
-    in a child process (its peak memory is its own), against model-only speed on the same
-    tiles as the analysis reads them (measured before and after the run, and averaged: the
-    machine's speed drifts)."""
+def _child(code: str, report: Path) -> tuple[float, float]:
+    """Wall seconds of a child Python running ``code`` (which writes its own peak resident
+    memory, VmHWM in kB, to ``report``: a child's ru_maxrss would count this process's
+    memory at the fork), and that peak in MB."""
     import subprocess
     import sys
+
+    started = time.perf_counter()
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          cwd=Path(__file__).resolve().parents[2])
+    wall = time.perf_counter() - started
+    if done.returncode != 0:
+        raise RuntimeError(done.stderr.strip().splitlines()[-1] if done.stderr.strip() else f"exit {done.returncode}")
+    return wall, int(report.read_text()) / 1024
+
+
+#: Ends a child: its peak memory into the report file, then out at once as the console script does.
+_CHILD_END = ("import os, re, sys\n"
+              "open({report!r}, 'w').write(re.search(r'VmHWM:\\s+(\\d+)', open('/proc/self/status').read()).group(1))\n"
+              "sys.stdout.flush(); sys.stderr.flush(); os._exit(status)\n")
+
+
+def _project_code(slide: Path, out: Path, report: Path) -> str:
+    """``dicom-heatmap analyze SLIDE`` with every default, as the console script runs it."""
+    return ("from pipelines import cli\n"
+            f"status = cli.main(['analyze', {str(slide)!r}, '--out', {str(out)!r}, '--quiet'])\n"
+            + _CHILD_END.format(report=str(report)))
+
+
+def _peer_code(slide: Path, result_json: Path, out: Path, report: Path) -> str:
+    """The MONAI pipeline (:mod:`pipelines.evaluation.monai_peer`) on the same patches."""
+    return ("from pathlib import Path\n"
+            "from pipelines.evaluation.monai_peer import score_slide\n"
+            f"score_slide(Path({str(slide)!r}), Path({str(result_json)!r}), Path({str(out)!r})); status = 0\n"
+            + _CHILD_END.format(report=str(report)))
+
+
+def _slide_race(sides: tuple[int, ...], rounds: int) -> list[dict]:
+    """The default analysis of synthetic slides at 0.25 um/px against the MONAI pipeline on
+    the same patches: one warm-up of each, then ``rounds`` interleaved rounds (the order
+    alternating), each a child process timed from its start to its exit."""
+    import shutil
     import tempfile
 
-    with tempfile.TemporaryDirectory(prefix="dicom-heatmap-bench-") as folder:
-        started = time.perf_counter()
-        slide = make_synthetic_slide(Path(folder) / "slide.tif", side)
-        written = time.perf_counter() - started
-        tiles = _slide_tiles(slide, tile, 8 * fast.batch_size, fast.input_size)
-        model_before = _timed(lambda: fast.score_details(tiles), seconds) * len(tiles)
-        # The child reports its own peak (VmHWM of its own address space: a child's
-        # ru_maxrss also counts this big parent's memory at the fork) and the time of the
-        # run itself, from the command's start after the imports to its last file.
-        report = Path(folder) / "report"
-        launcher = ("import atexit, pathlib, re, sys, time\n"
-                    "import pipelines.cli, dicom_heatmap.api\n"
-                    "started = time.perf_counter()\n"
-                    "def report():\n"
-                    "    status = pathlib.Path('/proc/self/status').read_text()\n"
-                    "    peak = re.search(r'VmHWM:\\s+(\\d+)', status).group(1)\n"
-                    f"    pathlib.Path({str(report)!r}).write_text(f'{{peak}} {{time.perf_counter() - started}}')\n"
-                    "atexit.register(report)\n"
-                    "sys.exit(pipelines.cli.main(sys.argv[1:]))\n")
-        command = [sys.executable, "-c", launcher, "analyze", str(slide), "--level", "0", "--tile-size", str(tile),
-                   "--out", str(Path(folder) / "out"), "--quiet"]
-        started = time.perf_counter()
-        done = subprocess.run(command, capture_output=True, text=True, cwd=Path(__file__).resolve().parents[2])
-        process_wall = time.perf_counter() - started
-        if done.returncode != 0:
-            raise RuntimeError(done.stderr)
-        model_after = _timed(lambda: fast.score_details(tiles), seconds) * len(tiles)
-        peak_kb, run_wall = report.read_text().split()
-        peak_mb, wall = int(peak_kb) / 1024, float(run_wall)
-        result = json.loads(next((Path(folder) / "out").glob("*/result.json")).read_text())
-    analysed = result["statistics"]["analysed_tiles"]
-    total = result["grid"]["rows"] * result["grid"]["cols"]
-    model_rate = (model_before + model_after) / 2
-    end_to_end = analysed / wall
-    height, width = tiles[0].shape[:2]
-    print(f"\nlarge slide: {side} x {side} px, half glass, level 0 streamed, tiles of {tile} px "
-          f"({total} tiles, {analysed} with tissue scored; slide written in {written:.0f} s)")
-    print(f"end to end = `dicom-heatmap analyze` from model load to the last file written ({wall:.1f} s); the "
-          f"interpreter's start and imports before it ({process_wall - wall:.1f} s) are not counted")
-    print(f"model-only = scoring {len(tiles)} of the slide's tissue tiles as the analysis reads them "
-          f"({height} x {width} px from the pyramid), held in memory: {model_before:.1f} tiles/s before the run, "
-          f"{model_after:.1f} after")
-    print("| end-to-end tiles/s | model-only tiles/s | end-to-end / model-only | wall s | peak RSS MB |")
-    print("| --- | --- | --- | --- | --- |")
-    print(f"| {end_to_end:.1f} | {model_rate:.1f} | {end_to_end / model_rate:.0%} | {wall:.0f} | {peak_mb:.0f} |")
-    return {"side": side, "tiles": total, "analysed": analysed, "end_to_end_tiles_s": end_to_end, "model_tiles_s": model_rate,
-            "ratio": end_to_end / model_rate, "wall_s": wall, "process_wall_s": process_wall, "peak_rss_mb": peak_mb}
+    rows = []
+    for side in sides:
+        with tempfile.TemporaryDirectory(prefix="dicom-heatmap-bench-") as folder:
+            folder = Path(folder)
+            started = time.perf_counter()
+            slide = make_synthetic_slide(folder / "slide.tif", side, mpp=0.25)
+            written = time.perf_counter() - started
+            report = folder / "peak"
+            walls: dict[str, list[float]] = {"project": [], "monai": []}
+            peaks: dict[str, list[float]] = {"project": [], "monai": []}
 
+            def project() -> tuple[float, float]:
+                shutil.rmtree(folder / "project", ignore_errors=True)
+                return _child(_project_code(slide, folder / "project", report), report)
 
-def _slide_tiles(slide: Path, tile: int, count: int, input_size: int) -> list[np.ndarray]:
-    """The first ``count`` tissue tiles of ``slide`` on a grid of ``tile`` px, read the way
-    :func:`dicom_heatmap.analyze` reads them."""
-    from dicom_heatmap.api import AnalysisSettings, preprocessing
+            def monai() -> tuple[float, float]:
+                result_json = next((folder / "project").glob("*/result.json"))
+                return _child(_peer_code(slide, result_json, folder / "monai", report), report)
 
-    data = preprocessing(AnalysisSettings(tile_size=tile, level=0))({"image": slide})
-    grid, image = data["image_grid"], data["image"]
-    numbers = np.flatnonzero(grid.is_tissue.ravel())[:count] + 1
-    return [np.ascontiguousarray(piece) for piece in grid.tiles(image, numbers, min_side=input_size)]
+            project()  # warm-up: the page cache, the compiled-model cache; and the patches the peer scores
+            monai()
+            patches = len(np.load(folder / "monai" / "scores.npy"))
+            for index in range(rounds):
+                order = (("project", project), ("monai", monai))
+                for name, run in order if index % 2 == 0 else order[::-1]:
+                    wall, peak = run()
+                    walls[name].append(wall)
+                    peaks[name].append(peak)
+            ratios = [m / p for m, p in zip(walls["monai"], walls["project"])]
+            rows.append({"side": side, "patches": patches, "written_s": written,
+                         "project_s": float(np.median(walls["project"])), "monai_s": float(np.median(walls["monai"])),
+                         "ratio": float(np.median(ratios)), "ratio_low": min(ratios), "ratio_high": max(ratios),
+                         "project_peak_mb": max(peaks["project"]), "monai_peak_mb": max(peaks["monai"])})
+    print(f"\nslides: synthetic pyramidal TIFFs at 0.25 um/px (left half real H&E texture, right half glass), "
+          f"the default analysis (`dicom-heatmap analyze SLIDE`) against a MONAI pipeline on the same patches "
+          f"(PatchWSIDataset + DataLoader, the same weights, torch bf16: pipelines/evaluation/monai_peer.py); "
+          f"medians of {rounds} interleaved rounds, each a whole process from start to exit")
+    print("| slide | patches scored | project s | MONAI s | MONAI / project (spread) | peak RSS project / MONAI |")
+    print("| --- | --- | --- | --- | --- | --- |")
+    for row in rows:
+        print(f"| {row['side'] // 1000}k x {row['side'] // 1000}k | {row['patches']:,} | {row['project_s']:.1f} | "
+              f"{row['monai_s']:.1f} | {row['ratio']:.2f}x ({row['ratio_low']:.2f}-{row['ratio_high']:.2f}) | "
+              f"{row['project_peak_mb'] / 1024:.2f} / {row['monai_peak_mb'] / 1024:.2f} GB |")
+    if len(rows) >= 2:
+        for name in ("project", "monai"):
+            slope, intercept = np.polyfit([row["patches"] for row in rows], [row[f"{name}_s"] for row in rows], 1)
+            print(f"{name}: {intercept:.2f} s + {slope * 1000:.2f} ms a patch (least squares over the slides)")
+    return rows
 
 
 def make_synthetic_slide(path: str | Path, side: int, tile: int = 256, smallest: int = 1024,
