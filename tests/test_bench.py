@@ -27,11 +27,10 @@ def test_the_monai_peer_scores_the_patches_the_project_scored(tmp_path, run_cli)
     assert np.abs(peer - project).max() <= 0.02
 
 
-def test_the_race_prints_ratios_and_the_cost_a_patch(capsys):
-    rows = _slide_race((4096, 6144), rounds=1)
+def test_the_race_prints_the_ratio_of_whole_processes(capsys):
+    rows = _slide_race((4096,), rounds=1)
     printed = capsys.readouterr().out
-    assert [row["side"] for row in rows] == [4096, 6144]
-    assert all(row["patches"] > 0 and row["project_s"] > 0 and row["monai_s"] > 0 for row in rows)
-    assert all(abs(row["ratio"] - row["monai_s"] / row["project_s"]) < 1e-9 for row in rows)
-    assert "| 6k x 6k |" in printed and "MONAI / project" in printed
-    assert "project:" in printed and "ms a patch" in printed
+    assert [row["side"] for row in rows] == [4096]
+    assert rows[0]["patches"] > 0 and rows[0]["project_s"] > 0 and rows[0]["monai_s"] > 0
+    assert abs(rows[0]["ratio"] - rows[0]["monai_s"] / rows[0]["project_s"]) < 1e-9
+    assert "| 4k x 4k |" in printed and "MONAI / project" in printed

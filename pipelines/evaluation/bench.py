@@ -15,7 +15,8 @@ against the machine's matrix-product peak for that precision, measured in the sa
 Then the cost of the whole-slide stage (context network and per-slide calibration): the
 embedded rebuilt IDC slide (``tests/data/idc_slide_14082.jpg``, 478 patches at 4 um) is
 analysed with the stage and without it in interleaved rounds, and the ratio of the medians
-is printed.
+is printed. Then where the fixed cost goes: the PNG sample analysed and written in a child
+process, its imports, model load, analysis and writing timed apart.
 
 Last, what users run: synthetic pyramidal TIFFs of 12k, 40k and 80k pixels a side at
 0.25 um/px (half real H&E texture, half glass), each analysed with every default by
@@ -28,6 +29,7 @@ The machine is shared and noisy: read the ratios, not the absolute numbers.
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 
@@ -134,6 +136,7 @@ def run_bench(model: str | Path | None = None, seconds: float = 4.0, sides: tupl
               f"({row['backend']} {row['precision']}) | {row['speedup']:.2f}x | {row['naive_gflops']:.0f} "
               f"({row['naive_of_peak']:.0%}) | {row['fast_gflops']:.0f} ({row['fast_of_peak']:.0%}) |")
     rows.append(_whole_slide_stage_cost(fast))
+    rows.append(_fixed_cost())
     if sides:
         rows += _slide_race(tuple(sides), rounds)
     return rows
@@ -220,11 +223,64 @@ def _peer_code(slide: Path, result_json: Path, out: Path, report: Path) -> str:
             + _CHILD_END.format(report=str(report)))
 
 
+#: The PNG sample analysed and written in a child, each phase timed, then out at once.
+_PHASES = """import json, os, sys, time
+started = time.perf_counter()
+from dicom_heatmap.api import AnalysisSettings, analyze
+from dicom_heatmap.scorer import TileScorer
+from dicom_heatmap.writers.common import read_standard_tables_in_background
+imported = time.perf_counter()
+read_standard_tables_in_background()
+scorer = TileScorer.load()
+loaded = time.perf_counter()
+result = analyze(sys.argv[1], scorer, AnalysisSettings(grid=(8, 12), pixel_size_um=4), progress=False)
+analysed = time.perf_counter()
+result.save(sys.argv[2])
+saved = time.perf_counter()
+print(json.dumps({"imports": imported - started, "model load": loaded - imported, "analysis": analysed - loaded,
+                  "writing": saved - analysed}))
+sys.stdout.flush()
+os._exit(0)
+"""
+
+
+def _fixed_cost(rounds: int = 3) -> dict:
+    """Where the fixed cost goes: the PNG sample (``tests/data/idc_mosaic_tail.png``, 96
+    tiles) analysed and written as ``analyze`` does it, in a child process, each phase timed,
+    against the wall time of the whole process (start and exit included); medians of
+    ``rounds`` runs after a warm-up."""
+    import subprocess
+    import sys
+    import tempfile
+
+    phases: dict[str, list[float]] = {}
+    with tempfile.TemporaryDirectory(prefix="dicom-heatmap-bench-") as folder:
+        for index in range(rounds + 1):
+            started = time.perf_counter()
+            done = subprocess.run([sys.executable, "-c", _PHASES, str(DATA / "idc_mosaic_tail.png"), f"{folder}/{index}"],
+                                  capture_output=True, text=True, cwd=Path(__file__).resolve().parents[2])
+            wall = time.perf_counter() - started
+            if done.returncode != 0:
+                raise RuntimeError(done.stderr.strip()[-500:])
+            if index:  # the first run warms the caches
+                for name, seconds in {**json.loads(done.stdout), "whole process": wall}.items():
+                    phases.setdefault(name, []).append(seconds)
+    medians = {name: float(np.median(values)) for name, values in phases.items()}
+    medians["start and exit"] = medians["whole process"] - sum(v for k, v in medians.items() if k != "whole process")
+    print(f"\nfixed cost: the PNG sample (96 tiles) analysed and written, in a child process, median of {rounds} warm runs")
+    names = ["imports", "model load", "analysis", "writing", "start and exit", "whole process"]
+    print("| " + " | ".join(names) + " |")
+    print("| " + " | ".join("---" for _ in names) + " |")
+    print("| " + " | ".join(f"{medians[name]:.2f} s" for name in names) + " |")
+    return {"fixed_cost_s": medians}
+
+
 def _slide_race(sides: tuple[int, ...], rounds: int) -> list[dict]:
     """The default analysis of synthetic slides at 0.25 um/px against the MONAI pipeline on
     the same patches: one warm-up of each, then ``rounds`` interleaved rounds (the order
     alternating), each a child process timed from its start to its exit."""
     import shutil
+    import sys
     import tempfile
 
     rows = []
@@ -246,6 +302,8 @@ def _slide_race(sides: tuple[int, ...], rounds: int) -> list[dict]:
                 result_json = next((folder / "project").glob("*/result.json"))
                 return _child(_peer_code(slide, result_json, folder / "monai", report), report)
 
+            print(f"racing on a {side:,}-pixel slide (written in {written:.0f} s): a warm-up, then {rounds} rounds",
+                  file=sys.stderr, flush=True)
             project()  # warm-up: the page cache, the compiled-model cache; and the patches the peer scores
             monai()
             patches = len(np.load(folder / "monai" / "scores.npy"))
