@@ -86,7 +86,7 @@ def _add_analysis_options(parser: argparse.ArgumentParser) -> None:
                         help="precision of the conv layers: auto = bf16 on CPUs with bf16 instructions, fp16 on a GPU, "
                              "else fp32 (the reference); it enters the output UIDs")
     parser.add_argument("--backend", choices=BACKENDS, default="auto",
-                        help="runtime of the conv layers: auto = OpenVINO for bf16 on a CPU, torch otherwise; "
+                        help="runtime of the network: auto = OpenVINO (the whole network as one graph) for bf16 on a CPU, torch otherwise; "
                              "it enters the output UIDs")
     parser.add_argument("--tissue-threshold", type=float, default=0.25, help="least tissue share of an analysed tile (default 0.25)")
     parser.add_argument("--threshold", type=float, default=0.5, help="score at or above which a tile counts as tumour (default "

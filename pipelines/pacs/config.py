@@ -226,7 +226,7 @@ class PacsConfig:
             associations we open to the archive use them when ``pacs.tls`` is true.
         model: model file (``None``: the shipped model).
         precision: conv-layer precision, as for ``analyze``.
-        backend: conv-layer runtime, as for ``analyze``.
+        backend: the network's runtime, as for ``analyze``.
         settings: the analysis settings.
     """
 

@@ -34,7 +34,7 @@ class AnalysisRequest:
         output_dir: where the result folder is written.
         model: the model file, ``None`` for the shipped one.
         precision: the conv-layer precision.
-        backend: the conv-layer runtime.
+        backend: the network's runtime.
         settings: the analysis settings.
     """
 
