@@ -14,7 +14,7 @@ import re
 import tempfile
 import warnings
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Sequence
 
@@ -24,13 +24,13 @@ from pydicom.dataset import Dataset
 
 from dicom_heatmap.checksum import file_sha256
 from dicom_heatmap.context import PatchContext, whole_slide_scores
-from dicom_heatmap.domain import MIN_PATCH_SIDE
+from dicom_heatmap.domain import HE_DOMAIN, MIN_PATCH_SIDE
 from dicom_heatmap.errors import ConfigurationError, InputError, checked_number, find_cause, is_uid
 from dicom_heatmap.heatmap import Heatmap
 from dicom_heatmap.inferer import TileGridInferer
 from dicom_heatmap.network import DEFAULT_FIELD_OF_VIEW_UM, DEFAULT_INPUT_SIZE
 from dicom_heatmap.result import AnalysisResult
-from dicom_heatmap.scorer import MODEL_MODALITIES, TileScorer
+from dicom_heatmap.scorer import TileScorer
 from dicom_heatmap.spread import analyze_spread
 from dicom_heatmap.writers.common import OutputIdentity
 from transforms._dictionary import meta_key
@@ -152,7 +152,7 @@ def _source_key(meta: dict) -> str:
 
 
 def preprocessing(settings: AnalysisSettings, key: str = "image", max_values: int = DEFAULT_MAX_VALUES,
-                  model_scale_um: float = DEFAULT_FIELD_OF_VIEW_UM / DEFAULT_INPUT_SIZE) -> Compose:
+                  model: TileScorer | None = None) -> Compose:
     """The dictionary transforms from the input path to the tile grid, for ``settings``.
 
     The bundle's ``configs/inference.json`` builds its preprocessing with this function.
@@ -161,14 +161,19 @@ def preprocessing(settings: AnalysisSettings, key: str = "image", max_values: in
         settings: the analysis settings.
         key: the image key of the data dictionary.
         max_values: the loader's size guard (it does not change results, so it is no setting).
-        model_scale_um: micrometres per pixel of the model's input (the shipped model's by
-            default): without ``resolution_um`` or ``level``, slides are read at a level that
-            suits it.
+        model: the model the input is for; ``None`` for the shipped model's scale and
+            normalisation. Without ``resolution_um`` or ``level``, slides are read at a
+            level that suits the model's scale; CT and MR values are mapped to 0..255 as
+            its domain declares (:class:`~dicom_heatmap.domain.ModelDomain`); a radiology
+            model's field of view is the tile side where no grid or tile size is given.
     """
+    model_scale_um = (model.field_of_view_um / model.input_size if model is not None
+                      else DEFAULT_FIELD_OF_VIEW_UM / DEFAULT_INPUT_SIZE)
+    domain = model.domain if model is not None else HE_DOMAIN
     steps: list = [
         LoadInputd(key, series_uid=settings.series_uid, resolution_um=settings.resolution_um, max_values=max_values,
                    level=settings.level, pixel_size_um=settings.pixel_size_um, model_scale_um=model_scale_um),
-        NormalizeByModalityd(key),
+        NormalizeByModalityd(key, ct_window=domain.ct_window, percentiles=domain.mr_percentiles),
     ]
     if settings.crop == "foreground":
         steps.append(CropToTissued(key))
@@ -178,7 +183,8 @@ def preprocessing(settings: AnalysisSettings, key: str = "image", max_values: in
         ZoomWithGeometryd(key, settings.zoom),
         RotateWithGeometryd(key, settings.rotate),
         SplitTileGridd(key, grid=settings.grid, tile_size=settings.tile_size, tile_size_um=settings.tile_size_um,
-                   tissue_threshold=settings.tissue_threshold),
+                       tissue_threshold=settings.tissue_threshold,
+                       default_tile_size_um=model.field_of_view_um if model is not None and domain.is_radiology else None),
     ]
     return Compose(steps)
 
@@ -217,9 +223,11 @@ def analyze_prepared(data: dict, scorer: TileScorer, settings: AnalysisSettings,
     tile_map = Heatmap.pooled(scored_map, grid, meta["affine"], image.shape[1:3]) if patch_side else scored_map
     spread = analyze_spread(tile_map, settings.threshold)
     method = settings.canonical() + (f"|patches of {scorer.field_of_view_um:g} um" if patch_side else "")
+    if scorer.domain.is_radiology:  # its field of view sets the grid where the settings give none
+        method += f"|radiology tiles of {scorer.field_of_view_um:g} um"
     identity = OutputIdentity(source_key, scorer.identity, method)
     return AnalysisResult(image, meta, tile_map, spread, settings, scorer.checksum, identity, scorer.precision,
-                          scorer.field_of_view_um, threshold, refined)
+                          scorer.field_of_view_um, threshold, refined, scorer.domain)
 
 
 def _check_work(grid: TileGrid, what: str, limit: int, source: str) -> None:
@@ -243,8 +251,9 @@ def model_patch_side(meta: dict, scorer: TileScorer, slices: int = 1) -> tuple[f
     """Pixels (along rows, along columns) of one model patch - the model's field of view -
     on an image of ``meta``; None where patches cannot be cut at the model's scale: the
     pixel spacing is unknown (a picture without a declared pixel size, a slide without
-    one), the modality is not the model's (CT, MR and volumes are tiled as before), or the
-    image is so coarse that a patch would be under
+    one), the model is a radiology model (its grid tiles are its field of view, see
+    :func:`preprocessing`), the modality is not the model's (CT and MR under a slide
+    model and volumes are tiled as asked), or the image is so coarse that a patch would be under
     :data:`~dicom_heatmap.domain.MIN_PATCH_SIDE` pixels.
 
     Args:
@@ -252,7 +261,8 @@ def model_patch_side(meta: dict, scorer: TileScorer, slices: int = 1) -> tuple[f
         scorer: the model; its ``field_of_view_um`` is the patch side.
         slices: slices of the image (patches are cut from single images only).
     """
-    if meta["frame"] == "IMAGE" or meta["modality"] not in MODEL_MODALITIES or slices != 1:
+    domain = scorer.domain
+    if meta["frame"] == "IMAGE" or domain.is_radiology or meta["modality"] not in domain.modalities or slices != 1:
         return None
     spacing_um = pixel_spacing(meta["affine"]) * 1000.0
     side = scorer.field_of_view_um / spacing_um
@@ -298,8 +308,7 @@ def analyze(
             return analyze(target, scorer, settings, progress, max_values, max_patches)
     with warnings.catch_warnings(), project_errors():
         warnings.simplefilter("ignore")
-        data = preprocessing(settings, max_values=max_values,
-                             model_scale_um=scorer.field_of_view_um / scorer.input_size)({"image": Path(source)})
+        data = preprocessing(settings, max_values=max_values, model=scorer)({"image": Path(source)})
     return analyze_prepared(data, scorer, settings, TileGridInferer(progress), max_patches=max_patches)
 
 

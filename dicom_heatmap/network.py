@@ -15,8 +15,9 @@
 The tile score is the fusion's softmax probability of the tumour class (index 1).
 ``forward`` returns one tensor (N, 14): column 0 the tile score, columns 1-13 the heads'
 tumour probabilities, so the network exports to TorchScript and checks as a MONAI bundle.
-Input size, intensity normalisation, field of view and the optional per-tile stain
-normalisation are buffers, so a state dict describes itself.
+Input size, intensity normalisation, field of view, the optional per-tile stain
+normalisation and the model's domain (:class:`dicom_heatmap.domain.ModelDomain`) are
+buffers, so a state dict describes itself.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import torch
 from torch import nn
 
 from dicom_heatmap.context import PatchContext
+from dicom_heatmap.domain import ModelDomain
 from dicom_heatmap.stain import normalise_stains
 
 __all__ = ["VGG16_CONV_WIDTHS", "HeadedVGG16", "BinaryHead", "OUTPUT_CHANNELS", "DEFAULT_FIELD_OF_VIEW_UM", "DEFAULT_INPUT_SIZE"]
@@ -40,6 +42,11 @@ DEFAULT_INPUT_SIZE = 48
 DEFAULT_FIELD_OF_VIEW_UM = 200.0
 #: Columns of the forward output: the fused score, then the 13 head probabilities.
 OUTPUT_CHANNELS = 14
+
+
+def _text_tensor(text: str) -> torch.Tensor:
+    """UTF-8 text as a uint8 tensor: a state dict holds tensors only (it loads with ``weights_only``)."""
+    return torch.tensor(list(text.encode("utf-8")), dtype=torch.uint8)
 
 
 class BinaryHead(nn.Sequential):
@@ -68,6 +75,9 @@ class HeadedVGG16(nn.Module):
         stain_reference: haematoxylin and eosin amounts (optical density) to which
             :meth:`normalize` scales each tile's 99th percentiles
             (:func:`dicom_heatmap.stain.normalise_stains`); ``None`` feeds tiles as they are.
+        domain: what the model is trained on (:class:`dicom_heatmap.domain.ModelDomain`),
+            stored as the ``domain`` buffer; ``None`` stores none, which reads as the H&E
+            model's domain.
     """
 
 
@@ -81,14 +91,15 @@ class HeadedVGG16(nn.Module):
         std: tuple[float, float, float] = (0.25, 0.25, 0.25),
         field_of_view_um: float = DEFAULT_FIELD_OF_VIEW_UM,
         stain_reference: tuple[float, float] | None = None,
+        domain: ModelDomain | None = None,
     ) -> None:
         super().__init__()
         if input_size < 32:
             raise ValueError(f"input_size must be at least 32 (five 2x2 pools), got {input_size}")
         if not 0 < width_multiplier <= 1:
             raise ValueError(f"width_multiplier must lie in (0, 1], got {width_multiplier}")
-        if not 10 <= field_of_view_um <= 10_000:
-            raise ValueError(f"field_of_view_um must lie in 10..10000 micrometres, got {field_of_view_um}")
+        if not 10 <= field_of_view_um <= 100_000:
+            raise ValueError(f"field_of_view_um must lie in 10..100000 micrometres, got {field_of_view_um}")
         if stain_reference is not None and (len(stain_reference) != 2 or not all(0 < v < 10 for v in stain_reference)):
             raise ValueError(f"stain_reference must be two optical densities in (0, 10), got {stain_reference}")
         widths = [max(8, int(round(c * width_multiplier))) for c in VGG16_CONV_WIDTHS]
@@ -102,6 +113,7 @@ class HeadedVGG16(nn.Module):
         self.register_buffer("field_of_view_um", torch.tensor(float(field_of_view_um), dtype=torch.float32))
         # zeros: no stain normalisation (every model before it was measured)
         self.register_buffer("stain_reference", torch.tensor(stain_reference or (0.0, 0.0), dtype=torch.float32))
+        self.register_buffer("domain", _text_tensor(domain.to_json() if domain is not None else ""))
 
         layers: list[nn.Module] = []
         self.tap_indices = []  # index in ``features`` of each conv's ReLU
@@ -157,6 +169,18 @@ class HeadedVGG16(nn.Module):
         if self.stain_normalised:
             tiles = normalise_stains(tiles, self.stain_reference)
         return (tiles.float() / 255.0 - self.mean) / self.std
+
+    @property
+    def model_domain(self) -> ModelDomain:
+        """The domain the model file declares (the H&E model's where it declares none)."""
+        if self.domain.is_meta:
+            raise ValueError("the network's weights are not loaded yet")
+        return ModelDomain.from_json(bytes(self.domain.tolist()).decode("utf-8"))
+
+    def set_domain(self, domain: ModelDomain) -> "HeadedVGG16":
+        """Declare what the model is trained on (stored with the weights)."""
+        self.domain = _text_tensor(domain.to_json()).to(self.field_of_view_um.device)
+        return self
 
     @property
     def stain_normalised(self) -> bool:
@@ -233,8 +257,9 @@ class HeadedVGG16(nn.Module):
         with torch.device("cpu"):
             untrained_context = {f"context.{name}": value for name, value in PatchContext().state_dict().items()}
             state = {"field_of_view_um": torch.tensor(DEFAULT_FIELD_OF_VIEW_UM), "stain_reference": torch.zeros(2),
-                     **untrained_context, **state}
+                     "domain": _text_tensor(""), **untrained_context, **state}
         on_meta = any(tensor.is_meta for tensor in self.state_dict().values())  # built by from_state_dict
+        self.domain = state["domain"].clone()  # the record's length is the file's, not the one this network was built with
         self.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in state.items()}, assign=on_meta)
         return self
 

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from dicom_heatmap._version import __version__
-from dicom_heatmap.domain import DISAGREEMENT_LIMIT, domain_warning, layer_disagreement
+from dicom_heatmap.domain import HE_DOMAIN, ModelDomain, domain_warning, layer_disagreement
 from dicom_heatmap.heatmap import Heatmap
 from dicom_heatmap.lesions import lesion_masks
 from dicom_heatmap.network import DEFAULT_FIELD_OF_VIEW_UM
@@ -61,6 +61,7 @@ class AnalysisResult:
             the slide's own threshold on the refined scores, which calibration moved to
             0.5; None where it did not run.
         refined_by_context: whether the model's context network refined the patch scores.
+        model_domain: what the model declares it was trained on.
     """
 
     image: np.ndarray
@@ -74,6 +75,7 @@ class AnalysisResult:
     field_of_view_um: float = DEFAULT_FIELD_OF_VIEW_UM
     slide_threshold: float | None = None
     refined_by_context: bool = False
+    model_domain: ModelDomain = HE_DOMAIN
 
     @property
     def patch_scores(self) -> np.ndarray | None:
@@ -136,15 +138,18 @@ class AnalysisResult:
         None otherwise (see :func:`dicom_heatmap.domain.domain_warning`). The console, the SC
         caption, ``result.json`` and the SR carry it.
 
-        Outside are: another modality than the model's (the H&E model on CT or MR); an
-        image too coarse for the model's patches; tissue on which the model's 13 layers
-        disagree more than on any of its development slides (another stain, organ or
-        scanner; see :mod:`dicom_heatmap.domain`).
+        Outside are: another modality than the model's (the H&E model on CT or MR); another
+        body part than a radiology model's; an image too coarse for the model's patches;
+        tissue on which the model's 13 layers disagree more than on what it was checked on
+        (another stain, organ or scanner; see :mod:`dicom_heatmap.domain`).
         """
         too_coarse = None
         if self.meta["frame"] != "IMAGE" and self.tile_map.patches is None and self.image.shape[0] == 1:
             too_coarse = float(pixel_spacing(self.meta["affine"])[0] * 1000.0)
-        return domain_warning(self.meta["modality"], too_coarse, self.layer_disagreement, self.field_of_view_um)
+        sources = self.meta.get("source_datasets") or []
+        body_part = str(sources[0].get("BodyPartExamined", "") or "") or None if sources else None
+        return domain_warning(self.model_domain, self.meta["modality"], body_part, too_coarse, self.layer_disagreement,
+                              self.field_of_view_um)
 
     @functools.cached_property
     def layer_disagreement(self) -> float | None:
@@ -187,12 +192,15 @@ class AnalysisResult:
             record["flow"] = _json_values(flow)  # outgoing flow (slice, row, col), the patent's S9
         return {
             "software": {"name": "dicom-heatmap", "version": __version__, "model_sha256": self.model_checksum,
-                         "precision": self.precision},
+                         "precision": self.precision,
+                         "model_domain": {"modalities": list(self.model_domain.modalities),
+                                          "description": self.model_domain.description,
+                                          "body_part": self.model_domain.body_part}},
             "input": {"path": self.meta["source_path"], "kind": self.meta["kind"], "modality": self.meta["modality"],
                       "frame": self.meta["frame"], "positions": self._positions_frame(),
                       "warning": self.domain_warning,
                       "layer_disagreement": None if self.layer_disagreement is None else round(self.layer_disagreement, 6),
-                      "layer_disagreement_limit": DISAGREEMENT_LIMIT},
+                      "layer_disagreement_limit": self.model_domain.disagreement_limit},
             "settings": asdict(self.settings),
             "grid": {"slices": grid.shape[0], "rows": grid.shape[1], "cols": grid.shape[2],
                      "numbering": "1-based, slice by slice, rows top to bottom, columns left to right"},

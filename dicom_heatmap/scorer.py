@@ -11,21 +11,18 @@ import torch
 import torch.nn.functional as F
 
 from dicom_heatmap.checksum import file_sha256
+from dicom_heatmap.domain import HE_DOMAIN, ModelDomain
 from dicom_heatmap.errors import ConfigurationError, ModelError
 from dicom_heatmap.network import HeadedVGG16
 from dicom_heatmap.runtime import BACKENDS, OpenVinoNetwork, openvino_available
 
-__all__ = ["TileScorer", "TileScores", "DEFAULT_MODEL_PATH", "PRECISIONS", "MODEL_DOMAIN", "MODEL_MODALITIES", "fast_precision"]
+__all__ = ["TileScorer", "TileScores", "DEFAULT_MODEL_PATH", "PRECISIONS", "fast_precision"]
 
 #: What ``precision`` may be: ``auto`` picks the fastest that keeps the scores right.
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 
 #: The shipped model: a state dict of :class:`HeadedVGG16`.
 DEFAULT_MODEL_PATH = Path(__file__).resolve().parent.parent / "models" / "model.pt"
-#: What the model was trained on (docs/model_card.md): its scores mean something only there
-MODEL_DOMAIN = "H&E-stained breast tissue, slide microscopy at about 4 um per pixel"
-#: DICOM modalities of that domain; pictures and slide exports without a header read as OT
-MODEL_MODALITIES = ("SM", "OT")
 
 
 @dataclass
@@ -88,7 +85,9 @@ class TileScorer:
     folded; ``checksum`` is the sha256 of the model file (it enters output UIDs).
     ``field_of_view_um`` is the physical side of the tiles the model was trained on (stored
     in the model file): :func:`dicom_heatmap.analyze` scores patches of that side where the
-    source's pixel spacing is known.
+    source's pixel spacing is known (a radiology model: grid tiles of that side).
+    ``domain`` is what the model file declares it was trained on
+    (:class:`~dicom_heatmap.domain.ModelDomain`).
 
     The network runs in ``precision`` on ``backend``: torch (the conv layers in bf16 or
     fp16 through autocast, channels-last; the 13 heads and the fusion in fp32) or OpenVINO
@@ -105,6 +104,9 @@ class TileScorer:
             for bf16 on a CPU where it is installed, torch otherwise (fp32 stays on torch,
             the reference, unless ``openvino`` is asked for).
     """
+
+    #: the H&E model's where a network declares none
+    domain: ModelDomain = HE_DOMAIN
 
     def __init__(self, network: HeadedVGG16, checksum: str, batch_size: int = 64, precision: str = "auto",
                  device: str | torch.device | None = None, backend: str = "auto") -> None:
@@ -134,6 +136,7 @@ class TileScorer:
         self.batch_size = batch_size
         self.input_size = int(network.input_size)
         self.field_of_view_um = float(network.field_of_view_um)
+        self.domain = network.model_domain
 
     @property
     def identity(self) -> str:
@@ -173,6 +176,10 @@ class TileScorer:
                 network.load_weights(state)
         except (ValueError, RuntimeError) as error:
             raise ModelError(path, f"the weights do not fit the 13-head VGG16 ({str(error).splitlines()[0]})") from None
+        try:
+            network.model_domain  # noqa: B018 - a damaged domain record is refused here, with the file named
+        except ValueError as error:
+            raise ModelError(path, str(error)) from None
         network.eval().fold_batch_norm()
         return cls(network, file_sha256(path), batch_size, precision, device, backend)
 

@@ -111,6 +111,11 @@ class TileGrid:
         is_tissue = fraction >= tissue_threshold if tissue_threshold > 0 else np.ones_like(fraction, dtype=bool)
         return TileGrid(row_edges, col_edges, self.slices, fraction, is_tissue, self.tissue_map, self.tissue_map_scale)
 
+    def share(self, mask: np.ndarray) -> np.ndarray:
+        """The share of ``mask``'s pixels (slices, rows, cols, on this grid's image) in each
+        tile: (slices, R, C) in 0..1 (a lesion mask gives each tile's lesion share)."""
+        return _box_means(np.asarray(mask), self.row_edges, self.col_edges)
+
     def overlaps(self, other: "TileGrid") -> tuple[np.ndarray, np.ndarray]:
         """How many pixel rows of each row of ``other``'s tiles lie in each row of this grid's
         tiles, (R, R'), and the same for columns, (C, C'): the pixels tile (r, c) shares
@@ -161,8 +166,10 @@ def _edges(length: int, parts: int) -> np.ndarray:
 class SplitTileGrid(Transform):
     """Split an image into an equal grid and mark which tiles hold tissue.
 
-    Give exactly one of ``grid``, ``tile_size`` or ``tile_size_um``; with none, tiles are
-    square-ish and the shorter image side holds ``default_tiles`` of them.
+    Give at most one of ``grid``, ``tile_size`` or ``tile_size_um``; with none, tiles are
+    ``default_tile_size_um`` a side where it is given and the pixel spacing is known (a
+    radiology model's field of view), else square-ish with ``default_tiles`` of them
+    along the shorter image side.
 
     Args:
         grid: (rows, cols) of tiles.
@@ -171,10 +178,12 @@ class SplitTileGrid(Transform):
         tile_size_um: wanted tile side in micrometres (needs a known pixel spacing).
         tissue_threshold: least tissue share for a tile to be analysed (0 analyses all).
         default_tiles: tiles along the shorter side when no size is given.
+        default_tile_size_um: tile side in micrometres when no size is given, for images
+            whose pixel spacing is known.
     """
 
     def __init__(self, grid: tuple[int, int] | None = None, tile_size: int | None = None, tile_size_um: float | None = None,
-                 tissue_threshold: float = 0.25, default_tiles: int = 8) -> None:
+                 tissue_threshold: float = 0.25, default_tiles: int = 8, default_tile_size_um: float | None = None) -> None:
         given = [v is not None for v in (grid, tile_size, tile_size_um)]
         if sum(given) > 1:
             raise ConfigurationError("give only one of grid, tile_size and tile_size_um")
@@ -189,17 +198,21 @@ class SplitTileGrid(Transform):
         self.grid, self.tile_size, self.tile_size_um = grid, tile_size, tile_size_um
         self.tissue_threshold = tissue_threshold
         self.default_tiles = default_tiles
+        self.default_tile_size_um = default_tile_size_um
 
     def _grid_shape(self, height: int, width: int, meta: dict) -> tuple[int, int]:
         source = meta.get("source_path", "input")
+        tile_size_um = self.tile_size_um
+        if self.grid is None and self.tile_size is None and tile_size_um is None and meta.get("frame") != "IMAGE":
+            tile_size_um = self.default_tile_size_um
         if self.grid is not None:
             rows, cols = self.grid
         else:
-            if self.tile_size_um is not None:
+            if tile_size_um is not None:
                 if meta.get("frame") == "IMAGE":
                     raise InputError(source, "the pixel spacing is unknown, so a tile size in micrometres cannot be used; give --grid or --tile-size")
                 spacing = pixel_spacing(meta["affine"])
-                side_rows, side_cols = self.tile_size_um / 1000 / spacing[0], self.tile_size_um / 1000 / spacing[1]  # spacing in mm
+                side_rows, side_cols = tile_size_um / 1000 / spacing[0], tile_size_um / 1000 / spacing[1]  # spacing in mm
             else:
                 side = self.tile_size or min(height, width) / self.default_tiles
                 side_rows = side_cols = side

@@ -19,6 +19,7 @@ import yaml
 
 from dicom_heatmap.api import SETTING_RANGES, AnalysisSettings
 from dicom_heatmap.errors import ConfigurationError, one_line
+from dicom_heatmap.schema import check_schema
 from dicom_heatmap.runtime import BACKENDS
 from dicom_heatmap.scorer import PRECISIONS
 from pipelines.pacs.config import (LAST_DAYS, MAX_LAST_DAYS, PacsConfig, Query, RemoteNode, RetryPolicy, SelectionRule,
@@ -128,27 +129,6 @@ RULE_SCHEMA = {
 }
 
 
-def _validate(raw: Any, schema: dict, path: Path, prefix: str = "") -> None:
-    """Check ``raw`` against ``schema``; the first error names the file and the dotted key."""
-    import jsonschema
-
-    validator = jsonschema.Draft202012Validator(schema)
-    error = next(iter(sorted(validator.iter_errors(raw), key=lambda e: list(map(str, e.absolute_path)))), None)
-    if error is None:
-        return
-    key = ".".join(str(part) for part in error.absolute_path) or "the file"
-    if error.validator == "additionalProperties":
-        unknown = sorted(set(error.instance) - set(error.schema.get("properties", {})))
-        message = f"unknown key {unknown[0]!r} (known: {', '.join(sorted(error.schema['properties']))})"
-    elif error.validator == "required":
-        missing = [k for k in error.validator_value if k not in error.instance]
-        key, message = ".".join([*map(str, error.absolute_path), missing[0]]), "required"
-    else:
-        rule = error.schema.get("description") or f"{error.validator}: {one_line(str(error.validator_value), 160)}"
-        message = f"{one_line(repr(error.instance), 80)} is not allowed here ({rule})"
-    raise ConfigurationError(f"{path}: {prefix}{key}: {message}")
-
-
 class _StrictLoader(yaml.SafeLoader):
     """YAML as configuration needs it: no duplicate keys (the second would silently win), no
     anchors or aliases (an alias bomb expands a small file into gigabytes)."""
@@ -244,7 +224,7 @@ def _rules(value: Any, path: Path) -> tuple[SelectionRule, ...]:
                                  "{{modalities: [CT], series_description: '*chest*'}})")
     rules = []
     for index, item in enumerate(raw):
-        _validate(item, RULE_SCHEMA, rules_path, f"rule {index + 1}.")
+        check_schema(item, RULE_SCHEMA, rules_path, f"rule {index + 1}.")
         rules.append(SelectionRule(
             modalities=_names(item.get("modalities", ())),
             series_description=item.get("series_description"),
@@ -301,7 +281,7 @@ def load_config(path: str | Path) -> PacsConfig:
     """
     path = Path(path).resolve()
     raw = _read_yaml(path, "PACS configuration")
-    _validate(raw, SCHEMA, path)  # the types, ranges and required keys; below, what a schema cannot say
+    check_schema(raw, SCHEMA, path)  # the types, ranges and required keys; below, what a schema cannot say
     retry = raw.get("retry") or {}
     tls = raw.get("tls") or None
     if tls is not None:

@@ -22,6 +22,7 @@ import math
 import time
 from dataclasses import asdict
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -294,7 +295,8 @@ def _test_metrics(net: HeadedVGG16, test_set: TileTable, settings: TrainSettings
     }
 
 
-def train(data: str | Path | TileTable, out_dir: str | Path, settings: TrainSettings | None = None, root: str | Path | None = None) -> Path:
+def train(data: str | Path | TileTable, out_dir: str | Path, settings: TrainSettings | None = None, root: str | Path | None = None,
+          network: HeadedVGG16 | None = None, before_save: Callable[[HeadedVGG16, dict, dict], None] | None = None) -> Path:
     """Run the three stages and write ``out_dir/model.pt`` and ``out_dir/training.json``.
 
     Args:
@@ -302,6 +304,10 @@ def train(data: str | Path | TileTable, out_dir: str | Path, settings: TrainSett
         out_dir: folder for the checkpoint, the model and the training record.
         settings: see :class:`TrainSettings`.
         root: folder the table's paths are relative to (the table's folder by default).
+        network: the network to train (its domain, field of view and starting weights
+            set); by default a new one of ``settings``' shape, from a random start.
+        before_save: called with the trained network, the training record and the stage
+            sets before the model is written (a radiology run sets the domain's limits).
 
     Returns:
         the path of the trained state dict.
@@ -320,10 +326,11 @@ def train(data: str | Path | TileTable, out_dir: str | Path, settings: TrainSett
         "patients": {name: int(len(np.unique(part.patients))) for name, part in sets.items()},
     }
 
-    reference = stain_reference(extractor_set, settings.seed) if settings.stain_normalisation else None
-    net = HeadedVGG16(input_size=settings.input_size, width_multiplier=settings.width_multiplier,
-                      stain_reference=reference)
-    net = net.to(memory_format=torch.channels_last)
+    if network is None:
+        reference = stain_reference(extractor_set, settings.seed) if settings.stain_normalisation else None
+        network = HeadedVGG16(input_size=settings.input_size, width_multiplier=settings.width_multiplier,
+                              stain_reference=reference)
+    net = network.to(memory_format=torch.channels_last)
     record["history"], record["stage1_seconds_this_run"] = _train_extractor(net, extractor_set, fusion_set, settings,
                                                                             generator, out_dir / "checkpoint.pt")
     record["tiles_fit"] = _train_heads_and_fusion(net, head_set, fusion_set, settings, generator)
@@ -333,6 +340,8 @@ def train(data: str | Path | TileTable, out_dir: str | Path, settings: TrainSett
         print(json.dumps(record["test"], indent=1))
     else:
         print("no held-out patients in the table: no test metrics")
+    if before_save is not None:
+        before_save(net, record, sets)
     model_path = out_dir / "model.pt"
     state = net.compact_state_dict()
     temporary = model_path.with_suffix(".tmp")
