@@ -19,6 +19,7 @@ from dicom_heatmap.scorer import TileScorer
 from pipelines.evaluation.evaluate import run_evaluation
 from pipelines.training.tile_data import TileTable
 from pipelines.training.plan import TrainSettings
+from pipelines.training.radiology import DEFAULT_FIELD_OF_VIEW_MM, radiology_settings, train_datalist
 from pipelines.training.train import train
 
 __all__ = ["HeatmapWorkflow", "TrainWorkflow", "EvaluateWorkflow", "check_overrides"]
@@ -142,24 +143,35 @@ class HeatmapWorkflow:
 class TrainWorkflow:
     """The training bundle's ``trainer``: the three stages of :func:`pipelines.training.train.train`.
 
-    The tiles of ``table`` are split by patient fold as ``settings`` says; ``train#inferer``
-    of the config (MONAI's SimpleInferer) is there for the bundle's property check only:
-    stage 1 calls the network's extractor and classifier directly.
+    The tiles of ``table`` are split by patient fold as ``settings`` says; with ``datalist``
+    (the override ``--datalist FILE``) the CT/MR series of a MONAI datalist are trained on
+    instead (:func:`pipelines.training.radiology.train_datalist`, its own split and
+    settings, with this seed and these epochs). ``train#inferer`` of the config (MONAI's
+    SimpleInferer) is there for the bundle's property check only: stage 1 calls the
+    network's extractor and classifier directly.
 
     Args:
-        table: the labelled tiles (``train#dataset``).
+        table: the labelled tiles (``train#dataset``); None with ``datalist``.
         output_dir: checkpoints, ``model.pt`` and ``training.json`` go here.
         settings: a :class:`pipelines.training.plan.TrainSettings`.
         max_epochs: stage-1 epochs (replaces ``settings.epochs``).
+        datalist: a datalist of CT/MR series and lesion labels, or None.
+        field_of_view_mm: with ``datalist``, the side of a tile in mm.
     """
 
-    def __init__(self, table: TileTable, output_dir: str | Path, settings: TrainSettings, max_epochs: int | None = None) -> None:
+    def __init__(self, table: TileTable | None, output_dir: str | Path, settings: TrainSettings, max_epochs: int | None = None,
+                 datalist: str | Path | None = None, field_of_view_mm: float = DEFAULT_FIELD_OF_VIEW_MM) -> None:
         self.table, self.output_dir = table, output_dir
         self.settings = settings if max_epochs is None else dataclasses.replace(settings, epochs=max_epochs)
         self.max_epochs = self.settings.epochs
+        self.datalist, self.field_of_view_mm = datalist, field_of_view_mm
 
     def run(self) -> Path:
-        model = train(self.table, self.output_dir, self.settings)
+        if self.datalist:
+            settings = radiology_settings(epochs=self.settings.epochs, seed=self.settings.seed)
+            model = train_datalist(self.datalist, self.output_dir, settings, self.field_of_view_mm)
+        else:
+            model = train(self.table, self.output_dir, self.settings)
         say(f"model written to {model}")
         return model
 

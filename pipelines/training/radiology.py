@@ -181,8 +181,9 @@ def train_datalist(datalist: str | Path, out_dir: str | Path, settings: TrainSet
         "validation_series": sum(p["fold"] == TEST_FOLD for p in pairs), "init": str(init) if init else None,
     }
     words = f"{'/'.join(modalities)}{' of the ' + body_part.lower() if body_part else ''}"
+    trained_on = summary["series"] - summary["validation_series"]
     domain = replace(domain, modalities=modalities, body_part=body_part, training_data=summary,
-                     description=f"{words} lesions as in {summary['series']} training series, tiles of {field_of_view_mm:g} mm")
+                     description=f"{words} lesions as in its {trained_on} training series, tiles of {field_of_view_mm:g} mm")
     net.set_domain(domain)
 
     def finish(trained: HeadedVGG16, record: dict, sets: dict) -> None:
