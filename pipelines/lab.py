@@ -18,6 +18,7 @@ from pipelines.training.radiology import DEFAULT_FIELD_OF_VIEW_MM, DEFAULT_LESIO
 
 __all__ = ["LAB_PARSERS", "LAB_HANDLERS"]
 
+
 def _add_train(commands) -> None:
     """``train``: the method's three stages (the model lab)."""
     train = commands.add_parser("train", help="train the model in the method's three stages: on H&E tiles (--data) or "

@@ -178,3 +178,11 @@ def test_the_training_bundle_takes_a_datalist(lesions, tmp_path):
                            "--output_dir", str(tmp_path / "bundle")], cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     assert TileScorer.load(tmp_path / "bundle" / "model.pt").domain.is_radiology
+
+
+def test_training_can_start_from_given_weights_of_the_same_width(trained, lesions, run_cli, tmp_path):
+    done = run_cli("train", "--datalist", lesions, "--out", tmp_path / "again", "--init", trained, *QUICK)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "from " + str(trained) in (tmp_path / "again" / "model_card.md").read_text()
+    wider = run_cli("train", "--datalist", lesions, "--out", tmp_path / "wide", "--init", "models/model.pt", *QUICK)
+    assert wider.returncode == 2 and "models/model.pt: the starting weights are not of this network's shape" in wider.stderr
