@@ -139,7 +139,7 @@ def domain_warning(domain: ModelDomain, modality: str, body_part: str | None, to
                 f"{field_of_view_um:g} um patch would be under {MIN_PATCH_SIDE} pixels), so its scores are not "
                 "findings; read a finer level with --resolution-um or --level")
     if disagreement is not None and disagreement > domain.disagreement_limit:
-        kind, causes = (("images", "another scanner, protocol or body part?") if domain.is_radiology
+        kind, causes = (("image", "another scanner, protocol or body part?") if domain.is_radiology
                         else ("tissue", "another stain, organ or scanner?"))
         return (f"the model's 13 layers disagree on this {kind} (mean spread {disagreement:.3f}, above "
                 f"{domain.disagreement_limit:g}): it looks unlike what the model knows ({domain.description}; {causes}), "

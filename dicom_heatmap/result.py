@@ -144,7 +144,8 @@ class AnalysisResult:
         (another stain, organ or scanner; see :mod:`dicom_heatmap.domain`).
         """
         too_coarse = None
-        if self.meta["frame"] != "IMAGE" and self.tile_map.patches is None and self.image.shape[0] == 1:
+        if (self.meta["frame"] != "IMAGE" and self.tile_map.patches is None and self.image.shape[0] == 1
+                and not self.model_domain.is_radiology):  # a radiology model's tiles are its field of view, never patches
             too_coarse = float(pixel_spacing(self.meta["affine"])[0] * 1000.0)
         sources = self.meta.get("source_datasets") or []
         body_part = str(sources[0].get("BodyPartExamined", "") or "") or None if sources else None

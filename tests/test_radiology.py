@@ -186,3 +186,13 @@ def test_training_can_start_from_given_weights_of_the_same_width(trained, lesion
     assert "from " + str(trained) in (tmp_path / "again" / "model_card.md").read_text()
     wider = run_cli("train", "--datalist", lesions, "--out", tmp_path / "wide", "--init", "models/model.pt", *QUICK)
     assert wider.returncode == 2 and "models/model.pt: the starting weights are not of this network's shape" in wider.stderr
+
+
+def test_a_single_ct_slice_is_tiled_at_the_models_field_of_view_not_called_too_coarse(trained):
+    from pydicom.data import get_testdata_file
+
+    from dicom_heatmap import analyze
+
+    result = analyze(get_testdata_file("CT_small.dcm"), TileScorer.load(trained), progress=False)
+    assert "too coarse" not in (result.domain_warning or "")
+    assert result.tile_map.grid.shape[1:] == (8, 8)  # 128 px at 0.66 mm in 10 mm tiles
