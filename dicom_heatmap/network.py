@@ -81,6 +81,9 @@ class HeadedVGG16(nn.Module):
     """
 
 
+    #: TorchScript leaves it out (it returns a Python dataclass; scoring does not need it)
+    __jit_unused_properties__ = ["model_domain"]
+
     def __init__(
         self,
         input_size: int = DEFAULT_INPUT_SIZE,
