@@ -196,3 +196,17 @@ def test_a_single_ct_slice_is_tiled_at_the_models_field_of_view_not_called_too_c
     result = analyze(get_testdata_file("CT_small.dcm"), TileScorer.load(trained), progress=False)
     assert "too coarse" not in (result.domain_warning or "")
     assert result.tile_map.grid.shape[1:] == (8, 8)  # 128 px at 0.66 mm in 10 mm tiles
+
+
+def test_every_positive_tile_is_kept_and_negatives_are_drawn_up_to_their_share(lesions, monkeypatch):
+    from pipelines.training import radiology
+
+    monkeypatch.setattr(radiology, "NEGATIVES_PER_POSITIVE", 2)
+    monkeypatch.setattr(radiology, "MIN_NEGATIVES", 10)
+    net = HeadedVGG16(input_size=32, width_multiplier=0.125, field_of_view_um=10_000,
+                      domain=ModelDomain(modalities=("CT", "MR")))
+    tiles = radiology.datalist_tiles(lesions, TileScorer(net, "test", precision="fp32", backend="torch"), 0.25, 0, False)
+    for pair in tiles.pairs:
+        assert pair["positive"] > 0 and pair["tiles"] - pair["positive"] == min(max(10, 2 * pair["positive"]),
+                                                                               pair["tissue_tiles"] - pair["positive"])
+    assert len(tiles.table) == sum(p["tiles"] for p in tiles.pairs) and tiles.table.labels.sum() == sum(p["positive"] for p in tiles.pairs)

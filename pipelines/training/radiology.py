@@ -48,6 +48,10 @@ DEFAULT_LESION_FRACTION = 0.25
 RADIOLOGY_INPUT_SIZE = 32
 #: The disagreement limit over the highest training patient's mean
 DISAGREEMENT_MARGIN = 1.25
+#: Negative tiles kept from a series, per positive tile (at least :data:`MIN_NEGATIVES`): a
+#: CT of 300 slices has some 200,000 tissue tiles of 10 mm, nearly all without lesion
+NEGATIVES_PER_POSITIVE = 20
+MIN_NEGATIVES = 500
 
 
 def radiology_settings(**given) -> TrainSettings:
@@ -86,7 +90,9 @@ def _resized(tiles: list[np.ndarray], size: int) -> np.ndarray:
 
 def datalist_tiles(datalist: str | Path, scorer: TileScorer, lesion_fraction: float, seed: int,
                    progress: bool = True) -> DatalistTiles:
-    """Every tissue tile of every pair of ``datalist``, labelled by lesion share.
+    """The tissue tiles of every pair of ``datalist``, labelled by lesion share: every
+    positive tile and, drawn with ``seed``, up to :data:`NEGATIVES_PER_POSITIVE` negative
+    tiles per positive one (at least :data:`MIN_NEGATIVES`) of each series.
 
     Args:
         datalist: the datalist file.
@@ -97,16 +103,23 @@ def datalist_tiles(datalist: str | Path, scorer: TileScorer, lesion_fraction: fl
     """
     entries = read_datalist(datalist)
     images, labels, patients, pairs = [], [], [], []
+    rng = np.random.default_rng(seed)
     for entry in tqdm(entries, desc="reading series", unit="series", disable=not progress):
         labelled = load_labelled(entry, scorer, AnalysisSettings())
-        numbers = np.flatnonzero(labelled.grid.is_tissue.ravel()) + 1
+        tissue = np.flatnonzero(labelled.grid.is_tissue.ravel()) + 1
+        is_positive = labelled.share.ravel()[tissue - 1] >= lesion_fraction
+        negatives = tissue[~is_positive]
+        keep = max(MIN_NEGATIVES, NEGATIVES_PER_POSITIVE * int(is_positive.sum()))
+        if len(negatives) > keep:
+            negatives = np.sort(rng.choice(negatives, keep, replace=False))
+        numbers = np.sort(np.concatenate([tissue[is_positive], negatives]))
         positive = labelled.share.ravel()[numbers - 1] >= lesion_fraction
         images.append(_resized(labelled.grid.tiles(labelled.image, numbers), scorer.input_size))
         labels.append(positive.astype(np.int64))
         patients.append(labelled.patient)
         pairs.append({"where": entry.where, "image": str(entry.image), "label": str(entry.label),
                       "patient": labelled.patient, "modality": labelled.meta["modality"], "body_part": labelled.body_part,
-                      "tiles": int(len(numbers)), "positive": int(positive.sum())})
+                      "tissue_tiles": int(len(tissue)), "tiles": int(len(numbers)), "positive": int(positive.sum())})
     fold_of = stage_folds(patients, entries, seed, datalist)
     for pair in pairs:
         pair["fold"] = fold_of[pair["patient"]]
@@ -216,7 +229,7 @@ def _write_model_card(path: Path, domain: ModelDomain, record: dict, field_of_vi
     """The model card of a datalist run: the domain, the data and its split, the metrics."""
     data, test = domain.training_data, record.get("test")
     rows = [f"| {p['where']} | {p['modality']} | {p['body_part'] or '-'} | {['extractor', 'heads and fusion', 'validation'][p['fold']]} "
-            f"| {p['tiles']} | {p['positive']} |" for p in record["pairs"]]
+            f"| {p['tissue_tiles']} | {p['tiles']} | {p['positive']} |" for p in record["pairs"]]
     metrics = (f"- Tile AUC on the validation series' tiles: fusion {test['fusion_auc']:.3f}, stage-1 classifier "
                f"{test['classifier_auc']:.3f} (per head: {', '.join(f'{v:.2f}' for v in test['head_auc'])}).\n"
                if test else "- No validation series: no test metrics.\n")
@@ -233,11 +246,12 @@ Research use only, not for diagnosis.
 - Layer-disagreement limit {domain.disagreement_limit:g} ({DISAGREEMENT_MARGIN:g} x the highest mean of a training patient).
 
 ## Data
-{data['series']} series of {data['patients']} patients, {data['tiles']} tissue tiles, {data['positive_tiles']} positive;
+{data['series']} series of {data['patients']} patients, {data['tiles']} tiles kept (every positive one and at most {NEGATIVES_PER_POSITIVE} negative
+ones per positive, at least {MIN_NEGATIVES}, of each series), {data['positive_tiles']} positive;
 {data['validation_series']} series validate (never trained on). Split by patient:
 
-| entry | modality | body part | stage | tiles | positive |
-| --- | --- | --- | --- | --- | --- |
+| entry | modality | body part | stage | tissue tiles | tiles kept | positive |
+| --- | --- | --- | --- | --- | --- | --- |
 {chr(10).join(rows)}
 
 ## Metrics
