@@ -36,7 +36,7 @@ import numpy as np
 
 from transforms.io.dicom import shown_code
 
-__all__ = ["ModelDomain", "HE_DOMAIN", "layer_disagreement", "domain_warning", "DISAGREEMENT_LIMIT", "MIN_PATCH_SIDE"]
+__all__ = ["ModelDomain", "HE_DOMAIN", "layer_disagreement", "domain_warning", "input_body_part", "DISAGREEMENT_LIMIT", "MIN_PATCH_SIDE"]
 
 #: Mean spread of the 13 layer probabilities above which an input is outside the H&E model's domain
 DISAGREEMENT_LIMIT = 0.10
@@ -109,6 +109,12 @@ class ModelDomain:
 
 #: The domain of every model file without a ``domain`` record: the shipped H&E model's
 HE_DOMAIN = ModelDomain()
+
+
+def input_body_part(meta: dict) -> str | None:
+    """The Body Part Examined an input's first source dataset states, or None."""
+    sources = meta.get("source_datasets") or []
+    return (str(sources[0].get("BodyPartExamined", "") or "") or None) if sources else None
 
 
 def domain_warning(domain: ModelDomain, modality: str, body_part: str | None, too_coarse_spacing_um: float | None,

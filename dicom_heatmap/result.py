@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from dicom_heatmap._version import __version__
-from dicom_heatmap.domain import HE_DOMAIN, ModelDomain, domain_warning, layer_disagreement
+from dicom_heatmap.domain import HE_DOMAIN, ModelDomain, domain_warning, input_body_part, layer_disagreement
 from dicom_heatmap.heatmap import Heatmap
 from dicom_heatmap.lesions import lesion_masks
 from dicom_heatmap.network import DEFAULT_FIELD_OF_VIEW_UM
@@ -147,10 +147,8 @@ class AnalysisResult:
         if (self.meta["frame"] != "IMAGE" and self.tile_map.patches is None and self.image.shape[0] == 1
                 and not self.model_domain.is_radiology):  # a radiology model's tiles are its field of view, never patches
             too_coarse = float(pixel_spacing(self.meta["affine"])[0] * 1000.0)
-        sources = self.meta.get("source_datasets") or []
-        body_part = str(sources[0].get("BodyPartExamined", "") or "") or None if sources else None
-        return domain_warning(self.model_domain, self.meta["modality"], body_part, too_coarse, self.layer_disagreement,
-                              self.field_of_view_um)
+        return domain_warning(self.model_domain, self.meta["modality"], input_body_part(self.meta), too_coarse,
+                              self.layer_disagreement, self.field_of_view_um)
 
     @functools.cached_property
     def layer_disagreement(self) -> float | None:

@@ -35,6 +35,7 @@ from dicom_heatmap.spread import analyze_spread
 from pipelines.training.datalist import read_datalist
 from pipelines.training.lesion_labels import LabelledImage, load_labelled
 from pipelines.training.metrics import roc_auc
+from transforms._dictionary import meta_key
 
 __all__ = ["evaluate_datalist", "direction_error_deg"]
 
@@ -62,7 +63,7 @@ def _lesions(labelled: LabelledImage, fraction: float) -> list[np.ndarray]:
 
 def _one_series(labelled: LabelledImage, scorer: TileScorer, threshold: float) -> dict:
     fraction = scorer.domain.lesion_fraction or 0.25
-    data = {"image": labelled.image, "image_meta_dict": labelled.meta, "image_grid": labelled.grid}
+    data = {"image": labelled.image, meta_key("image"): labelled.meta, "image_grid": labelled.grid}
     result = analyze_prepared(data, scorer, AnalysisSettings(threshold=threshold), TileGridInferer(progress=False))
     scores = result.tile_map.scores.ravel()
     analysed = np.isfinite(scores)

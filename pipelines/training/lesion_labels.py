@@ -27,6 +27,7 @@ import pydicom
 from pydicom.uid import SegmentationStorage
 
 from dicom_heatmap.api import AnalysisSettings, preprocessing, project_errors
+from dicom_heatmap.domain import input_body_part
 from dicom_heatmap.errors import InputError
 from dicom_heatmap.scorer import TileScorer
 from pipelines.training.datalist import DatalistEntry
@@ -60,8 +61,7 @@ class LabelledImage:
 
     @property
     def body_part(self) -> str | None:
-        sources = self.meta.get("source_datasets") or []
-        return (str(sources[0].get("BodyPartExamined", "") or "") or None) if sources else None
+        return input_body_part(self.meta)
 
 
 def load_labelled(entry: DatalistEntry, scorer: TileScorer, settings: AnalysisSettings) -> LabelledImage:
